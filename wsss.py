@@ -1,0 +1,692 @@
+"""wsss.py: a single-file reference implementation of CLIP-based single-stage weakly supervised
+semantic segmentation (WSSS): image-level labels -> frozen CLIP -> class activation maps (CAMs) ->
+affinity refinement -> pixel pseudo-labels -> a light trained decoder.
+
+Methods (`--method` is the one dial; each preset is a few Config overrides, see METHODS):
+  weclip  WeCLIP, "Frozen CLIP: A Strong Backbone for Weakly Supervised Semantic Segmentation",
+          Zhang et al., CVPR 2024, arXiv:2406.11189. GradCAM CAMs on frozen CLIP, attention-affinity
+          refinement (RFM), pixel-adaptive refinement (PAR), a 3-block transformer decoder.
+  cdclip  CD-CLIP, "Leveraging Class Distributions in CLIP for Weakly Supervised Semantic Segmentation",
+          CVPR 2026 (no public code; every inferred choice is a Config field, tagged [I] below).
+          Class-distribution-aware affinity (CDA, Jensen-Shannon divergence between the patches'
+          distributions over all class texts) and super-class boundary exploration (SBE, DINOv2 prototypes
+          supervising a gated Dice loss).
+
+Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
+  python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~2 min on 2 CPU cores
+  python wsss.py train --method cdclip --data-root /data/VOCdevkit/VOC2012   # real VOC, real checkpoints
+  python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
+  python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
+  python wsss.py synth --data-root /tmp/synth          # write the synthetic dataset in the VOC layout
+  python wsss.py pretrain-toy                          # contrastively pre-train the toy CLIP used by --demo
+  python wsss.py bench --method cdclip --clip-pretrained random   # per-stage timings of a training step
+  torchrun --nproc_per_node=4 wsss.py train ...        # DDP (nccl on GPU, gloo on CPU)
+  pytest test_wsss.py                                  # the test-suite (CPU, tiny models, ~2 min)
+
+Notation used in shape comments: B batch, R rows of a batched GradCAM (one per (image, class) pair),
+K classes incl. background, C foreground classes, T texts, D feature width, E joint embedding width,
+h,w patch grid, N = h*w patches, H,W image, L CLIP blocks.
+
+Faithfulness: numerics follow the official WeCLIP code where it produced the published numbers;
+`[code≠paper]` marks where that code departs from the paper, `[upstream bug fixed]` where we fixed a
+bug of the official code, and `[I]` a CD-CLIP choice inferred because the paper does not give it.
+
+Not included: ExCEL and DiCLIP (planned, not started); WeCLIP+ (DINO decoder branch); fp16 CLIP weights as
+in the official code (we run CLIP in fp32, or bf16/fp16 autocast on CUDA); multi-node launch scripts;
+wandb/TensorBoard logging (metrics go to a JSON-lines file).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+
+class _LazyModule:
+    """Stands in for a heavy module until its first attribute is read, then replaces itself in globals().
+    torch alone takes ~1 s to import; this keeps `import wsss` and `python wsss.py --help` fast."""
+
+    def __init__(self, name: str, alias: str):
+        self.__dict__.update(_name=name, _alias=alias)
+
+    def __getattr__(self, attr):
+        module = importlib.import_module(self._name)
+        globals()[self._alias] = module
+        return getattr(module, attr)
+
+
+torch = _LazyModule("torch", "torch")
+nn = _LazyModule("torch.nn", "nn")
+F = _LazyModule("torch.nn.functional", "F")
+
+
+class WSSSError(Exception):
+    """A user-facing error: main() prints its message as one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: datasets table, method presets, one dataclass (the CLI is generated from its fields)
+# ----------------------------------------------------------------------------------------------------
+
+IGNORE = 255  # void / ignore label in every mask and pseudo-label
+
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+# WeCLIP's prompt synonyms (clip_text.py `new_class_names`), VOC ids 1..20.
+VOC_PROMPTS = ["aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor screen"]
+VOC_BG = ["ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea", "railway",
+          "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street",
+          "valley", "bridge", "sign"]
+COCO_CLASSES = ["background", "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat",
+                "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+                "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+                "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+                "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+                "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+                "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "sofa", "pottedplant", "bed",
+                "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote", "keyboard", "cell phone",
+                "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+                "teddy bear", "hair drier", "toothbrush"]
+# WeCLIP's 13 COCO replacements (clip_text.py `new_class_names_coco`); "sknowboard" is upstream's spelling.
+_COCO_SYNONYMS = {"person": "person with clothes,people,human", "bird": "bird avian", "backpack": "backpack,bag",
+                  "umbrella": "umbrella,parasol", "handbag": "handbag,purse", "tie": "necktie",
+                  "snowboard": "sknowboard", "baseball glove": "glove", "spoon": "dessertspoon",
+                  "chair": "chair seat", "tvmonitor": "tvmonitor screen", "remote": "remote control",
+                  "hair drier": "hairdrier,blowdrier"}
+COCO_PROMPTS = [_COCO_SYNONYMS.get(c, c) for c in COCO_CLASSES[1:]]
+COCO_BG = [w for w in VOC_BG if w not in ("keyboard", "sign")]  # WeCLIP's 23 COCO background words
+
+# The synthetic world (see `draw_toy_scene`): six shapes, each in its own colour, on a noisy background.
+TOY_SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"),
+              ("purple", "ring"), ("orange", "cross")]
+TOY_RGB = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), "yellow": (235, 215, 40),
+           "purple": (150, 50, 190), "orange": (245, 140, 30)}
+SYNTH_CLASSES = ["background"] + [f"{c} {s}" for c, s in TOY_SHAPES]
+
+# Super-classes (CD-CLIP §4.1, a PROPOSAL [P]: the paper reports 5 VOC groups best, 4 too coarse, 7 misaligned,
+# without listing them). Each table maps a super-class prompt word to its member class names.
+VOC_SUPER = {
+    4: {"person": ["person"], "animal": ["bird", "cat", "cow", "dog", "horse", "sheep"],
+        "vehicle": ["aeroplane", "bicycle", "boat", "bus", "car", "motorbike", "train"],
+        "indoor object": ["bottle", "chair", "diningtable", "pottedplant", "sofa", "tvmonitor"]},
+    5: {"person": ["person"], "animal": ["bird", "cat", "cow", "dog", "horse", "sheep"],
+        "vehicle": ["aeroplane", "bicycle", "boat", "bus", "car", "motorbike", "train"],
+        "furniture": ["chair", "diningtable", "sofa"],
+        "household object": ["bottle", "pottedplant", "tvmonitor"]},
+    7: {"person": ["person"], "pet": ["cat", "dog"], "farm and wild animal": ["bird", "cow", "horse", "sheep"],
+        "two-wheeler": ["bicycle", "motorbike"], "vehicle": ["aeroplane", "boat", "bus", "car", "train"],
+        "furniture": ["chair", "diningtable", "sofa"], "household object": ["bottle", "pottedplant", "tvmonitor"]},
+}
+COCO_SUPER = {12: {  # the 12 official COCO supercategories, WeCLIP's VOC-style names
+    "person": ["person"],
+    "vehicle": ["bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat"],
+    "street object": ["traffic light", "fire hydrant", "stop sign", "parking meter", "bench"],
+    "animal": ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"],
+    "personal accessory": ["backpack", "umbrella", "handbag", "tie", "suitcase"],
+    "sports equipment": ["frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+                         "skateboard", "surfboard", "tennis racket"],
+    "kitchenware": ["bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl"],
+    "food": ["banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake"],
+    "furniture": ["chair", "sofa", "pottedplant", "bed", "diningtable", "toilet"],
+    "electronic device": ["tvmonitor", "laptop", "mouse", "remote", "keyboard", "cell phone"],
+    "kitchen appliance": ["microwave", "oven", "toaster", "sink", "refrigerator"],
+    "household item": ["book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]}}
+SYNTH_SUPER = {3: {"round shape": ["red circle", "purple ring"], "polygon": ["blue square", "green triangle"],
+                   "spiky shape": ["yellow star", "orange cross"]}}
+
+DATASETS = {
+    "voc": dict(classes=VOC_CLASSES, prompts=VOC_PROMPTS, bg_prompts=VOC_BG, superclasses=VOC_SUPER,
+                mask_strip="", defaults=dict(train_split="train_aug", val_split="val", superclasses=5)),
+    "coco": dict(classes=COCO_CLASSES, prompts=COCO_PROMPTS, bg_prompts=COCO_BG, superclasses=COCO_SUPER,
+                 # COCO in VOC-style layout: list entries "train/COCO_train2014_<id>", masks "train/<id>.png"
+                 mask_strip=r"COCO_(?:train|val)2014_",
+                 defaults=dict(train_split="train", val_split="val", max_steps=80000, superclasses=12,
+                               box_threshold=0.7, rfm_dynamic_after=40000, rfm_dynamic_layers=10, eval_every=0)),
+    "synthetic": dict(classes=SYNTH_CLASSES, prompts=SYNTH_CLASSES[1:],
+                      bg_prompts=["grey noise", "texture", "empty background", "grain", "speckles"],
+                      superclasses=SYNTH_SUPER, mask_strip="",
+                      defaults=dict(train_split="train", val_split="val", superclasses=3, crop_size=64,
+                                    eval_long_side=64)),
+}
+
+METHODS = {
+    # WeCLIP: GradCAM -> RFM (static, then dynamic with the decoder affinity) -> PAR; L = L_seg + 0.1 L_aff.
+    "weclip": dict(refine="rfm", lambda_aff=0.1, lambda_b=0.0, eval_scales=(1.0, 0.75)),
+    # CD-CLIP: GradCAM -> CDA (no box, no RFM: Table 3 row #3) -> PAR; L = L_seg + 0.6 L_b (SBE, gated).
+    "cdclip": dict(refine="cda", lambda_aff=0.0, lambda_b=0.6, sbe_gate="ge2", eval_scales=(1.0, 1.5)),
+}
+REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
+
+# --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
+DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
+            warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240)
+
+
+@dataclass
+class Config:
+    # --- run ---
+    method: str = "weclip"        # one of METHODS
+    dataset: str = "voc"          # one of DATASETS
+    data_root: str = ""           # dataset folder in the VOC layout (see data.md); env WSSS_DATA_ROOT
+    train_split: str = "train_aug"  # split list for training (dataset preset)
+    val_split: str = "val"        # split list for evaluation
+    out_dir: str = ""             # run folder; derived: runs/<method>-<dataset>
+    cache_dir: str = ""           # caches (labels, synthetic data, toy CLIP); derived: env WSSS_CACHE or ~/.cache/wsss
+    demo: bool = False            # synthetic world + toy CLIP + short schedule (see DEMO)
+    demo_images: int = 240        # images in the demo's synthetic train split (val gets a quarter)
+    tiny: bool = False            # tiny models of the same library classes (toy architecture, random weights)
+    seed: int = 1                 # seeds python, numpy and torch (WeCLIP setup_seed(1))
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    amp: str = "auto"             # auto (bf16 if supported on CUDA, else fp16) | bf16 | fp16 | off; CPU: off
+    num_workers: int = 2          # DataLoader workers (WeCLIP: 10)
+    # --- frozen backbones ---
+    clip_model: str = "ViT-B-16"  # open_clip architecture name
+    clip_pretrained: str = "openai"  # open_clip tag, a local checkpoint path, or "random"
+    dino_model: str = "facebook/dinov2-base"  # transformers id or local folder (CD-CLIP's DINOv2 ViT-B/14)
+    template: str = "a clean origami {}."  # WeCLIP's single prompt template (code says "clean")
+    # --- data ---
+    crop_size: int = 320          # training crop (WeCLIP 320 -> 20x20 tokens)
+    scale_min: float = 0.5        # random rescale range (WeCLIP U(0.5, 2.0))
+    scale_max: float = 2.0
+    norm: str = "imagenet"        # pixel statistics fed to CLIP: imagenet (official code [code≠paper]) | clip
+    # --- CAMs (WeCLIP §3) ---
+    cam_logit_scale: float = 100.0  # softmax temperature of the GradCAM target (CLIP's exp(logit_scale))
+    bg_pow: float = 1.0           # background score (1 - max_c CAM)^bg_pow (WeCLIP cam_bg_thres = 1)
+    # --- refinement ---
+    refine: str = "rfm"           # none | caa | rfm | cda | cda+caa | cda+rfm (CD-CLIP Table 3 rows)
+    attn_layers: int = 8          # static affinity: mean attention of the last n blocks (WeCLIP 8)
+    rfm_dynamic_layers: int = 6   # dynamic RFM: candidate blocks, the last n (VOC 6, COCO 10)
+    rfm_dynamic_after: int = 15000  # dynamic RFM from this training step on ([upstream bug fixed]: counts steps)
+    power: int = 2                # t: refined CAM = A^t m (WeCLIP squares the transition matrix)
+    box_threshold: float = 0.4    # box mask threshold theta (VOC 0.4, COCO 0.7)
+    box_exclusive_edge: bool = False  # reproduce upstream's box quirk (last token row/col never boxed)
+    # --- CDA (CD-CLIP §3) ---
+    cda_tau: float = 0.002        # tau in W = softmax(-D_JS / tau) [I]
+    cda_minmax: str = "patch"     # min-max of S_a per text over patches (patch) or per patch over texts (text) [I]
+    cda_bg_texts: bool = False    # add background words to T_all (an ablation [I])
+    # --- PAR (WeCLIP PAR.py) ---
+    par_iters: int = 20
+    par_dilations: tuple = (1, 2, 4, 8, 12, 24)
+    par_w1: float = 0.3           # image-term temperature
+    par_w2: float = 0.01          # weight of the positional term (weights sum to 1 + w2, as upstream)
+    # --- SBE (CD-CLIP §4) ---
+    superclasses: int = 5         # which super-class table (VOC 4|5|7, COCO 12, synthetic 3)
+    cap_threshold: float = 0.5    # theta_cap: CAP keeps super-class CAM values >= this [I]
+    cp_area_floor: float = 0.001  # a class is "predicted" if it covers >= this fraction of pixels [I]
+    sbe_gate: str = "ge2"         # apply L_b when |C_p| >= 2 (ge2), == 1 (eq1), always (all), never (off)
+    lambda_b: float = 0.0         # weight of the boundary Dice loss L_b (CD-CLIP 0.6)
+    # --- decoder (WeCLIP §6) ---
+    dec_dim: int = 256
+    dec_layers: int = 3
+    dec_heads: int = 8
+    dec_mlp: int = 1024
+    dec_dropout: float = 0.1      # Dropout2d after the fuse conv
+    # --- losses ---
+    lambda_aff: float = 0.1       # weight of the affinity loss (WeCLIP 0.1)
+    aff_radius: int = 8           # affinity-label window (Chebyshev, token grid)
+    # --- optimisation (WeCLIP §8) ---
+    lr: float = 2e-3              # effective decoder lr (official: 2e-4 x 10 group; CD-CLIP's text says 2e-5)
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 50
+    warmup_ratio: float = 1e-6
+    poly_power: float = 1.0
+    batch_size: int = 4           # per process
+    max_steps: int = 30000
+    # --- evaluation / logging ---
+    eval_long_side: int = 512     # test images are resized so the long side is this
+    eval_scales: tuple = (1.0, 0.75)  # multi-scale test (WeCLIP 1, 0.75; CD-CLIP 1, 1.5)
+    eval_flip: bool = True
+    eval_every: int = 2000        # validate every n steps (0: only at the end)
+    crf: bool = False             # DenseCRF post-processing (needs pydensecrf2)
+    log_every: int = 200
+    save_every: int = 2000
+    resume: str = ""              # checkpoint to continue from
+    ckpt: str = ""                # checkpoint for `eval` (derived: <out_dir>/ckpt.pt)
+    save_vis: str = ""            # `eval`: folder for PNG overlays
+    num_vis: int = 8
+    max_images: int = 0           # evaluate / measure on at most this many images (0: all)
+    # --- synthetic world / toy CLIP (for --demo) ---
+    num_images: int = 200         # `synth`: number of train images (val gets a quarter)
+    image_size: int = 64          # `synth`: image side
+    toy_steps: int = 160          # `pretrain-toy`: contrastive steps (~75 s on 2 CPU cores)
+    toy_batch: int = 128
+    toy_lr: float = 2e-3
+
+
+def parse_config(argv, command: str = "train") -> Config:
+    """CLI flags generated from Config's fields. Precedence: field default < dataset preset < method preset <
+    --demo < explicit flags. Unknown flags and ill-typed values are errors (argparse exits with status 2)."""
+    parser = build_parser(command)
+    ns = parser.parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if k != "command"}
+    return make_config(**given)
+
+
+def build_parser(command: str = "train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"wsss.py {command}", argument_default=argparse.SUPPRESS)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = _FIELD_HELP.get(f.name, "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        elif f.type in ("tuple", tuple):
+            parser.add_argument(flag, type=_number_list, metavar="A,B,...", help=help_)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], help=help_)
+    return parser
+
+
+def _number_list(text: str) -> tuple:
+    try:
+        return tuple(float(t) if "." in t or "e" in t else int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _field_help() -> dict:
+    """Each field's trailing comment becomes its --help text (one source of truth: the dataclass above)."""
+    try:
+        src = Path(__file__).read_text()
+    except OSError:
+        return {}
+    body = src[src.index("class Config:"):src.index("def parse_config")]
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): \w+ = .*?#(.*)$", body, re.M)}
+
+
+_FIELD_HELP = _field_help()
+
+
+def make_config(**given) -> Config:
+    """Resolve presets under explicit values, validate, and fill the derived fields."""
+    method, dataset = given.get("method", Config.method), given.get("dataset", Config.dataset)
+    if given.get("demo"):
+        dataset = given.get("dataset", DEMO["dataset"])
+    if method not in METHODS:
+        raise WSSSError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if dataset not in DATASETS:
+        raise WSSSError(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    values = dict(DATASETS[dataset]["defaults"])
+    values.update(METHODS[method])
+    if given.get("demo"):
+        values.update(DEMO)
+    values.update(given)
+    values.update(method=method, dataset=dataset)
+    cfg = Config(**values)
+    validate_config(cfg)
+    # derived at runtime
+    if not cfg.data_root:
+        cfg.data_root = os.environ.get("WSSS_DATA_ROOT", "")
+    if not cfg.cache_dir:
+        cfg.cache_dir = os.environ.get("WSSS_CACHE", str(Path.home() / ".cache" / "wsss"))
+    if cfg.demo and not cfg.data_root:
+        cfg.data_root = str(Path(cfg.cache_dir) / f"synthetic-{cfg.demo_images}")
+    if not cfg.out_dir:
+        cfg.out_dir = str(Path("runs") / f"{cfg.method}-{cfg.dataset}{'-demo' if cfg.demo else ''}")
+    if not cfg.ckpt:
+        cfg.ckpt = str(Path(cfg.out_dir) / "ckpt.pt")
+    if cfg.demo and cfg.clip_pretrained == Config.clip_pretrained:
+        cfg.clip_pretrained = str(toy_clip_path(cfg))
+    return cfg
+
+
+def validate_config(cfg: Config):
+    choices = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=("imagenet", "clip"),
+                   amp=("auto", "bf16", "fp16", "off"), cda_minmax=("patch", "text"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    supers = DATASETS[cfg.dataset]["superclasses"]
+    if cfg.superclasses not in supers:
+        raise WSSSError(f"--superclasses {cfg.superclasses} has no table for {cfg.dataset}; "
+                        f"choose {'|'.join(map(str, supers))}")
+    for name in ("batch_size", "crop_size", "max_steps", "par_iters", "power", "attn_layers"):
+        if getattr(cfg, name) < (0 if name in ("par_iters", "power") else 1):
+            raise WSSSError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not (0 < cfg.scale_min <= cfg.scale_max):
+        raise WSSSError(f"need 0 < --scale-min <= --scale-max, got {cfg.scale_min}, {cfg.scale_max}")
+    if cfg.cda_tau <= 0:
+        raise WSSSError(f"--cda-tau must be > 0, got {cfg.cda_tau}")
+
+
+def config_hash(cfg: Config, keys=None) -> str:
+    d = dataclasses.asdict(cfg)
+    d = {k: d[k] for k in (keys or d)}
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+# Fields that define the trained model; `--resume` refuses a checkpoint whose values differ.
+MODEL_KEYS = ("method", "dataset", "clip_model", "dec_dim", "dec_layers", "dec_heads", "dec_mlp", "refine",
+              "superclasses", "crop_size", "tiny")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Utilities: seeding, device and autocast, distributed helpers, atomic writes
+# ----------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_device(cfg: Config):
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast_ctx(cfg: Config, device):
+    """fp32 on CPU; bf16 (or fp16 with a GradScaler) autocast on CUDA."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()) \
+        else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
+
+
+def dist_info():
+    """(rank, world_size, local_rank) from torchrun's environment variables."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def print0(*args, **kw):
+    if dist_info()[0] == 0:
+        print(*args, **kw, flush=True)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def minmax(x, dims=(-2, -1), eps: float = 1e-7):
+    """Per-map min-max to [0, 1): (x - min) / (eps + max(x - min)), as pytorch_grad_cam's scale_cam_image."""
+    x = x - x.amin(dim=dims, keepdim=True)
+    return x / (eps + x.amax(dim=dims, keepdim=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the synthetic world, one loader for the VOC folder layout (VOC, COCO in VOC layout, synthetic)
+# ----------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # on 0..255 RGB
+CLIP_MEAN = tuple(255 * m for m in (0.48145466, 0.4578275, 0.40821073))
+CLIP_STD = tuple(255 * s for s in (0.26862954, 0.26130258, 0.27577711))
+CAPTION_TEMPLATES = ["a picture of {}.", "a photo of {}.", "an image with {}.", "{} on a noisy background."]
+
+
+def _shape_mask(shape: str, u, v, r: float):
+    """Inside-test of one toy shape in its own rotated frame (u, v), circumradius r."""
+    rho, theta = np.hypot(u, v), np.arctan2(v, u)
+    if shape == "circle":
+        return rho <= r
+    if shape == "square":
+        return (np.abs(u) <= 0.75 * r) & (np.abs(v) <= 0.75 * r)
+    if shape == "triangle":  # equilateral: inside all three edges at distance r/2 from the centre
+        return np.all([u * np.cos(a) + v * np.sin(a) <= r / 2 for a in np.pi / 2 + 2 * np.pi / 3 * np.arange(3)
+                       + np.pi], axis=0)
+    if shape == "star":  # five points; the boundary radius falls linearly from r to 0.45 r between points
+        phase = np.abs(((theta + np.pi / 2) % (2 * np.pi / 5)) / (2 * np.pi / 5) - 0.5) * 2  # 1 at a point
+        return rho <= r * (0.45 + 0.55 * phase)
+    if shape == "ring":
+        return (rho <= r) & (rho >= 0.55 * r)
+    if shape == "cross":
+        return ((np.abs(u) <= 0.3 * r) & (np.abs(v) <= r)) | ((np.abs(v) <= 0.3 * r) & (np.abs(u) <= r))
+    raise ValueError(shape)
+
+
+def draw_toy_scene(rng: np.random.Generator, size: int = 64):
+    """One scene of the synthetic world: 1-3 distinct shapes in separate quadrants (with jitter, rotation and
+    colour jitter) on a noisy textured background. Returns (image uint8 (H,W,3), mask uint8 (H,W) with class
+    ids 0..6, sorted class ids present, caption naming exactly those classes in random order)."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    # background: a random grey level, a low-frequency texture and pixel noise
+    freq, phase = rng.uniform(0.05, 0.3, 2), rng.uniform(0, 2 * np.pi, 2)
+    texture = 18 * np.sin(freq[0] * xx + phase[0]) * np.cos(freq[1] * yy + phase[1])
+    image = rng.uniform(90, 160) + texture[..., None] + rng.normal(0, 12, (size, size, 3))
+    mask = np.zeros((size, size), np.uint8)
+    k = int(rng.integers(1, 4))
+    quadrants = rng.permutation(4)[:k]
+    classes = rng.permutation(len(TOY_SHAPES))[:k] + 1
+    for q, c in zip(quadrants, classes):
+        r = size * rng.uniform(0.15, 0.2)
+        cx = size * (0.25 + 0.5 * (q % 2)) + size * rng.uniform(-0.04, 0.04)
+        cy = size * (0.25 + 0.5 * (q // 2)) + size * rng.uniform(-0.04, 0.04)
+        a = rng.uniform(0, 2 * np.pi)
+        u = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)  # rotate the pixel grid into the shape's frame
+        v = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+        inside = _shape_mask(TOY_SHAPES[c - 1][1], u, v, r)
+        colour = np.array(TOY_RGB[TOY_SHAPES[c - 1][0]]) + rng.uniform(-25, 25, 3)
+        image[inside] = colour + rng.normal(0, 8, (int(inside.sum()), 3))
+        mask[inside] = c
+    present = sorted(int(c) for c in np.unique(mask) if c > 0)  # a shape can never vanish, but be exact
+    names = [f"a {SYNTH_CLASSES[c]}" for c in rng.permutation(present)]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    caption = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(listed)
+    return np.clip(image, 0, 255).astype(np.uint8), mask, present, caption
+
+
+def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, seed: int = 0) -> Path:
+    """Write the synthetic world in the VOC layout: JPEGImages/*.jpg, SegmentationClass/*.png (exact masks),
+    ImageSets/Segmentation/{train,val}.txt (val holds num_images // 4 further images). Deterministic in seed."""
+    from PIL import Image
+    root = Path(root)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    splits = {"train": range(num_images), "val": range(num_images, num_images + max(1, num_images // 4))}
+    for split, ids in splits.items():
+        names = []
+        for i in ids:
+            image, mask, _, _ = draw_toy_scene(np.random.default_rng([seed, i]), image_size)
+            name = f"synth_{i:05d}"
+            Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+            Image.fromarray(mask, mode="L").save(root / "SegmentationClass" / f"{name}.png")
+            names.append(name)
+        atomic_write_text("\n".join(names) + "\n", root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    return root
+
+
+def load_rgb(path) -> np.ndarray:
+    """Any image file -> uint8 (H, W, 3). Grayscale is replicated, RGBA drops alpha, CMYK/YCbCr/palette are
+    converted by PIL, 16-bit images are scaled to 8 bits. Unreadable or truncated files -> WSSSError."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                arr = arr / 257.0 if arr.max() > 255 else arr
+                arr = np.repeat(np.clip(arr, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise WSSSError(f"image listed but missing: {path}")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise WSSSError(f"cannot read image {path}: {e} (corrupt or truncated file?)")
+    return np.ascontiguousarray(arr)
+
+
+def load_mask(path, num_classes: int) -> np.ndarray:
+    """Single-channel PNG (palette indices or grayscale) -> uint8 (H, W) of class ids, 255 = ignore."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise WSSSError(f"mask {path} has mode {im.mode}; expected a single-channel (palette or "
+                                f"grayscale) PNG of class ids")
+            mask = np.asarray(im)
+    except FileNotFoundError:
+        raise WSSSError(f"mask missing: {path}")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise WSSSError(f"cannot read mask {path}: {e}")
+    bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE)])
+    if bad.size:
+        raise WSSSError(f"mask {path} has values {bad.tolist()[:5]} >= {num_classes} classes (only 255 may exceed)")
+    return mask
+
+
+def normalize_image(rgb: np.ndarray, norm: str):
+    """uint8 (H, W, 3) -> float (3, H, W) normalised with ImageNet (official WeCLIP code) or CLIP statistics."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    x = (rgb.astype(np.float32) - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def denormalize_image(x, norm: str) -> np.ndarray:
+    """float (3, H, W) -> uint8 (H, W, 3), the inverse of normalize_image."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    rgb = x.detach().float().cpu().numpy().transpose(1, 2, 0) * np.array(std) + np.array(mean)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def augment(rgb: np.ndarray, mask: np.ndarray, cfg: Config, rng: np.random.Generator):
+    """WeCLIP's train augmentation: random rescale U(scale_min, scale_max) (bilinear image, nearest mask), h-flip
+    p=0.5, random crop of crop_size on a canvas padded with pixel 0 (image) and 255 (mask)."""
+    from PIL import Image
+    h, w = mask.shape
+    r = rng.uniform(cfg.scale_min, cfg.scale_max)
+    nh, nw = max(1, int(r * h)), max(1, int(r * w))
+    rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+    mask = np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))
+    if rng.random() < 0.5:
+        rgb, mask = rgb[:, ::-1], mask[:, ::-1]
+    s = cfg.crop_size
+    ch, cw = max(s, nh), max(s, nw)
+    canvas = np.zeros((ch, cw, 3), np.uint8)
+    canvas_mask = np.full((ch, cw), IGNORE, np.uint8)
+    oy, ox = int(rng.integers(0, ch - nh + 1)), int(rng.integers(0, cw - nw + 1))
+    canvas[oy:oy + nh, ox:ox + nw], canvas_mask[oy:oy + nh, ox:ox + nw] = rgb, mask
+    y0, x0 = int(rng.integers(0, ch - s + 1)), int(rng.integers(0, cw - s + 1))
+    return canvas[y0:y0 + s, x0:x0 + s], canvas_mask[y0:y0 + s, x0:x0 + s]
+
+
+class SegDataset:
+    """The VOC folder layout: <root>/JPEGImages/<name>.jpg, <root>/SegmentationClassAug/<name>.png (or
+    SegmentationClass/), split lists <root>/ImageSets/Segmentation/<split>.txt (or <root>/<split>.txt).
+    Image-level labels are derived from the masks (classes present minus background and 255), so no label
+    file is needed; they are scanned once and cached. A map-style dataset (DataLoader needs only __len__ and
+    __getitem__). In training, the index encodes (epoch, i) so that augmentation is a pure function of
+    (seed, epoch, i): the same on any number of workers and after --resume."""
+
+    def __init__(self, cfg: Config, split: str, train: bool):
+        self.cfg, self.split, self.train = cfg, split, train
+        info = DATASETS[cfg.dataset]
+        self.num_classes = len(info["classes"])
+        self.root = Path(cfg.data_root)
+        if not cfg.data_root or not self.root.is_dir():
+            raise WSSSError(f"data root {str(self.root)!r} not found: pass --data-root DIR (layout in data.md) "
+                            f"or try --demo")
+        lists = [self.root / "ImageSets" / "Segmentation" / f"{split}.txt", self.root / f"{split}.txt"]
+        list_path = next((p for p in lists if p.is_file()), None)
+        if list_path is None:
+            raise WSSSError(f"split list for {split!r} not found; expected {lists[0]} (see data.md)")
+        names = [n.strip() for n in list_path.read_text().split() if n.strip()]
+        mask_dir = next((d for d in ("SegmentationClassAug", "SegmentationClass") if (self.root / d).is_dir()), None)
+        if mask_dir is None:
+            raise WSSSError(f"no SegmentationClassAug/ or SegmentationClass/ folder in {self.root} (see data.md)")
+        strip = info["mask_strip"]
+        self.items = []
+        for n in names:
+            image = self.root / "JPEGImages" / f"{n}.jpg"
+            mask = self.root / mask_dir / f"{re.sub(strip, '', n) if strip else n}.png"
+            if not image.is_file():
+                raise WSSSError(f"image listed in {list_path.name} but missing: {image}")
+            self.items.append((n, image, mask))
+        labels = self._scan_labels(list_path)
+        self.labels = [labels[n] for n, _, _ in self.items]
+        if train:  # WeCLIP needs at least one foreground class per image (GradCAM target)
+            keep = [i for i, lab in enumerate(self.labels) if lab]
+            if len(keep) < len(self.items):
+                print0(f"data: skipped {len(self.items) - len(keep)} {split} images with no foreground class")
+            self.items, self.labels = [self.items[i] for i in keep], [self.labels[i] for i in keep]
+        if not self.items:
+            raise WSSSError(f"split {split!r} in {self.root} has no usable images")
+        self.epoch_len = len(self.items)
+
+    def _scan_labels(self, list_path) -> dict:
+        """{name: sorted foreground class ids} from the masks, cached under cache_dir (validated by a hash of
+        the root, the list and the mask sizes, so an edited dataset is re-scanned)."""
+        sig = hashlib.sha1(f"{self.root.resolve()}|{list_path.read_text()}|".encode())
+        for _, _, m in self.items[:64]:
+            sig.update(str(m.stat().st_size if m.is_file() else -1).encode())
+        path = Path(self.cfg.cache_dir) / "labels" / f"{self.cfg.dataset}-{self.split}-{sig.hexdigest()[:12]}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        labels = {}
+        for n, _, m in self.items:
+            present = np.unique(load_mask(m, self.num_classes))
+            labels[n] = [int(c) for c in present if 0 < c < self.num_classes]
+        try:
+            atomic_write_text(json.dumps(labels), path)
+        except OSError:
+            pass  # a read-only cache only costs a re-scan next time
+        return labels
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, i = divmod(int(index), self.epoch_len)
+        name, image_path, mask_path = self.items[i]
+        rgb, mask = load_rgb(image_path), load_mask(mask_path, self.num_classes)
+        if rgb.shape[:2] != mask.shape:
+            raise WSSSError(f"image {image_path} is {rgb.shape[1]}x{rgb.shape[0]} but its mask is "
+                            f"{mask.shape[1]}x{mask.shape[0]}")
+        if self.train:
+            rgb, mask = augment(rgb, mask, self.cfg, np.random.default_rng([self.cfg.seed, epoch, i]))
+        label = torch.zeros(self.num_classes - 1)
+        label[[c - 1 for c in self.labels[i]]] = 1.0
+        return dict(image=normalize_image(rgb, self.cfg.norm), mask=torch.from_numpy(mask.astype(np.int64)),
+                    label=label, name=name)
+
+
+class EpochSampler:
+    """Shuffled indices, re-drawn each epoch from (seed, epoch), sharded across DDP ranks, starting at any
+    step: what makes --resume exact. Yields epoch * len + i, decoded by SegDataset.__getitem__."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.steps_per_epoch = n // (batch_size * world)
+        if self.steps_per_epoch == 0:
+            raise WSSSError(f"{n} training images are fewer than one batch ({batch_size} x {world} processes)")
+        self.start_step = start_step
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            per_rank = order[: self.steps_per_epoch * self.bs * self.world].view(self.steps_per_epoch, self.world,
+                                                                                  self.bs)  # (steps, world, bs)
+            for step in range(skip, self.steps_per_epoch):
+                yield [epoch * self.n + int(i) for i in per_rank[step, self.rank]]
+            epoch, skip = epoch + 1, 0
