@@ -690,3 +690,464 @@ class EpochSampler:
             for step in range(skip, self.steps_per_epoch):
                 yield [epoch * self.n + int(i) for i in per_rank[step, self.rank]]
             epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frozen feature extractors: CLIP (open_clip) and DINOv2 (transformers). Lazy imports, eval(), no grad.
+# ----------------------------------------------------------------------------------------------------
+
+# The toy CLIP (the architecture of --tiny, and of the model `pretrain-toy` trains for --demo): the same
+# open_clip.CLIP class as ViT-B-16, just small.
+TOY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=64, layers=3, width=96, head_width=32, patch_size=8),
+                text_cfg=dict(context_length=24, vocab_size=49408, width=64, heads=2, layers=2))
+TOY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8, image_size=64)
+
+
+def toy_clip_path(cfg: Config) -> Path:
+    key = hashlib.sha1(json.dumps([TOY_CLIP, cfg.toy_steps, cfg.toy_batch, cfg.toy_lr, cfg.seed]).encode())
+    return Path(cfg.cache_dir) / f"toy-clip-{key.hexdigest()[:10]}.pt"
+
+
+def _is_path(s: str) -> bool:
+    return "/" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(s).exists()
+
+
+def build_clip(cfg: Config, device):
+    """Frozen open_clip CLIP and its tokenizer. --tiny: the toy architecture (random weights unless
+    --clip-pretrained is a checkpoint path); otherwise `--clip-model` with `--clip-pretrained` (an open_clip
+    tag such as openai, a local file, or "random")."""
+    import open_clip
+    with torch.random.fork_rng(devices=[]):  # random weights are a pure function of the seed, RNG untouched
+        torch.manual_seed(cfg.seed)
+        if cfg.tiny:
+            model = open_clip.CLIP(**TOY_CLIP)
+            if _is_path(cfg.clip_pretrained):
+                if not Path(cfg.clip_pretrained).is_file():
+                    raise WSSSError(f"CLIP checkpoint not found: {cfg.clip_pretrained}")
+                state = torch.load(cfg.clip_pretrained, map_location="cpu", weights_only=True)
+                model.load_state_dict(state.get("model", state))
+            tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+        else:
+            pretrained = None if cfg.clip_pretrained in ("random", "none", "") else cfg.clip_pretrained
+            if pretrained and _is_path(pretrained) and not Path(pretrained).is_file():
+                raise WSSSError(f"CLIP checkpoint not found: {pretrained}")
+            try:
+                model = open_clip.create_model(cfg.clip_model, pretrained=pretrained)
+            except Exception as e:  # open_clip raises RuntimeError offline; unknown names raise others
+                raise WSSSError(f"could not load CLIP {cfg.clip_model!r} weights {cfg.clip_pretrained!r} "
+                                f"({type(e).__name__}; no network or model hub?): pass a local checkpoint with "
+                                f"--clip-pretrained PATH (see data.md), or run offline with --demo / --tiny")
+            tokenizer = open_clip.get_tokenizer(cfg.clip_model)
+    model = model.to(device).eval().requires_grad_(False)
+    assert getattr(model.visual.transformer, "batch_first", True), "expects open_clip's batch-first transformer"
+    return model, tokenizer
+
+
+def build_dino(cfg: Config, device):
+    """Frozen DINOv2 (CD-CLIP's boundary features): transformers Dinov2Model; --tiny: a small random one."""
+    from transformers import Dinov2Config, Dinov2Model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        if cfg.tiny:
+            model = Dinov2Model(Dinov2Config(**TOY_DINO))
+        else:
+            try:
+                model = Dinov2Model.from_pretrained(cfg.dino_model)
+            except (OSError, ValueError) as e:
+                raise WSSSError(f"could not load DINOv2 {cfg.dino_model!r} ({type(e).__name__}; no network or "
+                                f"model hub?): pass a local folder with --dino-model PATH (see data.md), "
+                                f"or run offline with --demo / --tiny")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def resized_pos_embed(visual, h: int, w: int):
+    """CLIP's positional embedding for an h x w patch grid: the CLS row kept, the pretrained grid resized
+    bilinearly (align_corners=False) as WeCLIP's upsample_pos_emb. Cached per grid."""
+    cache = visual.__dict__.setdefault("_wsss_pos_cache", {})
+    pos = visual.positional_embedding  # (1 + g*g, D)
+    if (h, w) not in cache or cache[(h, w)].device != pos.device:
+        g = int(round(math.sqrt(pos.shape[0] - 1)))
+        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        if (h, w) != (g, g):
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)  # (1, D, h, w)
+        cache[(h, w)] = torch.cat([pos[:1], grid.flatten(2)[0].T], 0)  # (1 + h*w, D)
+    return cache[(h, w)]
+
+
+def run_block(blk, x, need_attn: bool, a=None):
+    """One open_clip ResidualAttentionBlock, also returning the head-averaged attention (B, 1+N, 1+N).
+    `a` overrides ln_1(x) (GradCAM's hooked activation); the residual still adds x, as in the block."""
+    a = blk.ln_1(x) if a is None else a
+    out, attn = blk.attn(a, a, a, need_weights=need_attn, average_attn_weights=True)
+    x = x + blk.ls_1(out)
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x, attn
+
+
+def clip_image_forward(clip, images, need_attn: bool = True) -> dict:
+    """WeCLIP's frozen pass: blocks 1..L-1 on any image size. Returns per-block patch tokens (the decoder's
+    inputs), their head-averaged patch-to-patch attention, and the block-(L-1) output that GradCAM runs the
+    last block on. Blocks 1..L-1 never need gradients."""
+    visual = clip.visual
+    with torch.no_grad():
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, D, h, w)
+        B, D, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major token order
+        x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, D), x], 1)  # (B, 1+N, D)
+        x = visual.ln_pre(x + resized_pos_embed(visual, h, w).to(x.dtype))
+        feats, attns = [], []
+        for blk in visual.transformer.resblocks[:-1]:
+            x, attn = run_block(blk, x, need_attn)
+            feats.append(x[:, 1:])  # (B, N, D)
+            if need_attn:
+                attns.append(attn[:, 1:, 1:])  # (B, N, N): CLS row and column dropped
+    return dict(feats=feats, attn=torch.stack(attns, 1) if need_attn else None, x_last=x, grid=(h, w))
+
+
+def encode_texts(clip, tokenizer, names, template: str, device):
+    """L2-normalised text embeddings (T, E) of `template.format(name)` (WeCLIP's zeroshot_classifier)."""
+    with torch.no_grad():
+        tokens = tokenizer([template.format(n) for n in names]).to(device)
+        return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+
+
+def dino_features(dino, images, norm: str):
+    """DINOv2 last-layer normalised patch tokens, L2-normalised per token: (B, Dd, hd, wd). The input is
+    resized to (H//p*p, W//p*p) (308 for a 320 crop with p = 14) and given ImageNet statistics."""
+    p = dino.config.patch_size
+    H, W = images.shape[-2:]
+    x = images if norm == "imagenet" else renormalize(images, "clip", "imagenet")
+    x = F.interpolate(x, size=(H // p * p, W // p * p), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        tokens = dino(pixel_values=x.to(dino.dtype)).last_hidden_state  # (B, 1 + regs + Nd, Dd)
+    tokens = tokens[:, 1 + getattr(dino.config, "num_register_tokens", 0):]
+    tokens = F.normalize(tokens.float(), dim=-1)
+    return tokens.transpose(1, 2).reshape(images.shape[0], -1, H // p, W // p)  # (B, Dd, hd, wd)
+
+
+def renormalize(x, src: str, dst: str):
+    stats = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+    (m0, s0), (m1, s1) = stats[src], stats[dst]
+    t = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * t(s0) + t(m0) - t(m1)) / t(s1)
+
+
+class Frozen:
+    """Everything frozen for one run: CLIP, its text bank, DINOv2 (only for methods that need it)."""
+
+    def __init__(self, cfg: Config, device, need_dino: bool = None):
+        info = DATASETS[cfg.dataset]
+        self.cfg, self.device = cfg, device
+        self.clip, self.tokenizer = build_clip(cfg, device)
+        supers = info["superclasses"][cfg.superclasses]
+        self.num_fg, self.num_super, self.num_bg = len(info["classes"]) - 1, len(supers), len(info["bg_prompts"])
+        # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
+        self.texts = encode_texts(self.clip, self.tokenizer, info["prompts"] + list(supers) + info["bg_prompts"],
+                                  cfg.template, device)
+        # class id (1..C) -> super-class id (1..Ns); 0 -> 0
+        index = {name: i + 1 for i, name in enumerate(supers)}
+        owner = {c: index[s] for s, members in supers.items() for c in members}
+        self.super_of = torch.tensor([0] + [owner[c] for c in info["classes"][1:]], device=device)
+        need_dino = cfg.lambda_b > 0 if need_dino is None else need_dino
+        self.dino = build_dino(cfg, device) if need_dino else None
+        self.patch = self.clip.visual.conv1.kernel_size[0]
+        self.num_blocks = len(self.clip.visual.transformer.resblocks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CAMs: WeCLIP GradCAM on image-text probabilities, every (image, class) pair in one forward/backward
+# ----------------------------------------------------------------------------------------------------
+
+def cam_rows(labels, frozen: Frozen, with_super: bool = False) -> dict:
+    """One GradCAM row per (image, present class) and optionally per (image, present super-class).
+    Row r explains text `target[r]` of the bank, competing only with the texts `allowed[r]` (T,): the
+    image's present classes (or super-classes) and all background prompts (WeCLIP §3: absent classes take no
+    part in the softmax). `cls[r]` is the class id (1..C) or super-class id (1..Ns) the row stands for."""
+    B, C = labels.shape
+    T, Ns = frozen.texts.shape[0], frozen.num_super
+    img, cls = torch.nonzero(labels > 0, as_tuple=True)  # ascending class id within each image
+    cls = cls + 1
+    bg = torch.zeros(T, dtype=torch.bool, device=labels.device)
+    bg[C + Ns:] = True
+    allowed_fg = torch.cat([labels > 0, torch.zeros(B, T - C, dtype=torch.bool, device=labels.device)], 1) | bg
+    rows = dict(img=img, cls=cls, target=cls - 1, allowed=allowed_fg[img], is_super=torch.zeros_like(img).bool())
+    if with_super:
+        s_present = torch.zeros(B, Ns + 1, dtype=torch.bool, device=labels.device)
+        s_present[img, frozen.super_of[cls]] = True
+        s_img, s_id = torch.nonzero(s_present[:, 1:], as_tuple=True)
+        allowed_s = torch.zeros(B, T, dtype=torch.bool, device=labels.device)
+        allowed_s[:, C:C + Ns] = s_present[:, 1:]
+        rows = {k: torch.cat([v, extra]) for (k, v), extra in zip(rows.items(), [
+            s_img, s_id + 1, C + s_id, (allowed_s | bg)[s_img], torch.ones_like(s_img).bool()])}
+    return rows
+
+
+def gradcam(frozen: Frozen, out: dict, rows: dict):
+    """WeCLIP GradCAM (spec §3) for all rows at once. Each row replicates its image's block-(L-1) output and
+    runs the last block on it; the hooked activation A is the last block's ln_1 output, whose gradient
+    reaches it only through attention. Target y_r = softmax(s * <e, t_k>)[target_r], e = proj(mean of ln_post
+    patch tokens) normalised, over the row's allowed texts. Rows are independent, so one backward of sum_r y_r
+    yields every row's own gradient: the same CAMs as one backward per class, in one pass.
+    GradCAM: alpha = spatial mean of dy/dA; cam = ReLU(sum_ch alpha_ch A_ch), min-max twice (as upstream).
+    Returns cams (R, h, w), the last block's attention per image (B, N, N) and its final patch embeddings
+    (B, N, E), L2-normalised (CD-CLIP's F)."""
+    clip, h, w = frozen.clip, *out["grid"]
+    visual, blk = clip.visual, clip.visual.transformer.resblocks[-1]
+    x = out["x_last"][rows["img"]]  # (R, 1+N, D)
+    with torch.enable_grad():
+        a = blk.ln_1(x).detach().requires_grad_(True)  # (R, 1+N, D): the hooked activation
+        y, attn = run_block(blk, x, need_attn=True, a=a)
+        tokens = visual.ln_post(y[:, 1:]) @ visual.proj  # (R, N, E)
+        e = F.normalize(tokens.mean(1).float(), dim=-1)  # (R, E): mean of patch tokens, not CLS
+        logits = frozen.cfg.cam_logit_scale * e @ frozen.texts.T  # (R, T)
+        prob = logits.masked_fill(~rows["allowed"], float("-inf")).softmax(-1)
+        target = prob.gather(1, rows["target"][:, None]).sum()
+        (grad,) = torch.autograd.grad(target, a)  # (R, 1+N, D)
+    A, G = a.detach()[:, 1:].float(), grad[:, 1:].float()  # (R, N, D): CLS dropped
+    cam = torch.relu((A * G.mean(1, keepdim=True)).sum(-1))  # (R, N)
+    cam = minmax(minmax(cam.view(-1, h, w)))  # (R, h, w): scale_cam_image per layer, then after the layer mean
+    first = first_row_of_image(rows["img"], out["x_last"].shape[0])  # all rows of an image share these
+    attn_last = attn.detach()[first, 1:, 1:].float()  # (B, N, N)
+    patch_emb = F.normalize(tokens.detach()[first].float(), dim=-1)  # (B, N, E)
+    return cam, attn_last, patch_emb
+
+
+def first_row_of_image(img, B: int):
+    """Index of the first row of each image (rows are grouped by image, ascending)."""
+    first = torch.full((B,), -1, dtype=torch.long, device=img.device)
+    first.scatter_reduce_(0, img, torch.arange(len(img), device=img.device), reduce="amin", include_self=False)
+    assert (first >= 0).all(), "every image needs at least one GradCAM row (a foreground class)"
+    return first
+
+
+# ----------------------------------------------------------------------------------------------------
+# CAM refinements: transition matrix, box masks, RFM (WeCLIP), CDA (CD-CLIP), PAR, pseudo-label assembly
+# ----------------------------------------------------------------------------------------------------
+
+def sinkhorn_symmetrize(attn, rounds: int = 3):
+    """WeCLIP compute_trans_mat without the final square: `rounds` times normalise columns then rows to sum
+    1, then symmetrise (T + T^T) / 2. (..., N, N) -> (..., N, N); doubly stochastic up to the last round."""
+    t = attn
+    for _ in range(rounds):
+        t = t / t.sum(-2, keepdim=True)  # each column sums to 1
+        t = t / t.sum(-1, keepdim=True)  # each row sums to 1
+    return (t + t.transpose(-1, -2)) / 2
+
+
+def transition_matrix(attn, power: int = 2):
+    """WeCLIP's transition matrix: Sinkhorn-like normalisation (3 rounds), symmetrisation, then T^power
+    (upstream squares: power 2). (..., N, N) -> (..., N, N)."""
+    return torch.linalg.matrix_power(sinkhorn_symmetrize(attn), power)
+
+
+def connected_components(on):
+    """8-connected components of boolean maps (M, h, w) -> int64 ids (M, h, w), 0 off, else the largest flat
+    index + 1 in the component. Label propagation by 3x3 max-pooling until nothing changes (few rounds on
+    a CAM grid); replaces cv2.findContours, whose outer contours are 8-connected too."""
+    M, h, w = on.shape
+    ids = (torch.arange(1, h * w + 1, device=on.device).view(1, h, w) * on).float()
+    while True:
+        grown = F.max_pool2d(ids[:, None], 3, stride=1, padding=1)[:, 0] * on  # (M, h, w)
+        if torch.equal(grown, ids):
+            return ids.long()
+        ids = grown
+
+
+def box_mask(cam, threshold: float, exclusive_edge: bool = False):
+    """WeCLIP box masks (clip/utils.py): s = uint8(255 cam); on <=> s > floor(threshold * max s); the union of
+    the bounding boxes of the on-regions (all contours of cv2.findContours(RETR_TREE): holes' boxes lie
+    inside their region's box, so the union of the 8-connected components' boxes is the same).
+    `exclusive_edge` reproduces upstream's quirk (boxes end one row/column early, and clip to h-1/w-1, so the
+    last row and column are never boxed); by default full boxes [upstream bug fixed].
+    cam (..., h, w) in [0, 1] -> bool (..., h, w)."""
+    shape, (h, w) = cam.shape, cam.shape[-2:]
+    s = (cam.reshape(-1, h, w) * 255).to(torch.uint8).long()  # (M, h, w), truncation as numpy's astype
+    thr = (threshold * s.amax((1, 2), keepdim=True).double()).floor().long()
+    ids = connected_components(s > thr)  # (M, h, w)
+    M, big = ids.shape[0], h * w + 1
+    yy = torch.arange(h, device=cam.device).view(1, h, 1).expand(M, h, w)
+    xx = torch.arange(w, device=cam.device).view(1, 1, w).expand(M, h, w)
+
+    def reduce(v, how):  # per-component min/max of a coordinate, (M, h*w + 1); id 0 = background slot
+        init = torch.full((M, big), big if how == "amin" else -1, device=cam.device, dtype=torch.long)
+        return init.scatter_reduce(1, ids.flatten(1), v.flatten(1), reduce=how, include_self=True)
+
+    y0, y1, x0, x1 = reduce(yy, "amin"), reduce(yy, "amax"), reduce(xx, "amin"), reduce(xx, "amax")
+    if exclusive_edge:
+        y1, x1 = y1.clamp(max=h - 2), x1.clamp(max=w - 2)
+    y0, y1, x0, x1 = (t[:, 1:, None, None] for t in (y0, y1, x0, x1))  # (M, h*w, 1, 1), slot 0 dropped
+    inside = (yy[:, None] >= y0) & (yy[:, None] <= y1) & (xx[:, None] >= x0) & (xx[:, None] <= x1)
+    return inside.any(1).view(shape)  # (M, h*w, h, w) -> any component -> (..., h, w)
+
+
+def rfm_weights(attn_all, cfg: Config, S=None, dynamic: bool = False):
+    """WeCLIP RFM affinity before normalisation (clip_tool.py). attn_all (B, L, N, N) holds every block's
+    head-averaged patch attention (the last from the GradCAM pass).
+    Static: W = mean of the last `attn_layers` blocks.
+    Dynamic (training step >= rfm_dynamic_after, and at test time): among the last `rfm_dynamic_layers`
+    blocks keep those with d_l = sum(S - A_l) <= mean_l d_l (a signed sum, as upstream: since sum S is the
+    same for every l, this keeps the blocks of at least average attention mass), average them, and gate
+    by the decoder affinity: W = mean_sel(A_l) * S."""
+    if not dynamic or S is None:
+        return attn_all[:, -cfg.attn_layers:].mean(1)  # (B, N, N)
+    cand = attn_all[:, -cfg.rfm_dynamic_layers:]  # (B, n, N, N)
+    d = (S[:, None] - cand).sum((-2, -1))  # (B, n)
+    m = (d <= d.mean(1, keepdim=True)).to(cand.dtype)  # (B, n) layer selection
+    W = (m[:, :, None, None] * cand).sum(1) / (m.sum(1)[:, None, None] + 1e-5)  # (B, N, N)
+    return W * S
+
+
+def class_distributions(patch_emb, texts, over: str = "patch"):
+    """CD-CLIP §3.1: P = softmax(S_a) with S_a = Min-max(CosSim(F, T_all)). patch_emb (B, N, E) and texts
+    (K, E) L2-normalised. Min-max per text over the patches (`over="patch"`, default [I]) removes each
+    prompt's global bias; `over="text"` normalises each patch over the texts. -> (B, N, K), rows sum to 1."""
+    s = patch_emb @ texts.T  # (B, N, K) cosine similarities
+    s_a = minmax(s, dims=(1,)) if over == "patch" else minmax(s, dims=(2,))
+    return s_a.softmax(-1)
+
+
+def js_divergence_matrix(probs, max_elems: int = 2**24):
+    """Pairwise Jensen-Shannon divergences (natural log) between the rows of probs (..., N, K) -> (..., N, N):
+    D_ij = H(M_ij) - H(P_i)/2 - H(P_j)/2 with M_ij = (P_i + P_j) / 2 (CD-CLIP §3.2). Fully broadcast; rows are
+    processed in chunks so the (rows, N, K) mixture never exceeds `max_elems` elements (COCO: 92 texts)."""
+    p = probs.float()
+    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)  # (..., N)
+    N, K = p.shape[-2:]
+    step = max(1, max_elems // max(1, N * K * int(np.prod(p.shape[:-2]))))
+    out = []
+    for i in range(0, N, step):
+        m = (p[..., i:i + step, None, :] + p[..., None, :, :]) / 2  # (..., n, N, K)
+        h_m = -(m * m.clamp_min(1e-12).log()).sum(-1)  # (..., n, N)
+        out.append(h_m - ent[..., i:i + step, None] / 2 - ent[..., None, :] / 2)
+    return torch.cat(out, -2).clamp_min(0)  # tiny negative rounding -> 0
+
+
+def cda_affinity(probs, a_init, tau: float):
+    """CD-CLIP Eq. for A_d: S_d = (1 - D_JS) / tau; A_d = Softmax(S_d) . A_init, a row-wise softmax and a
+    matrix product [I]. The constant 1 cancels in the softmax: W = softmax(-D_JS / tau).
+    probs (..., N, K), a_init (..., N, N) -> A_d (..., N, N), row-stochastic when A_init is."""
+    W = ((1 - js_divergence_matrix(probs)) / tau).softmax(-1)  # (..., N, N)
+    return W @ a_init
+
+
+def propagation_matrix(frozen: Frozen, attn_all, patch_emb, cfg: Config, S=None, dynamic=False):
+    """The matrix A^t that refines the CAMs, per --refine (CD-CLIP Table 3 rows):
+      none      identity (the raw GradCAM)
+      caa       Sinkhorn-symmetrised mean attention of the last blocks, squared; box-masked (CAA)
+      rfm       WeCLIP RFM: the same, with dynamic layer selection and the decoder affinity S once active
+      cda       A_d = softmax(-D_JS/tau) A_init with A_init the Sinkhorn-symmetrised mean attention; no box
+      cda+caa / cda+rfm   A_d on top of that affinity, with box masks.
+    (B, L, N, N) -> (B, N, N)."""
+    if cfg.refine == "none":
+        B, N = attn_all.shape[0], attn_all.shape[-1]
+        return torch.eye(N, device=attn_all.device).expand(B, N, N)
+    W = rfm_weights(attn_all, cfg, S, dynamic=dynamic and "rfm" in cfg.refine)
+    A = sinkhorn_symmetrize(W)  # A_init (unsquared)
+    if cfg.refine.startswith("cda"):
+        texts = frozen.texts[: frozen.num_fg + frozen.num_super]  # T_all: all classes + all super-classes
+        if cfg.cda_bg_texts:
+            texts = frozen.texts
+        A = cda_affinity(class_distributions(patch_emb, texts, cfg.cda_minmax), A, cfg.cda_tau)
+    return torch.linalg.matrix_power(A, cfg.power)
+
+
+def refine_cams(cams, img, A, box=None):
+    """r_c = A^t (B_c * m_c): propagate each row's CAM with its image's matrix (WeCLIP: box-masked source
+    tokens, i.e. columns). cams (R, h, w), img (R,), A (B, N, N), box (R, h, w) bool or None -> (R, h, w)."""
+    m = cams.flatten(1) if box is None else (cams * box).flatten(1)  # (R, N)
+    return torch.bmm(A[img], m[:, :, None])[:, :, 0].view_as(cams)
+
+
+PAR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))  # (dy, dx), upstream order
+
+
+def par_refine(image, masks, dilations=(1, 2, 4, 8, 12, 24), iters: int = 20, w1: float = 0.3, w2: float = 0.01):
+    """PAR, pixel-adaptive refinement (WeCLIP PAR.py). image (B, 3, H', W') is resized to the masks' size
+    (bilinear, align_corners=True). Each pixel p has 8 neighbours per dilation (48), read with replicate
+    padding. kappa_k(p) = -mean_c(|I_k,c - I_c| / (sigma_c(p) + 1e-8) / w1)^2 with sigma_c the unbiased std of
+    the 48 neighbour values; pi_k = softmax(-(rho_k / (sigma_rho + 1e-8) / w1)^2) with rho_k = d or sqrt(2) d;
+    a_k(p) = softmax_k(kappa(p)) + w2 pi_k (weights sum to 1 + w2, as upstream). Then `iters` times
+    M(p) <- sum_k a_k(p) M(p + o_k). masks (B, K, H, W) -> (B, K, H, W), unnormalised (argmax is used)."""
+    B, K, H, W = masks.shape
+    if image.shape[-2:] != (H, W):
+        image = F.interpolate(image, size=(H, W), mode="bilinear", align_corners=True)
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in PAR_OFFSETS]
+    pad = max(dilations)
+
+    def neighbours(x):  # (B, C, H, W) -> list over the 48 offsets of (B, C, H, W) views of the padded map
+        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+        return [xp[:, :, pad + dy:pad + dy + H, pad + dx:pad + dx + W] for dy, dx in offsets]
+
+    nb = torch.stack(neighbours(image.float()), 2)  # (B, 3, 48, H, W)
+    sigma = nb.std(2, keepdim=True)  # unbiased std over the neighbour values
+    kappa = -((nb - image.float()[:, :, None]).abs() / (sigma + 1e-8) / w1).pow(2).mean(1)  # (B, 48, H, W)
+    rho = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], device=masks.device)
+    pi = (-(rho / (rho.std() + 1e-8) / w1).pow(2)).softmax(0)  # (48,)
+    aff = kappa.softmax(1) + w2 * pi[None, :, None, None]  # (B, 48, H, W)
+    aff = aff[:, None]  # (B, 1, 48, H, W)
+    m = masks.float()
+    for _ in range(iters):
+        views = neighbours(m)
+        acc = aff[:, :, 0] * views[0]
+        for k in range(1, len(views)):
+            acc = acc.addcmul_(aff[:, :, k], views[k])
+        m = acc
+    return m
+
+
+def cams_to_label(cams, img, cls, images, cfg: Config, use_par: bool = True, size=None):
+    """Pseudo-label assembly (WeCLIP generate_cam_label): min-max each refined CAM, upsample (bilinear) to the
+    image, background = (1 - max_c CAM)^bg_pow, PAR on the image, argmax, channel -> class id. Rows are packed
+    per image into channels; unused channels are -1 and never win. cams (R, h, w), img (R,), cls (R,) ids ->
+    (B, H, W) int64 (no ignore pixels, as upstream)."""
+    B = images.shape[0]
+    H, W = size or images.shape[-2:]
+    up = F.interpolate(minmax(cams)[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]  # (R,H,W)
+    slot = torch.zeros_like(img)
+    for b in range(B):  # rank of each row within its image (B is small)
+        sel = img == b
+        slot[sel] = torch.arange(int(sel.sum()), device=img.device)
+    k = int(slot.max()) + 1 if len(slot) else 0
+    score = torch.full((B, 1 + k, H, W), -1.0, device=cams.device)  # (B, 1+K, H, W)
+    score[img, 1 + slot] = up
+    score[:, 0] = (1 - score[:, 1:].amax(1).clamp_min(0)).pow(cfg.bg_pow) if k else 1.0
+    if use_par:
+        score = par_refine(images, score, cfg.par_dilations, cfg.par_iters, cfg.par_w1, cfg.par_w2)
+    lut = torch.zeros(B, 1 + k, dtype=torch.long, device=cams.device)
+    lut[img, 1 + slot] = cls
+    return lut.gather(1, score.argmax(1).flatten(1)).view(B, H, W)
+
+
+def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
+    """CD-CLIP §4.4. Class-aware pooling (CAP): each super-class CAM, resized to the DINO grid and kept where
+    >= theta_cap, weights an average of the DINO tokens -> prototype f_n (L2-normalised); prototype CAM
+    M_p^n = ReLU(cos(f_n, F_d)). cams_s (R, h, w), img (R,), dino_feat (B, Dd, hd, wd) -> (R, hd, wd) in [0,1]."""
+    m = F.interpolate(cams_s[:, None], size=dino_feat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    m = m * (m >= theta)  # (R, hd, wd)
+    feats = dino_feat[img]  # (R, Dd, hd, wd)
+    proto = F.normalize(torch.einsum("rhw,rdhw->rd", m, feats) / (m.sum((1, 2))[:, None] + 1e-5), dim=-1)
+    return torch.relu(torch.einsum("rd,rdhw->rhw", proto, feats))
+
+
+def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S=None, dynamic=False,
+                       with_super=None, use_par=True, size=None, keep_cams=False) -> dict:
+    """The whole label path of one batch: GradCAM for every (image, class) [and super-class] row in one
+    pass, the method's propagation matrix, box masks where the mode uses them, pseudo-labels Y (B, H, W)
+    and, for CD-CLIP's SBE, super-class pseudo-labels Y_s (B, H, W) from DINO prototype CAMs."""
+    with_super = cfg.lambda_b > 0 if with_super is None else with_super
+    rows = cam_rows(labels, frozen, with_super=with_super)
+    cams, attn_last, patch_emb = gradcam(frozen, out, rows)
+    attn_all = torch.cat([out["attn"].float(), attn_last[:, None]], 1)  # (B, L, N, N)
+    A = propagation_matrix(frozen, attn_all, patch_emb, cfg, S=S, dynamic=dynamic)  # (B, N, N)
+    c = ~rows["is_super"]
+    box = box_mask(cams[c], cfg.box_threshold, cfg.box_exclusive_edge) if cfg.refine.endswith(("caa", "rfm")) else None
+    refined = refine_cams(cams[c], rows["img"][c], A, box)
+    result = dict(Y=cams_to_label(refined, rows["img"][c], rows["cls"][c], images, cfg, use_par, size))
+    if keep_cams:
+        result.update(rows=rows, cams=cams, refined=refined)
+    if with_super:
+        s = rows["is_super"]
+        dino_feat = dino_features(frozen.dino, images, cfg.norm)
+        proto = cap_prototype_cams(cams[s], rows["img"][s], dino_feat, cfg.cap_threshold)
+        result["Y_s"] = cams_to_label(proto, rows["img"][s], rows["cls"][s], images, cfg, use_par, size)
+    return result
