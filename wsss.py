@@ -256,12 +256,20 @@ class Config:
     eval_flip: bool = True
     eval_every: int = 2000        # validate every n steps (0: only at the end)
     crf: bool = False             # DenseCRF post-processing (needs pydensecrf2)
+    crf_iters: int = 10           # DenseCRF mean-field iterations (WeCLIP utils/dcrf.py)
+    crf_pos_xy: float = 3.0       # Gaussian kernel: spatial std (pixels)
+    crf_pos_w: float = 3.0        # Gaussian kernel: compatibility weight
+    crf_bi_xy: float = 64.0       # bilateral kernel: spatial std (pixels)
+    crf_bi_rgb: float = 5.0       # bilateral kernel: colour std (0..255)
+    crf_bi_w: float = 4.0         # bilateral kernel: compatibility weight
     log_every: int = 200
     save_every: int = 2000
     resume: str = ""              # checkpoint to continue from
     ckpt: str = ""                # checkpoint for `eval` (derived: <out_dir>/ckpt.pt)
     save_vis: str = ""            # `eval`: folder for PNG overlays
     num_vis: int = 8
+    cam_split: str = "train"      # `cams`: split whose pseudo-labels are scored (the papers' "M": VOC train)
+    bench_repeats: int = 3        # `bench`: timed repeats per stage (median reported, after one warm-up)
     max_images: int = 0           # evaluate / measure on at most this many images (0: all)
     # --- synthetic world / toy CLIP (for --demo) ---
     num_images: int = 200         # `synth`: number of train images (val gets a quarter)
@@ -1151,3 +1159,855 @@ def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S
         proto = cap_prototype_cams(cams[s], rows["img"][s], dino_feat, cfg.cap_threshold)
         result["Y_s"] = cams_to_label(proto, rows["img"][s], rows["cls"][s], images, cfg, use_par, size)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoder: the only trained module (WeCLIP §6). nn.Module classes are defined on first use (see
+# _torch_classes), so that importing this file does not import torch.
+# ----------------------------------------------------------------------------------------------------
+
+def _torch_classes():
+    """Define the nn.Module classes once and publish them as module globals (SegDecoder, DecoderBlock)."""
+    if "SegDecoder" in globals():
+        return
+
+    class QuickGELU(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(1.702 * x)
+
+    class DecoderBlock(nn.Module):
+        """Pre-LN transformer block: x + MHA(LN(x)), x + MLP(LN(x)); MLP width -> mlp -> width, QuickGELU."""
+
+        def __init__(self, width: int, heads: int, mlp: int):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # xavier in_proj, zero biases
+            self.mlp = nn.Sequential(nn.Linear(width, mlp), QuickGELU(), nn.Linear(mlp, width))
+
+        def forward(self, x):  # (B, N, width)
+            a = self.ln_1(x)
+            x = x + self.attn(a, a, a, need_weights=False)[0]
+            return x + self.mlp(self.ln_2(x))
+
+    class SegDecoder(nn.Module):
+        """WeCLIP decoder. Fuse head: per-block MLP (D -> dim -> dim) over the patch tokens of CLIP blocks
+        1..L-1, concatenated, 1x1 conv -> dim, Dropout2d -> F (B, dim, h, w). Then `layers` pre-LN transformer
+        blocks and a 1x1 conv to the K classes. Affinity head S = sigmoid(F^T F) (B, N, N), which the dynamic
+        RFM uses and the affinity loss trains. VOC + ViT-B/16: 5,985,045 parameters, as upstream."""
+
+        def __init__(self, in_dim: int, n_feats: int, num_classes: int, dim=256, layers=3, heads=8, mlp=1024,
+                     dropout=0.1):
+            super().__init__()
+            self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+                                      for _ in range(n_feats))
+            self.fuse = nn.Conv2d(n_feats * dim, dim, 1)
+            self.dropout = nn.Dropout2d(dropout)
+            self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp) for _ in range(layers))
+            self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+        def forward(self, feats, grid):
+            """feats: list of (B, N, D) patch tokens; grid (h, w) -> logits (B, K, h, w), S (B, N, N)."""
+            (h, w), B = grid, feats[0].shape[0]
+            x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], -1)  # (B, N, n*dim)
+            x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, n*dim, h, w)
+            f = self.dropout(self.fuse(x))  # (B, dim, h, w): F
+            t = f.flatten(2).transpose(1, 2)  # (B, N, dim)
+            for blk in self.blocks:
+                t = blk(t)
+            logits = self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))  # (B, K, h, w)
+            fn = f.flatten(2)  # (B, dim, N)
+            S = torch.sigmoid(fn.transpose(1, 2) @ fn)  # (B, N, N)
+            return logits, S
+
+    globals().update(QuickGELU=QuickGELU, DecoderBlock=DecoderBlock, SegDecoder=SegDecoder)
+
+
+def __getattr__(name):  # PEP 562: `wsss.SegDecoder` defines the torch classes on first access
+    if name in ("SegDecoder", "DecoderBlock", "QuickGELU"):
+        _torch_classes()
+        return globals()[name]
+    raise AttributeError(f"module 'wsss' has no attribute {name!r}")
+
+
+def build_decoder(cfg: Config, frozen: Frozen):
+    _torch_classes()
+    width = frozen.clip.visual.conv1.out_channels
+    return SegDecoder(width, frozen.num_blocks - 1, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers,
+                      cfg.dec_heads, cfg.dec_mlp, cfg.dec_dropout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses: balanced CE (L_seg), affinity loss (WeCLIP L_aff), gated super-class Dice (CD-CLIP L_b)
+# ----------------------------------------------------------------------------------------------------
+
+def balanced_ce_loss(logits, labels):
+    """WeCLIP L_seg = 1/2 CE over background pixels + 1/2 CE over foreground pixels (255 ignored); logits are
+    upsampled (bilinear) to the labels. A batch without foreground (or background) pixels averages the terms
+    that exist instead of giving NaN [upstream bug fixed]. logits (B, K, h, w), labels (B, H, W) -> scalar."""
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")  # (B, H, W)
+    groups = [labels == 0, (labels != 0) & (labels != IGNORE)]
+    terms = [ce[g].mean() for g in groups if g.any()]
+    return sum(terms) / len(terms) if terms else logits.sum() * 0.0
+
+
+_RADIUS_MASKS = {}
+
+
+def radius_mask(h: int, w: int, radius: int, device):
+    """(N, N) bool: token pairs within Chebyshev distance `radius` (WeCLIP get_mask_by_radius), cached."""
+    key = (h, w, radius, str(device))
+    if key not in _RADIUS_MASKS:
+        yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        yy, xx = yy.flatten(), xx.flatten()
+        _RADIUS_MASKS[key] = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
+    return _RADIUS_MASKS[key]
+
+
+def affinity_labels(labels, grid, radius: int):
+    """WeCLIP affinity targets: labels downsampled (nearest, i.e. pixel (16u, 16v)) to the token grid;
+    1 where two tokens share a label, 0 where not, 255 outside the radius window or at ignore tokens.
+    labels (B, H, W) -> (B, N, N) int64."""
+    y = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")[:, 0].long().flatten(1)  # (B, N)
+    aff = (y[:, :, None] == y[:, None, :]).long()  # (B, N, N)
+    ignore = (y == IGNORE)[:, :, None] | (y == IGNORE)[:, None, :] | ~radius_mask(*grid, radius, labels.device)
+    return aff.masked_fill(ignore, IGNORE)
+
+
+def affinity_loss(pred, target):
+    """WeCLIP L_aff (utils/losses.py), an L1 form on the sigmoid affinity S:
+    1/2 sum_{Y=1}(1 - S)/(n+ + 1) + 1/2 sum_{Y=0} S/(n- + 1), pooled over the batch. pred, target (B, N, N)."""
+    pos, neg = (target == 1).float(), (target == 0).float()
+    return 0.5 * ((1 - pred) * pos).sum() / (pos.sum() + 1) + 0.5 * (pred * neg).sum() / (neg.sum() + 1)
+
+
+def super_probs(logits, super_of, num_super: int, size):
+    """CD-CLIP §4.7: decoder class probabilities summed per super-class (background stays channel 0).
+    logits (B, K, h, w) -> (B, Ns+1, H, W), sums to 1 per pixel."""
+    p = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(1)  # (B, K, H, W)
+    agg = F.one_hot(super_of, num_super + 1).float()  # (K, Ns+1)
+    return torch.einsum("bkhw,ks->bshw", p, agg)
+
+
+def dice_loss(probs, target, present):
+    """Soft Dice per image over the channels present in it (CD-CLIP §4.7): D_k = 2 sum P_k 1[Y=k] /
+    (sum P_k + sum 1[Y=k] + 1e-7) over valid pixels (Y != 255, masked correctly [upstream bug fixed]),
+    L = 1 - mean_{k present} D_k. probs (B, K, H, W), target (B, H, W), present (B, K) bool -> (B,)."""
+    valid = (target != IGNORE)[:, None].float()  # (B, 1, H, W)
+    onehot = F.one_hot(target.clamp(max=probs.shape[1] - 1) * (target != IGNORE), probs.shape[1])
+    onehot = onehot.permute(0, 3, 1, 2).float() * valid  # (B, K, H, W)
+    inter = (probs * onehot).sum((2, 3))
+    union = (probs * valid).sum((2, 3)) + onehot.sum((2, 3))
+    d = 2 * inter / (union + 1e-7)  # (B, K)
+    present = present.float()
+    return 1 - (d * present).sum(1) / present.sum(1).clamp_min(1)
+
+
+def predicted_superclasses(logits, labels, super_of, num_super: int, size, floor: float):
+    """C_p (CD-CLIP §4.6 [I]): super-classes of the image-label classes that cover >= floor of the pixels of
+    the decoder's argmax. logits (B, K, h, w), labels (B, C) -> (B, Ns+1) bool (channel 0 unused)."""
+    pred = F.interpolate(logits.detach().float(), size=size, mode="bilinear", align_corners=False).argmax(1)
+    K = logits.shape[1]
+    area = F.one_hot(pred.flatten(1), K).float().mean(1)  # (B, K) fraction of pixels per class
+    hit = (area[:, 1:] >= floor) & (labels > 0)  # (B, C)
+    cp = torch.zeros(labels.shape[0], num_super + 1, dtype=torch.bool, device=labels.device)
+    b, c = torch.nonzero(hit, as_tuple=True)
+    cp[b, super_of[c + 1]] = True
+    return cp
+
+
+def sbe_gate(cp, gate: str):
+    """CD-CLIP Table 4: which images receive L_b, from |C_p| (B,) -> (B,) bool."""
+    n = cp[:, 1:].sum(1)
+    return {"ge2": n >= 2, "eq1": n == 1, "all": torch.ones_like(n, dtype=torch.bool),
+            "off": torch.zeros_like(n, dtype=torch.bool)}[gate]
+
+
+def boundary_loss(logits, Y_s, labels, frozen: Frozen, cfg: Config):
+    """CD-CLIP L_b: Dice(P_s, Y_s) on the gated images, averaged over them (0 when none is gated).
+    Returns (loss, number of gated images)."""
+    size = Y_s.shape[-2:]
+    P_s = super_probs(logits, frozen.super_of, frozen.num_super, size)
+    present = torch.zeros(labels.shape[0], frozen.num_super + 1, dtype=torch.bool, device=labels.device)
+    b, c = torch.nonzero(labels > 0, as_tuple=True)
+    present[b, frozen.super_of[c + 1]] = True
+    present[:, 0] = True  # {bg} U S_img
+    gate = sbe_gate(predicted_superclasses(logits, labels, frozen.super_of, frozen.num_super, size,
+                                           cfg.cp_area_floor), cfg.sbe_gate)
+    per_image = dice_loss(P_s, Y_s, present)
+    if not gate.any():
+        return per_image.sum() * 0.0, 0
+    return per_image[gate].mean(), int(gate.sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: bincount confusion matrix -> mIoU table; multi-scale + flip inference; DenseCRF; overlays
+# ----------------------------------------------------------------------------------------------------
+
+def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = IGNORE):
+    """(K, K) int64 counts, rows = ground truth, columns = prediction; only pixels with 0 <= gt < K count
+    (drops ignore_index), as WeCLIP's evaluate.py."""
+    gt, pred = gt.flatten().long(), pred.flatten().long()
+    valid = (gt >= 0) & (gt < num_classes) & (gt != ignore_index)
+    return torch.bincount(gt[valid] * num_classes + pred[valid], minlength=num_classes ** 2).view(
+        num_classes, num_classes)
+
+
+def miou(conf) -> dict:
+    """IoU_k = TP / (TP + FP + FN); mIoU over the classes present in the ground truth (row sum > 0), as
+    upstream. Also pixel accuracy, mean class accuracy and the confusion ratio FP/TP (mean over classes)."""
+    conf = conf.double()
+    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
+    iou = tp / (gt + pr - tp).clamp_min(1)
+    present = gt > 0
+    ratio = (pr - tp) / tp.clamp_min(1)
+    return dict(miou=float(iou[present].mean()) if present.any() else float("nan"),
+                iou=[float(v) if p else float("nan") for v, p in zip(iou, present)],
+                pixel_acc=float(tp.sum() / conf.sum().clamp_min(1)),
+                mean_acc=float((tp / gt.clamp_min(1))[present].mean()) if present.any() else float("nan"),
+                fp_tp=float(ratio[present].mean()) if present.any() else float("nan"))
+
+
+def format_table(results: dict, class_names, title: str = "") -> str:
+    """Per-class IoU table (only columns with a value), then the summary line."""
+    lines = [title] if title else []
+    names = [n for n in results]
+    width = max(len(c) for c in class_names) + 2
+    lines.append("class".ljust(width) + "".join(f"{n:>12}" for n in names))
+    for k, c in enumerate(class_names):
+        vals = [results[n]["iou"][k] for n in names]
+        if all(math.isnan(v) for v in vals):
+            continue
+        lines.append(c.ljust(width) + "".join("         -  " if math.isnan(v) else f"{100 * v:12.1f}" for v in vals))
+    for key, label in (("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("fp_tp", "FP/TP")):
+        lines.append(label.ljust(width) + "".join(f"{(100 if key != 'fp_tp' else 1) * results[n][key]:12.{1 if key != 'fp_tp' else 2}f}"
+                                                 for n in names))
+    return "\n".join(lines)
+
+
+def resize_long_side(image, long_side: int):
+    """(B, 3, H, W) -> long side `long_side` (WeCLIP test: int(h r), int(w r), bilinear, align_corners=False)."""
+    H, W = image.shape[-2:]
+    r = long_side / max(H, W)
+    size = (max(1, int(H * r)), max(1, int(W * r)))
+    return image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+def predict_logits(decoder, frozen: Frozen, image, cfg: Config, size=None):
+    """Multi-scale + flip test: the long side resized to eval_long_side; at each scale the logits of the
+    image and of its un-flipped flip are averaged and resized to the scale-1 token grid; the mean over scales
+    is upsampled to `size` (default: the input size). image (1, 3, H, W) -> logits (1, K, H, W)."""
+    size = size or image.shape[-2:]
+    x0 = resize_long_side(image, cfg.eval_long_side)
+    grid = (x0.shape[-2] // frozen.patch, x0.shape[-1] // frozen.patch)
+    acc = 0
+    for s in cfg.eval_scales:
+        x = x0 if s == 1 else F.interpolate(x0, scale_factor=s, mode="bilinear", align_corners=False)
+        x = torch.cat([x, x.flip(-1)]) if cfg.eval_flip else x
+        out = clip_image_forward(frozen.clip, x, need_attn=False)
+        logits, _ = decoder(out["feats"], out["grid"])
+        logits = (logits[:1] + logits[1:].flip(-1)) / 2 if cfg.eval_flip else logits
+        acc = acc + F.interpolate(logits.float(), size=grid, mode="bilinear", align_corners=False)
+    return F.interpolate(acc / len(cfg.eval_scales), size=size, mode="bilinear", align_corners=False)
+
+
+def crf_refine(rgb: np.ndarray, probs: np.ndarray, cfg: Config) -> np.ndarray:
+    """DenseCRF with WeCLIP's test parameters. rgb uint8 (H, W, 3), probs (K, H, W) -> labels (H, W)."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError:
+        raise WSSSError("--crf needs DenseCRF: pip install pydensecrf2==1.1 (builds from source with g++)")
+    K, H, W = probs.shape
+    d = dcrf.DenseCRF2D(W, H, K)
+    d.setUnaryEnergy(unary_from_softmax(probs.astype(np.float32)))
+    d.addPairwiseGaussian(sxy=cfg.crf_pos_xy, compat=cfg.crf_pos_w)
+    d.addPairwiseBilateral(sxy=cfg.crf_bi_xy, srgb=cfg.crf_bi_rgb, rgbim=np.ascontiguousarray(rgb),
+                           compat=cfg.crf_bi_w)
+    return np.argmax(np.array(d.inference(cfg.crf_iters)), 0).reshape(H, W)
+
+
+def palette(k: int) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), (k, 3) uint8; 255 -> white."""
+    pal = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r, g, b = r | ((c >> 0) & 1) << (7 - j), g | ((c >> 1) & 1) << (7 - j), b | ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    pal[IGNORE] = 255
+    return pal
+
+
+def save_overlay(path, rgb, cam, pseudo, pred, gt):
+    """One PNG: image | CAM heat-map | pseudo-label | prediction | ground truth (labels blended on the image)."""
+    from PIL import Image
+    pal = palette(256)
+    heat = np.stack([cam, 1 - np.abs(2 * cam - 1), 1 - cam], -1) * 255  # blue -> green -> red
+    panels = [rgb, (0.5 * rgb + 0.5 * heat)]
+    panels += [np.where((lab == 0)[..., None], rgb * 0.6, 0.4 * rgb + 0.6 * pal[lab]) for lab in (pseudo, pred, gt)]
+    Image.fromarray(np.concatenate([np.asarray(p).astype(np.uint8) for p in panels], 1)).save(path)
+
+
+def shard(n: int):
+    rank, world, _ = dist_info()
+    return range(rank, n, world)
+
+
+def all_reduce_sum(t):
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, cams: bool = False) -> dict:
+    """mIoU of the decoder's multi-scale+flip prediction on a split (optionally DenseCRF; skipped when decoder
+    is None), and with `cams` of the label-driven pseudo-labels of the same images (raw CAM, refined, after
+    PAR: the papers' "M" column; with a decoder, RFM runs dynamic, as upstream's val mode). Also writes
+    overlays with --save-vis. Shards over DDP ranks and sums the confusion matrices."""
+    K = len(DATASETS[cfg.dataset]["classes"])
+    names = (["decoder"] if decoder is not None else []) + (["cam", "refined", "refined+PAR"] if cams else [])
+    conf = {n: torch.zeros(K, K, dtype=torch.long, device=device) for n in names}
+    if decoder is not None:
+        decoder.eval()
+    vis_dir = Path(cfg.save_vis) if cfg.save_vis else None
+    for i in shard(min(len(dataset), cfg.max_images or len(dataset))):
+        item = dataset[i]
+        image, gt = item["image"][None].to(device), item["mask"].to(device)
+        pred = torch.zeros_like(gt)
+        if decoder is not None:
+            with torch.no_grad():
+                logits = predict_logits(decoder, frozen, image, cfg)
+            if cfg.crf:
+                rgb = denormalize_image(item["image"], cfg.norm)
+                pred = torch.from_numpy(crf_refine(rgb, logits[0].softmax(0).cpu().numpy(), cfg)).to(device)
+            else:
+                pred = logits[0].argmax(0)
+            conf["decoder"] += confusion_matrix(pred, gt, K)
+        want_vis = vis_dir is not None and i < cfg.num_vis
+        if cams or want_vis:
+            has_fg = bool(item["label"].any())  # no foreground: the pseudo-label is all background
+            pl = label_variants(frozen, image, item["label"][None].to(device), cfg, decoder) if has_fg else {}
+            for name in names:
+                if name != "decoder":
+                    conf[name] += confusion_matrix(pl[name][0] if has_fg else torch.zeros_like(gt), gt, K)
+            if want_vis:
+                vis_dir.mkdir(parents=True, exist_ok=True)
+                cam = pl["cam_map"][0].cpu().numpy() if has_fg else np.zeros(gt.shape)
+                pseudo = pl["refined+PAR"][0] if has_fg else torch.zeros_like(gt)
+                planes = [t.cpu().numpy().astype(np.uint8) for t in (pseudo, pred, gt)]
+                save_overlay(vis_dir / f"{item['name'].replace('/', '_')}.png",
+                             denormalize_image(item["image"], cfg.norm), cam, *planes)
+    if decoder is not None:
+        decoder.train()
+    return {name: miou(all_reduce_sum(c)) for name, c in conf.items()}
+
+
+def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None) -> dict:
+    """Pseudo-labels of one full image at its GT size, from the image-level labels: raw GradCAM, after the
+    method's refinement, after PAR (the last is what training uses); plus a CAM heat-map for overlays.
+    With a decoder, RFM runs in its dynamic mode with the decoder affinity (upstream's val mode)."""
+    size = image.shape[-2:]
+    x = resize_long_side(image, cfg.eval_long_side)
+    with torch.no_grad():
+        out = clip_image_forward(frozen.clip, x, need_attn=True)
+        S = decoder(out["feats"], out["grid"])[1] if decoder is not None else None
+    res = make_pseudo_labels(frozen, out, x, labels, cfg, S=S, dynamic=decoder is not None, with_super=False,
+                             size=size, keep_cams=True)
+    rows, c = res["rows"], ~res["rows"]["is_super"]
+    img, cls = rows["img"][c], rows["cls"][c]
+    heat = F.interpolate(minmax(res["refined"]).amax(0)[None, None], size=size, mode="bilinear",
+                         align_corners=False)[0]  # (1, H, W)
+    return {"cam": cams_to_label(res["cams"][c], img, cls, x, cfg, use_par=False, size=size),
+            "refined": cams_to_label(res["refined"], img, cls, x, cfg, use_par=False, size=size),
+            "refined+PAR": res["Y"], "cam_map": heat}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: lr schedule, checkpoint dict, the train loop (algorithm zone / diagnostics zone)
+# ----------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: Config) -> float:
+    """WeCLIP's schedule at 0-based step k: linear warm-up from warmup_ratio over warmup_steps, then poly:
+    lr (1 - k/max_steps)^poly_power. cfg.lr is the *effective* decoder lr (upstream: 2e-4 with a x10 group)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (1 - (1 - step / cfg.warmup_steps) * (1 - cfg.warmup_ratio))
+    return cfg.lr * (1 - step / cfg.max_steps) ** cfg.poly_power
+
+
+def rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, decoder, optimizer, scaler, step: int, cfg: Config, best: float):
+    """One dict: unwrapped decoder (no `module.` prefix), optimizer, scaler, step, config, RNG states."""
+    atomic_save(dict(decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
+                     scaler=scaler.state_dict() if scaler else None, step=step, config=dataclasses.asdict(cfg),
+                     best_miou=best, rng=rng_state(), version=1), path)
+
+
+def load_checkpoint(path, cfg: Config) -> dict:
+    """Load a checkpoint and refuse one trained with a different model definition (MODEL_KEYS)."""
+    if not Path(path).is_file():
+        raise WSSSError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise WSSSError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
+    if not isinstance(ckpt, dict) or "decoder" not in ckpt:
+        raise WSSSError(f"{path} is not a wsss.py checkpoint")
+    saved = ckpt.get("config", {})
+    diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise WSSSError(f"checkpoint {path} was trained with another config: {', '.join(diff)}")
+    return ckpt
+
+
+def setup_distributed(cfg: Config):
+    """DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU. Returns the device."""
+    rank, world, local = dist_info()
+    device = get_device(cfg)
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int):
+    """One batch of the algorithm: frozen CLIP pass, decoder, pseudo-labels (no gradient into the decoder),
+    L = L_seg + lambda_aff L_aff (WeCLIP) + lambda_b L_b (CD-CLIP). Returns (loss, float parts, labels)."""
+    out = clip_image_forward(frozen.clip, images, need_attn=True)
+    logits, S = model(out["feats"], out["grid"])
+    dynamic = step >= cfg.rfm_dynamic_after  # WeCLIP counts every forward call, validation too [upstream bug fixed]
+    pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic)
+    loss_seg = balanced_ce_loss(logits.float(), pl["Y"])
+    loss, parts = loss_seg, dict(seg=loss_seg.item())
+    if cfg.lambda_aff > 0:
+        loss_aff = affinity_loss(S.float(), affinity_labels(pl["Y"], out["grid"], cfg.aff_radius))
+        loss, parts["aff"] = loss + cfg.lambda_aff * loss_aff, loss_aff.item()
+    if cfg.lambda_b > 0:
+        loss_b, parts["gated"] = boundary_loss(logits, pl["Y_s"], labels, frozen, cfg)
+        loss, parts["b"] = loss + cfg.lambda_b * loss_b, loss_b.item()
+    return loss, parts, pl
+
+
+def train(cfg: Config) -> dict:
+    """Train the decoder on the method's pseudo-labels; returns the final evaluation results."""
+    device = setup_distributed(cfg)
+    rank, world, _ = dist_info()
+    seed_everything(cfg.seed)  # same decoder initialisation on every rank (DDP also broadcasts it)
+    if cfg.demo:
+        prepare_demo(cfg)
+    ctx, amp_dtype = autocast_ctx(cfg, device)
+    frozen = Frozen(cfg, device)
+    train_set = SegDataset(cfg, cfg.train_split, train=True)
+    val_set = SegDataset(cfg, cfg.val_split, train=False)
+    decoder = build_decoder(cfg, frozen).to(device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    start, best = 0, float("nan")
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume, cfg)
+        decoder.load_state_dict(ckpt["decoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start, best = ckpt["step"], ckpt.get("best_miou", best)
+        set_rng_state(ckpt["rng"])
+        print0(f"resumed from {cfg.resume} at step {start}")
+    model = torch.nn.parallel.DistributedDataParallel(decoder) if world > 1 else decoder
+    sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed, start, rank, world)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(cfg.seed))  # keeps global RNG
+    out_dir = Path(cfg.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str), out_dir / "config.json")
+    n_params = sum(p.numel() for p in decoder.parameters())
+    print0(f"config: {json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()}, default=str)}")
+    print0(f"device {device} | amp {amp_dtype} | world {world} | train {len(train_set)} | val {len(val_set)} | "
+           f"CLIP {cfg.clip_model if not cfg.tiny else 'toy'} ({cfg.clip_pretrained}) blocks {frozen.num_blocks} | "
+           f"DINOv2 {'on' if frozen.dino is not None else 'off'} | trainable params {n_params:,}")
+    metrics_path = out_dir / "metrics.jsonl"
+    pl_conf = torch.zeros(len(DATASETS[cfg.dataset]["classes"]), len(DATASETS[cfg.dataset]["classes"]),
+                          dtype=torch.long, device=device)
+    bar = _progress(range(start, cfg.max_steps), disable=rank != 0)
+    data, t0, last = iter(loader), time.time(), {}
+    for step in bar:
+        batch = next(data)
+        # ---- algorithm ----
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with ctx:
+            loss, parts, pl = compute_losses(model, frozen, images, labels, cfg, step)
+        if not torch.isfinite(loss):
+            raise WSSSError(f"loss became {loss.item()} at step {step}: lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        # ---- diagnostics ----
+        done = step + 1
+        pl_conf += confusion_matrix(pl["Y"], batch["mask"].to(device), pl_conf.shape[0])  # crop GT vs pseudo-label
+        last = dict(step=done, loss=loss.item(), **parts, lr=lr)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.1e}")
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            ms = 1000 * (time.time() - t0) / (done - start)
+            last.update(pseudo_miou=miou(all_reduce_sum(pl_conf.clone()))["miou"], ms_per_step=ms)
+            extra = "".join(f" | {k} {last[k]:.3f}" for k in ("aff", "b") if k in last)
+            print0(f"step {done:05d}/{cfg.max_steps} | loss {last['loss']:.3f} | seg {last['seg']:.3f}{extra} | "
+                   f"pseudo-label mIoU {100 * last['pseudo_miou']:.1f} | lr {lr:.1e} | {ms:.0f} ms")
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+            res = evaluate(decoder, frozen, val_set, cfg, device)
+            best = max(best, res["decoder"]["miou"]) if not math.isnan(best) else res["decoder"]["miou"]
+            print0(f"step {done:05d} | val mIoU {100 * res['decoder']['miou']:.1f}")
+        if rank == 0 and (done % cfg.save_every == 0 or done == cfg.max_steps):
+            save_checkpoint(cfg.ckpt, decoder, optimizer, scaler, done, cfg, best)
+            if done % cfg.save_every == 0 and done < cfg.max_steps:
+                save_checkpoint(out_dir / f"ckpt-{done:06d}.pt", decoder, optimizer, scaler, done, cfg, best)
+    bar.close()
+    if cfg.demo and not cfg.save_vis:
+        cfg.save_vis = str(out_dir / "vis")
+    results = evaluate(decoder, frozen, val_set, cfg, device, cams=cfg.demo)
+    if cfg.demo:  # raw CAM | refined | +PAR | decoder, then the two baselines, side by side
+        results = {k: results[k] for k in ("cam", "refined", "refined+PAR", "decoder")}
+        results.update(demo_baselines(cfg, val_set, device))
+    names = DATASETS[cfg.dataset]["classes"]
+    print0(format_table(results, names, title=f"{cfg.method} on {cfg.dataset} {cfg.val_split} "
+                                              f"({min(len(val_set), cfg.max_images or len(val_set))} images)"))
+    if cfg.save_vis:
+        print0(f"overlays (image | CAM | pseudo-label | prediction | truth): {cfg.save_vis}/")
+    if rank == 0:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(dict(step=cfg.max_steps, val={k: v["miou"] for k, v in results.items()})) + "\n")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return dict(results=results, last=last)
+
+
+def _progress(it, disable=False):
+    """tqdm when available and on a terminal; a silent iterator with the same interface otherwise."""
+    try:
+        from tqdm import tqdm
+        return tqdm(it, disable=disable or not sys.stderr.isatty(), dynamic_ncols=True)
+    except ImportError:
+        class Plain:
+            def __init__(self, it): self.it = it
+            def __iter__(self): return iter(self.it)
+            def set_postfix(self, **kw): pass
+            def close(self): pass
+        return Plain(it)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The demo's toy CLIP: contrastive pre-training from scratch on the synthetic world (pretrain-toy)
+# ----------------------------------------------------------------------------------------------------
+
+def toy_batch(rng: np.random.Generator, n: int, norm: str):
+    """n fresh scenes of the synthetic world: normalised images (n, 3, 64, 64), captions, multi-hot (n, C)."""
+    scenes = [draw_toy_scene(rng, TOY_CLIP["vision_cfg"]["image_size"]) for _ in range(n)]
+    images = torch.stack([normalize_image(s[0], norm) for s in scenes])
+    labels = torch.zeros(n, len(TOY_SHAPES))
+    for i, s in enumerate(scenes):
+        labels[i, [c - 1 for c in s[2]]] = 1
+    return images, [s[3] for s in scenes], labels
+
+
+def zero_shot_map(clip, tokenizer, images, labels, device) -> float:
+    """Multi-label zero-shot mAP: each class scored by cos(image, "a picture of a <class>.") (sklearn AP)."""
+    from sklearn.metrics import average_precision_score
+    texts = encode_texts(clip, tokenizer, SYNTH_CLASSES[1:], "a picture of a {}.", device)
+    with torch.no_grad():
+        emb = F.normalize(clip.encode_image(images.to(device)).float(), dim=-1)
+    scores = (emb @ texts.T).cpu().numpy()
+    return float(np.mean([average_precision_score(labels[:, k], scores[:, k]) for k in range(labels.shape[1])]))
+
+
+def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
+    """Train the toy open_clip.CLIP from scratch with the symmetric InfoNCE loss and a learnable logit scale
+    on freshly drawn image-caption pairs (AdamW, 10% warm-up then cosine), a fixed number of steps with a
+    fixed seed; report zero-shot mAP on held-out scenes; save the weights atomically to `path`."""
+    import open_clip
+    device = get_device(cfg)
+    path = Path(path or toy_clip_path(cfg))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        clip = open_clip.CLIP(**TOY_CLIP).to(device)
+        tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+        opt = torch.optim.AdamW(clip.parameters(), lr=cfg.toy_lr, weight_decay=0.1, betas=(0.9, 0.98))
+        warm = max(1, cfg.toy_steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, max(0, k - warm) / max(1, cfg.toy_steps - warm)))))
+        rng = np.random.default_rng([cfg.seed, 7])
+        held_out = toy_batch(np.random.default_rng([cfg.seed, 8]), 200, cfg.norm)
+        map0 = zero_shot_map(clip.eval(), tokenizer, held_out[0], held_out[2], device)
+        clip.train()
+        t0, losses = time.time(), []
+        for k in _progress(range(cfg.toy_steps)):
+            images, captions, _ = toy_batch(rng, cfg.toy_batch, cfg.norm)
+            img = F.normalize(clip.encode_image(images.to(device)), dim=-1)
+            txt = F.normalize(clip.encode_text(tokenizer(captions).to(device)), dim=-1)
+            logits = clip.logit_scale.exp() * img @ txt.T  # (n, n): matching pairs on the diagonal
+            target = torch.arange(len(captions), device=device)
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                clip.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            if (k + 1) % max(1, cfg.toy_steps // 8) == 0:
+                log(f"toy CLIP step {k + 1}/{cfg.toy_steps} | InfoNCE {np.mean(losses[-10:]):.3f} | "
+                    f"{time.time() - t0:.0f} s")
+        clip.eval()
+        map1 = zero_shot_map(clip, tokenizer, held_out[0], held_out[2], device)
+    atomic_save({"model": clip.state_dict(), "toy_clip": TOY_CLIP, "steps": cfg.toy_steps}, path)
+    log(f"toy CLIP: zero-shot mAP {map0:.2f} -> {map1:.2f} on 200 held-out scenes (chance ~0.33) in "
+        f"{time.time() - t0:.0f} s; saved {path}")
+    return dict(loss_first=float(np.mean(losses[:5])), loss_last=float(np.mean(losses[-5:])), map_before=map0,
+                map_after=map1, path=str(path), seconds=time.time() - t0)
+
+
+def prepare_demo(cfg: Config):
+    """--demo assets, made on first use and then reused from cache_dir: the synthetic dataset and the
+    pre-trained toy CLIP. Rank 0 makes them; other DDP ranks wait."""
+    rank = dist_info()[0]
+    root = Path(cfg.data_root)
+    if rank == 0:
+        if not (root / ".complete").is_file():
+            print0(f"demo: writing the synthetic dataset ({cfg.demo_images} train images) to {root}")
+            make_synthetic_dataset(root, cfg.demo_images, 64, seed=0)
+            atomic_write_text("ok\n", root / ".complete")
+        if _is_path(cfg.clip_pretrained) and not Path(cfg.clip_pretrained).is_file():
+            print0(f"demo: pre-training the toy CLIP ({cfg.toy_steps} steps; cached for next time)")
+            pretrain_toy(cfg, cfg.clip_pretrained)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    print0("demo: CLIP is the toy CLIP pre-trained on the synthetic world; DINOv2 is a tiny random-weight "
+           "model (so SBE's prototypes carry no real boundary knowledge here)")
+
+
+def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
+    """Reference points for the demo table: pseudo-labels (after PAR) of a random-weight toy CLIP, and
+    background everywhere."""
+    rnd = Frozen(dataclasses.replace(cfg, clip_pretrained="random"), device, need_dino=False)
+    res = evaluate(None, rnd, val_set, dataclasses.replace(cfg, save_vis=""), device, cams=True)
+    K = len(DATASETS[cfg.dataset]["classes"])
+    conf = torch.zeros(K, K, dtype=torch.long, device=device)
+    for i in shard(min(len(val_set), cfg.max_images or len(val_set))):
+        gt = val_set[i]["mask"].to(device)
+        conf += confusion_matrix(torch.zeros_like(gt), gt, K)
+    return {"random CLIP": res["refined+PAR"], "all-bg": miou(all_reduce_sum(conf))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark: per-stage time of one training step against the frozen encoders' forward pass
+# ----------------------------------------------------------------------------------------------------
+
+def bench(cfg: Config) -> dict:
+    """Time each stage of a training step on random images of crop_size (the current device, batch_size
+    images, 2 classes each), and the peak memory. ratio = whole step / frozen encoders' forward pass."""
+    device = get_device(cfg)
+    frozen = Frozen(cfg, device)
+    decoder = build_decoder(cfg, frozen).to(device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    B, s = cfg.batch_size, cfg.crop_size
+    images = torch.randn(B, 3, s, s, generator=g).to(device)
+    labels = torch.zeros(B, frozen.num_fg, device=device)
+    for b in range(B):
+        labels[b, torch.randperm(frozen.num_fg, generator=g)[:2]] = 1
+
+    def timed(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(cfg.bench_repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    def frozen_forward():
+        with torch.no_grad():
+            frozen.clip.encode_image(images)
+            if frozen.dino is not None:
+                dino_features(frozen.dino, images, cfg.norm)
+
+    out = clip_image_forward(frozen.clip, images, need_attn=True)
+    rows = cam_rows(labels, frozen, with_super=cfg.lambda_b > 0)
+    cams, attn_last, patch_emb = gradcam(frozen, out, rows)
+    attn_all = torch.cat([out["attn"], attn_last[:, None]], 1)
+    c = ~rows["is_super"]
+
+    def refinement():
+        A = propagation_matrix(frozen, attn_all, patch_emb, cfg, S=None)
+        box = box_mask(cams[c], cfg.box_threshold) if cfg.refine.endswith(("caa", "rfm")) else None
+        return refine_cams(cams[c], rows["img"][c], A, box)
+
+    refined = refinement()
+
+    def decoder_fwd_bwd():
+        logits, S = decoder(out["feats"], out["grid"])
+        (balanced_ce_loss(logits, torch.zeros(B, s, s, dtype=torch.long, device=device)) + S.mean()).backward()
+
+    def step():
+        loss, _, _ = compute_losses(decoder, frozen, images, labels, cfg, step=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    stages = {f"frozen forward (CLIP{' + DINOv2' if frozen.dino is not None else ''})": frozen_forward,
+              "CLIP blocks 1..L-1 with attention": lambda: clip_image_forward(frozen.clip, images, True),
+              f"GradCAM, {int(rows['img'].numel())} rows in one pass": lambda: gradcam(frozen, out, rows),
+              f"refinement ({cfg.refine})": refinement,
+              "PAR + label assembly": lambda: cams_to_label(refined, rows["img"][c], rows["cls"][c], images, cfg)}
+    if cfg.refine.startswith("cda"):
+        texts = frozen.texts[: frozen.num_fg + frozen.num_super]
+        stages[f"  of which CDA ({out['attn'].shape[-1]} patches x {texts.shape[0]} texts, batch {B})"] = \
+            lambda: cda_affinity(class_distributions(patch_emb, texts), attn_all[:, -1], cfg.cda_tau)
+    if frozen.dino is not None:
+        s_rows = rows["is_super"]
+        stages["SBE (DINOv2, CAP, prototype CAMs, Y_s)"] = lambda: cams_to_label(
+            cap_prototype_cams(cams[s_rows], rows["img"][s_rows], dino_features(frozen.dino, images, cfg.norm),
+                               cfg.cap_threshold), rows["img"][s_rows], rows["cls"][s_rows], images, cfg)
+    stages["decoder forward + backward"] = decoder_fwd_bwd
+    stages["whole training step"] = step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = {name: timed(fn) for name, fn in stages.items()}
+    ref = times[next(iter(stages))]
+    ratio = times["whole training step"] / ref
+    cda_400 = None
+    if True:  # CD-CLIP's CDA at the paper's VOC size: 400 patches x 25 texts, one image
+        p = torch.rand(1, 400, 25, generator=g).softmax(-1).to(device)
+        a = torch.rand(1, 400, 400, generator=g).to(device)
+        cda_400 = timed(lambda: cda_affinity(p, a, cfg.cda_tau))
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA)"
+    else:
+        import resource
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS)"
+    print(f"bench: method {cfg.method} | refine {cfg.refine} | CLIP {'toy' if cfg.tiny else cfg.clip_model} "
+          f"({cfg.clip_pretrained}) | batch {B} x {s}x{s} | device {device} | threads {torch.get_num_threads()}")
+    for name, t in times.items():
+        print(f"  {name:<58} {1000 * t:9.1f} ms")
+    print(f"  {'CDA, 400 patches x 25 texts, one image':<58} {1000 * cda_400:9.1f} ms")
+    print(f"  peak memory {peak}")
+    print(f"  ratio: training step / frozen forward = {ratio:.2f} (target <= 1.5)")
+    return dict(times=times, ratio=ratio, cda_400=cda_400, peak=peak)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI: train | eval | cams | synth | pretrain-toy | bench  ->  main(argv)
+# ----------------------------------------------------------------------------------------------------
+
+def cmd_train(cfg: Config):
+    train(cfg)
+
+
+def cmd_eval(cfg: Config):
+    """Checkpoint -> mIoU table of the decoder on val_split (multi-scale + flip, optional CRF, overlays)."""
+    device = get_device(cfg)
+    ckpt = load_checkpoint(cfg.ckpt, cfg)
+    frozen = Frozen(cfg, device, need_dino=False)  # inference is decoder only
+    decoder = build_decoder(cfg, frozen).to(device)
+    decoder.load_state_dict(ckpt["decoder"])
+    dataset = SegDataset(cfg, cfg.val_split, train=False)
+    res = evaluate(decoder, frozen, dataset, cfg, device)
+    print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=f"{cfg.ckpt} (step {ckpt['step']}) on "
+                        f"{cfg.dataset} {cfg.val_split}, scales {cfg.eval_scales}, flip {cfg.eval_flip}, crf {cfg.crf}"))
+    if cfg.save_vis:
+        print0(f"overlays (image | CAM | pseudo-label | prediction | truth): {cfg.save_vis}/")
+    return res
+
+
+def cmd_cams(cfg: Config):
+    """Training-free pseudo-label quality on cam_split: raw GradCAM, after --refine, after PAR."""
+    device = get_device(cfg)
+    if cfg.demo:
+        prepare_demo(cfg)
+    frozen = Frozen(cfg, device, need_dino=False)
+    dataset = SegDataset(cfg, cfg.cam_split, train=False)
+    res = evaluate(None, frozen, dataset, cfg, device, cams=True)
+    print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=f"pseudo-labels of {cfg.method} "
+                        f"(refine {cfg.refine}) on {cfg.dataset} {cfg.cam_split}"))
+    return res
+
+
+def cmd_synth(cfg: Config):
+    if not cfg.data_root:
+        raise WSSSError("synth needs --data-root DIR (the folder to write)")
+    root = make_synthetic_dataset(cfg.data_root, cfg.num_images, cfg.image_size, cfg.seed)
+    print0(f"wrote {cfg.num_images} train + {max(1, cfg.num_images // 4)} val synthetic images to {root} "
+           f"(use --dataset synthetic --data-root {root})")
+
+
+def cmd_pretrain_toy(cfg: Config):
+    path = cfg.clip_pretrained if _is_path(cfg.clip_pretrained) else toy_clip_path(cfg)
+    return pretrain_toy(cfg, path)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cams": cmd_cams, "synth": cmd_synth,
+            "pretrain-toy": cmd_pretrain_toy, "bench": bench}
+
+
+def _one_line(e: Exception) -> str:
+    """The user-facing line of an error, also when a DataLoader worker wrapped it in a traceback."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    return re.sub(r"^[\w.]*WSSSError: ", "", lines[-1].strip())
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: wsss.py {{{','.join(COMMANDS)}}} [--flags]   (wsss.py COMMAND --help lists the flags)\n\n"
+              + __doc__.split("\n\n")[2])
+        return 0
+    command = argv.pop(0)
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        cfg = parse_config(argv, command)
+        COMMANDS[command](cfg)
+    except WSSSError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
