@@ -175,7 +175,8 @@ REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
 
 # --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
 DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
-            warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240)
+            warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240,
+            cam_logit_scale=0.0)  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
 
 
 @dataclass
@@ -206,7 +207,7 @@ class Config:
     scale_max: float = 2.0
     norm: str = "imagenet"        # pixel statistics fed to CLIP: imagenet (official code [code≠paper]) | clip
     # --- CAMs (WeCLIP §3) ---
-    cam_logit_scale: float = 100.0  # softmax temperature of the GradCAM target (CLIP's exp(logit_scale))
+    cam_logit_scale: float = 100.0  # GradCAM target softmax scale (OpenAI CLIP's exp(logit_scale)); 0: the model's own
     bg_pow: float = 1.0           # background score (1 - max_c CAM)^bg_pow (WeCLIP cam_bg_thres = 1)
     # --- refinement ---
     refine: str = "rfm"           # none | caa | rfm | cda | cda+caa | cda+rfm (CD-CLIP Table 3 rows)
@@ -907,7 +908,8 @@ def gradcam(frozen: Frozen, out: dict, rows: dict):
         y, attn = run_block(blk, x, need_attn=True, a=a)
         tokens = visual.ln_post(y[:, 1:]) @ visual.proj  # (R, N, E)
         e = F.normalize(tokens.mean(1).float(), dim=-1)  # (R, E): mean of patch tokens, not CLS
-        logits = frozen.cfg.cam_logit_scale * e @ frozen.texts.T  # (R, T)
+        scale = frozen.cfg.cam_logit_scale or float(clip.logit_scale.exp())
+        logits = scale * e @ frozen.texts.T  # (R, T)
         prob = logits.masked_fill(~rows["allowed"], float("-inf")).softmax(-1)
         target = prob.gather(1, rows["target"][:, None]).sum()
         (grad,) = torch.autograd.grad(target, a)  # (R, 1+N, D)
@@ -1606,15 +1608,16 @@ def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int
     return loss, parts, pl
 
 
-def train(cfg: Config) -> dict:
-    """Train the decoder on the method's pseudo-labels; returns the final evaluation results."""
+def train(cfg: Config, frozen: Frozen = None) -> dict:
+    """Train the decoder on the method's pseudo-labels; returns the final evaluation results. `frozen` may
+    inject pre-built frozen models (the planted-signal test does)."""
     device = setup_distributed(cfg)
     rank, world, _ = dist_info()
     seed_everything(cfg.seed)  # same decoder initialisation on every rank (DDP also broadcasts it)
     if cfg.demo:
         prepare_demo(cfg)
     ctx, amp_dtype = autocast_ctx(cfg, device)
-    frozen = Frozen(cfg, device)
+    frozen = frozen or Frozen(cfg, device)
     train_set = SegDataset(cfg, cfg.train_split, train=True)
     val_set = SegDataset(cfg, cfg.val_split, train=False)
     decoder = build_decoder(cfg, frozen).to(device)
@@ -1707,8 +1710,12 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(dict(step=cfg.max_steps, val={k: v["miou"] for k, v in results.items()})) + "\n")
-    if world > 1:
-        torch.distributed.barrier()
+    if world > 1:  # verify what DDP promises: every rank ends with the same decoder
+        flat = torch.cat([p.detach().flatten() for p in decoder.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(world)]
+        torch.distributed.all_gather(gathered, flat)
+        diff = max(float((g - flat).abs().max()) for g in gathered)
+        print0(f"DDP: decoder parameters across {world} ranks differ by at most {diff:.3g}")
         torch.distributed.destroy_process_group()
     return dict(results=results, last=last)
 
