@@ -204,7 +204,7 @@ class Config:
     # --- data ---
     crop_size: int = 320          # training crop (WeCLIP 320 -> 20x20 tokens)
     scale_min: float = 0.5        # random rescale range (WeCLIP U(0.5, 2.0))
-    scale_max: float = 2.0
+    scale_max: float = 2.0        # upper end of the random rescale range
     norm: str = "imagenet"        # pixel statistics fed to CLIP: imagenet (official code [code≠paper]) | clip
     # --- CAMs (WeCLIP §3) ---
     cam_logit_scale: float = 100.0  # GradCAM target softmax scale (OpenAI CLIP's exp(logit_scale)); 0: the model's own
@@ -222,8 +222,8 @@ class Config:
     cda_minmax: str = "patch"     # min-max of S_a per text over patches (patch) or per patch over texts (text) [I]
     cda_bg_texts: bool = False    # add background words to T_all (an ablation [I])
     # --- PAR (WeCLIP PAR.py) ---
-    par_iters: int = 20
-    par_dilations: tuple = (1, 2, 4, 8, 12, 24)
+    par_iters: int = 20           # PAR propagation iterations
+    par_dilations: tuple = (1, 2, 4, 8, 12, 24)  # PAR neighbourhood dilations (8 neighbours each)
     par_w1: float = 0.3           # image-term temperature
     par_w2: float = 0.01          # weight of the positional term (weights sum to 1 + w2, as upstream)
     # --- SBE (CD-CLIP §4) ---
@@ -233,28 +233,28 @@ class Config:
     sbe_gate: str = "ge2"         # apply L_b when |C_p| >= 2 (ge2), == 1 (eq1), always (all), never (off)
     lambda_b: float = 0.0         # weight of the boundary Dice loss L_b (CD-CLIP 0.6)
     # --- decoder (WeCLIP §6) ---
-    dec_dim: int = 256
-    dec_layers: int = 3
-    dec_heads: int = 8
-    dec_mlp: int = 1024
+    dec_dim: int = 256            # decoder width (fuse MLPs and transformer)
+    dec_layers: int = 3           # decoder transformer blocks
+    dec_heads: int = 8            # decoder attention heads
+    dec_mlp: int = 1024           # decoder MLP hidden width (QuickGELU)
     dec_dropout: float = 0.1      # Dropout2d after the fuse conv
     # --- losses ---
     lambda_aff: float = 0.1       # weight of the affinity loss (WeCLIP 0.1)
     aff_radius: int = 8           # affinity-label window (Chebyshev, token grid)
     # --- optimisation (WeCLIP §8) ---
     lr: float = 2e-3              # effective decoder lr (official: 2e-4 x 10 group; CD-CLIP's text says 2e-5)
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup_steps: int = 50
-    warmup_ratio: float = 1e-6
-    poly_power: float = 1.0
+    weight_decay: float = 0.01    # AdamW weight decay
+    beta1: float = 0.9            # AdamW beta1
+    beta2: float = 0.999          # AdamW beta2
+    warmup_steps: int = 50        # linear warm-up steps
+    warmup_ratio: float = 1e-6    # warm-up starts at lr * this
+    poly_power: float = 1.0       # poly decay power after warm-up
     batch_size: int = 4           # per process
-    max_steps: int = 30000
+    max_steps: int = 30000        # training steps (VOC 30k, COCO 80k)
     # --- evaluation / logging ---
     eval_long_side: int = 512     # test images are resized so the long side is this
     eval_scales: tuple = (1.0, 0.75)  # multi-scale test (WeCLIP 1, 0.75; CD-CLIP 1, 1.5)
-    eval_flip: bool = True
+    eval_flip: bool = True        # average each scale with its horizontal flip
     eval_every: int = 2000        # validate every n steps (0: only at the end)
     crf: bool = False             # DenseCRF post-processing (needs pydensecrf2)
     crf_iters: int = 10           # DenseCRF mean-field iterations (WeCLIP utils/dcrf.py)
@@ -263,12 +263,12 @@ class Config:
     crf_bi_xy: float = 64.0       # bilateral kernel: spatial std (pixels)
     crf_bi_rgb: float = 5.0       # bilateral kernel: colour std (0..255)
     crf_bi_w: float = 4.0         # bilateral kernel: compatibility weight
-    log_every: int = 200
-    save_every: int = 2000
+    log_every: int = 200          # print/log a line every n steps
+    save_every: int = 2000        # checkpoint every n steps (and at the end)
     resume: str = ""              # checkpoint to continue from
     ckpt: str = ""                # checkpoint for `eval` (derived: <out_dir>/ckpt.pt)
     save_vis: str = ""            # `eval`: folder for PNG overlays
-    num_vis: int = 8
+    num_vis: int = 8              # overlays written with --save-vis
     cam_split: str = "train"      # `cams`: split whose pseudo-labels are scored (the papers' "M": VOC train)
     bench_repeats: int = 3        # `bench`: timed repeats per stage (median reported, after one warm-up)
     max_images: int = 0           # evaluate / measure on at most this many images (0: all)
@@ -276,8 +276,8 @@ class Config:
     num_images: int = 200         # `synth`: number of train images (val gets a quarter)
     image_size: int = 64          # `synth`: image side
     toy_steps: int = 160          # `pretrain-toy`: contrastive steps (~75 s on 2 CPU cores)
-    toy_batch: int = 128
-    toy_lr: float = 2e-3
+    toy_batch: int = 128          # `pretrain-toy`: image-caption pairs per step
+    toy_lr: float = 2e-3          # `pretrain-toy`: peak AdamW lr
 
 
 def parse_config(argv, command: str = "train") -> Config:

@@ -1,0 +1,580 @@
+"""Tests for wsss.py (CPU, tiny models of the real library classes, tiny synthetic images).
+
+Three tiers: (i) unit tests of pure functions against hand-computed values or independent oracles (sklearn,
+scipy, naive loops); (ii) equivalence tests (batched GradCAM vs one pass per class, vectorised vs naive);
+(iii) end-to-end: a planted-signal CLIP through the whole pipeline, and the CLI through subprocesses.
+Run: pytest test_wsss.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub load fails at once instead of retrying DNS
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import wsss
+
+HERE = Path(__file__).resolve().parent
+CPU = torch.device("cpu")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def assert_close(a, b, atol=1e-5, rtol=1e-5, what=""):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    diff = (a - b).abs()
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), f"{what} max diff {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def run_cli(*args, env=None, timeout=300):
+    """python wsss.py ARGS in a subprocess -> CompletedProcess (text)."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, str(HERE / "wsss.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=HERE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures: a synthetic dataset in the VOC layout, a cache folder, tiny frozen models
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    return wsss.make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_images=24, image_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def synth_cfg(synth_root, cache_dir, **kw):
+    base = dict(dataset="synthetic", data_root=str(synth_root), cache_dir=str(cache_dir), tiny=True,
+                num_workers=0)
+    base.update(kw)
+    return wsss.make_config(**base)
+
+
+# ---------------------------------------------------------------------------------------------------
+# (i) config, tables, data
+# ---------------------------------------------------------------------------------------------------
+
+def test_config_presets_and_cli_types():
+    cfg = wsss.parse_config(["--method", "cdclip", "--dataset", "synthetic", "--lr", "1e-3", "--eval-scales", "1,1.5"])
+    assert (cfg.refine, cfg.lambda_b, cfg.lambda_aff, cfg.sbe_gate) == ("cda", 0.6, 0.0, "ge2")  # method preset
+    assert (cfg.crop_size, cfg.superclasses) == (64, 3)  # dataset preset
+    assert cfg.lr == 1e-3 and cfg.eval_scales == (1, 1.5)  # explicit flags win
+    cfg = wsss.parse_config(["--method", "weclip", "--refine", "cda+rfm", "--no-eval-flip"])
+    assert cfg.refine == "cda+rfm" and cfg.eval_flip is False and cfg.eval_scales == (1.0, 0.75)
+    for bad in (["--bogus", "1"], ["--lr", "fast"], ["--batch-size", "2.5"]):
+        with pytest.raises(SystemExit) as e:
+            wsss.parse_config(bad)
+        assert e.value.code == 2
+    for bad, msg in ((dict(method="foo"), "unknown --method"), (dict(dataset="ade"), "unknown --dataset"),
+                     (dict(refine="crf"), "--refine"), (dict(superclasses=6), "--superclasses"),
+                     (dict(cda_tau=0.0), "--cda-tau")):
+        with pytest.raises(wsss.WSSSError, match=msg):
+            wsss.make_config(**bad)
+
+
+def test_every_config_field_has_help_text():
+    missing = [f.name for f in wsss.fields(wsss.Config) if not wsss._FIELD_HELP.get(f.name)]
+    assert not missing, f"fields without a comment: {missing}"
+
+
+def test_dataset_tables():
+    voc, coco = wsss.DATASETS["voc"], wsss.DATASETS["coco"]
+    assert len(voc["classes"]) == 21 and len(voc["prompts"]) == 20 and len(voc["bg_prompts"]) == 25
+    assert len(coco["classes"]) == 81 and len(coco["prompts"]) == 80 and len(coco["bg_prompts"]) == 23
+    assert voc["prompts"][14] == "person with clothes,people,human" and coco["prompts"][31] == "sknowboard"
+    assert len(wsss.DATASETS["synthetic"]["classes"]) == 7
+
+
+@pytest.mark.parametrize("name", list(wsss.DATASETS))
+def test_superclass_tables_partition_the_classes(name):
+    info = wsss.DATASETS[name]
+    for n, table in info["superclasses"].items():
+        assert len(table) == n
+        members = [c for group in table.values() for c in group]
+        assert sorted(members) == sorted(info["classes"][1:]), f"{name} {n}: not a partition"
+
+
+def test_toy_scene_is_deterministic_exact_and_captioned():
+    a = wsss.draw_toy_scene(np.random.default_rng([5, 1]))
+    b = wsss.draw_toy_scene(np.random.default_rng([5, 1]))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[3] == b[3]
+    for seed in range(30):
+        image, mask, present, caption = wsss.draw_toy_scene(np.random.default_rng(seed))
+        assert present == sorted(set(np.unique(mask).tolist()) - {0}) and 1 <= len(present) <= 3
+        for c in range(1, 7):  # the caption names exactly the classes present
+            assert (wsss.SYNTH_CLASSES[c] in caption) == (c in present), caption
+        for c in present:  # the masked pixels carry the class colour (jitter 25 + noise)
+            mean_rgb = image[mask == c].mean(0)
+            assert np.abs(mean_rgb - np.array(wsss.TOY_RGB[wsss.TOY_SHAPES[c - 1][0]])).max() < 40
+
+
+def test_synthetic_dataset_layout_and_loader(synth_root, cache_dir):
+    assert len((synth_root / "ImageSets/Segmentation/train.txt").read_text().split()) == 24
+    assert len((synth_root / "ImageSets/Segmentation/val.txt").read_text().split()) == 6
+    cfg = synth_cfg(synth_root, cache_dir)
+    train = wsss.SegDataset(cfg, "train", train=True)
+    item = train[3]
+    assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (64, 64)
+    mask = np.asarray(Image.open(synth_root / "SegmentationClass" / f"{item['name']}.png"))
+    expected = sorted(set(np.unique(mask).tolist()) - {0, 255})  # image-level labels from the full mask
+    assert torch.nonzero(item["label"])[:, 0].add(1).tolist() == expected
+    # augmentation is a pure function of (seed, epoch, index): equal for equal keys, different across epochs
+    assert torch.equal(train[3]["image"], item["image"]) and not torch.equal(train[3 + len(train)]["image"],
+                                                                             item["image"])
+    val = wsss.SegDataset(cfg, "val", train=False)
+    assert val[0]["image"].shape == (3, 64, 64)
+
+
+def test_augment_pads_small_images_and_keeps_pixels():
+    cfg = wsss.make_config(dataset="voc", crop_size=32, scale_min=1.0, scale_max=1.0)
+    rgb = np.full((10, 12, 3), 200, np.uint8)
+    mask = np.full((10, 12), 3, np.uint8)
+    crop, crop_mask = wsss.augment(rgb, mask, cfg, np.random.default_rng(0))
+    assert crop.shape == (32, 32, 3) and crop_mask.shape == (32, 32)
+    assert (crop_mask == 3).sum() == 120 and (crop_mask == 255).sum() == 32 * 32 - 120  # padding is ignore
+    assert ((crop == 200).all(-1) == (crop_mask == 3)).all() and (crop[crop_mask == 255] == 0).all()
+
+
+def test_epoch_sampler_resumes_exactly_and_shards():
+    full = wsss.EpochSampler(10, 2, seed=3)
+    seq = [b for _, b in zip(range(12), iter(full))]
+    resumed = wsss.EpochSampler(10, 2, seed=3, start_step=7)
+    assert [b for _, b in zip(range(5), iter(resumed))] == seq[7:12]
+    r0, r1 = wsss.EpochSampler(10, 2, 3, rank=0, world=2), wsss.EpochSampler(10, 2, 3, rank=1, world=2)
+    b0, b1 = next(iter(r0)), next(iter(r1))
+    assert not set(b0) & set(b1)
+    with pytest.raises(wsss.WSSSError, match="fewer than one batch"):
+        wsss.EpochSampler(3, 4, 0)
+
+
+def _write_voc(root, images, masks, split="train"):
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets/Segmentation").mkdir(parents=True, exist_ok=True)
+    for name, im in images.items():
+        if im is not None:
+            im.save(root / "JPEGImages" / f"{name}.jpg") if not isinstance(im, bytes) else \
+                (root / "JPEGImages" / f"{name}.jpg").write_bytes(im)
+    for name, m in masks.items():
+        Image.fromarray(m.astype(np.uint8), mode="L").save(root / "SegmentationClassAug" / f"{name}.png")
+    (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(images) + "\n")
+
+
+def test_loader_converts_image_modes(tmp_path, cache_dir):
+    mask = np.zeros((20, 24), np.uint8)
+    mask[5:10, 5:10] = 15
+    modes = {"gray": Image.new("L", (24, 20), 90), "rgba": Image.new("RGBA", (24, 20), (10, 20, 30, 0)),
+             "cmyk": Image.new("CMYK", (24, 20), (0, 255, 255, 0)),
+             "sixteen": Image.fromarray(np.full((20, 24), 40000, np.uint16))}  # 16-bit grayscale
+    _write_voc(tmp_path, {k: None for k in modes}, {k: mask for k in modes})
+    for name, im in modes.items():  # PNG/TIFF bytes under a .jpg name: PIL reads by content
+        im.save(tmp_path / "JPEGImages" / f"{name}.jpg", format="TIFF" if name == "cmyk" else "PNG")
+    for name, expect in (("gray", (90, 90, 90)), ("rgba", (10, 20, 30)), ("cmyk", (255, 0, 0)),
+                         ("sixteen", (155, 155, 155))):
+        rgb = wsss.load_rgb(tmp_path / "JPEGImages" / f"{name}.jpg")
+        assert rgb.shape == (20, 24, 3) and rgb.dtype == np.uint8
+        assert np.abs(rgb.reshape(-1, 3).mean(0) - np.array(expect)).max() < 3, name
+    cfg = wsss.make_config(dataset="voc", data_root=str(tmp_path), train_split="train", cache_dir=str(cache_dir),
+                           crop_size=32)
+    ds = wsss.SegDataset(cfg, "train", train=True)
+    assert len(ds) == 4 and ds[0]["label"][14] == 1 and ds[0]["image"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("case", ["no_root", "no_list", "missing_image", "corrupt", "bad_mask", "rgb_mask"])
+def test_bad_data_gives_one_clear_error(tmp_path, cache_dir, case):
+    good = Image.new("RGB", (24, 20), (100, 50, 50))
+    mask = np.zeros((20, 24), np.uint8)
+    mask[2:6, 2:6] = 1
+    images, masks = {"a": good}, {"a": mask}
+    if case == "missing_image":
+        images["b"], masks["b"] = None, mask
+    if case == "corrupt":
+        import io
+        buf = io.BytesIO()
+        good.save(buf, format="JPEG")
+        images["a"] = buf.getvalue()[: len(buf.getvalue()) // 2]  # truncated JPEG
+    if case == "bad_mask":
+        masks["a"] = np.where(mask > 0, 30, 0)  # 30 >= 21 classes and not 255
+    _write_voc(tmp_path, images, masks)
+    if case == "rgb_mask":
+        Image.new("RGB", (24, 20)).save(tmp_path / "SegmentationClassAug" / "a.png")
+    if case == "no_list":
+        (tmp_path / "ImageSets/Segmentation/train.txt").unlink()
+    root = tmp_path / "nowhere" if case == "no_root" else tmp_path
+    expected = {"no_root": "data root .* not found: pass --data-root .* --demo", "no_list": "split list for 'train'",
+                "missing_image": "listed in train.txt but missing", "corrupt": "cannot read image .*truncated",
+                "bad_mask": r"values \[30\] >= 21 classes", "rgb_mask": "expected a single-channel"}[case]
+    cfg = wsss.make_config(dataset="voc", data_root=str(root), train_split="train", cache_dir=str(cache_dir / case))
+    with pytest.raises(wsss.WSSSError, match=expected):
+        ds = wsss.SegDataset(cfg, "train", train=True)
+        ds[0]
+
+
+def test_images_without_foreground_are_skipped_with_a_count(tmp_path, cache_dir, capsys):
+    mask = np.zeros((20, 24), np.uint8)
+    fg = mask.copy()
+    fg[3:9, 3:9] = 7
+    _write_voc(tmp_path, {"empty": Image.new("RGB", (24, 20)), "car": Image.new("RGB", (24, 20))},
+               {"empty": mask, "car": fg})
+    cfg = wsss.make_config(dataset="voc", data_root=str(tmp_path), train_split="train", cache_dir=str(cache_dir))
+    ds = wsss.SegDataset(cfg, "train", train=True)
+    assert len(ds) == 1 and "skipped 1 train images with no foreground class" in capsys.readouterr().out
+    assert len(wsss.SegDataset(cfg, "train", train=False)) == 2  # evaluation keeps them
+
+
+# ---------------------------------------------------------------------------------------------------
+# (i) evaluation, losses, schedule
+# ---------------------------------------------------------------------------------------------------
+
+def test_confusion_matrix_and_miou_against_sklearn():
+    from sklearn.metrics import confusion_matrix as sk_conf
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randint(0, 5, (40, 30), generator=g)
+    gt[torch.rand(40, 30, generator=g) < 0.1] = 255
+    pred = torch.where(torch.rand(40, 30, generator=g) < 0.6, gt.clamp(max=4), torch.randint(0, 5, (40, 30), generator=g))
+    conf = wsss.confusion_matrix(pred, gt, 5)
+    valid = gt != 255
+    assert np.array_equal(conf.numpy(), sk_conf(gt[valid].numpy(), pred[valid].numpy(), labels=range(5)))
+    m = wsss.miou(conf)
+    c = conf.double().numpy()
+    iou = np.diag(c) / (c.sum(0) + c.sum(1) - np.diag(c))
+    assert math.isclose(m["miou"], iou.mean(), rel_tol=1e-12)
+    assert math.isclose(m["pixel_acc"], np.trace(c) / c.sum(), rel_tol=1e-12)
+
+
+def test_miou_hand_computed_and_absent_classes_excluded():
+    conf = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 2, 0]])  # class 2 present but never predicted
+    m = wsss.miou(conf)
+    assert m["iou"] == pytest.approx([3 / 4, 2 / 5, 0.0]) and m["miou"] == pytest.approx((0.75 + 0.4) / 3)
+    conf = torch.tensor([[4, 0, 1], [0, 2, 0], [0, 0, 0]])  # class 2 predicted but absent from the GT
+    assert wsss.miou(conf)["miou"] == pytest.approx((4 / 5 + 1) / 2) and math.isnan(wsss.miou(conf)["iou"][2])
+    assert wsss.miou(conf)["fp_tp"] == pytest.approx((0 / 4 + 0 / 2) / 2)
+
+
+def test_balanced_ce():
+    labels = torch.tensor([[[0, 0, 3], [3, 255, 1]]])
+    assert wsss.balanced_ce_loss(torch.zeros(1, 7, 2, 3), labels).item() == pytest.approx(math.log(7))
+    logits = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(1))
+    ce = F.cross_entropy(logits, labels.clamp(max=3), reduction="none")[0]
+    bg, fg = ce[labels[0] == 0].mean(), ce[(labels[0] != 0) & (labels[0] != 255)].mean()
+    assert wsss.balanced_ce_loss(logits, labels).item() == pytest.approx(0.5 * bg.item() + 0.5 * fg.item())
+    only_bg = torch.zeros(1, 2, 3, dtype=torch.long)  # upstream gives NaN here
+    loss = wsss.balanced_ce_loss(logits, only_bg)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(F.cross_entropy(logits, only_bg).item())
+    assert wsss.balanced_ce_loss(logits, torch.full((1, 2, 3), 255)).item() == 0.0
+    up = wsss.balanced_ce_loss(torch.zeros(1, 5, 2, 2), torch.ones(1, 8, 8, dtype=torch.long))  # upsampled
+    assert up.item() == pytest.approx(math.log(5))
+
+
+def test_affinity_labels_radius_and_loss():
+    assert int(wsss.radius_mask(20, 20, 8, CPU).sum()) == 71824  # WeCLIP's 20x20 grid, radius 8
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[:, :16, :16] = 3
+    aff = wsss.affinity_labels(labels, (2, 2), radius=8)
+    assert aff.tolist() == [[[1, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]]]
+    aff = wsss.affinity_labels(labels, (4, 4), radius=1)  # far pairs ignored
+    assert aff[0, 0, 15] == 255 and aff[0, 0, 2] == 255 and aff[0, 0, 5] == 1 and aff[0, 1, 2] == 0
+    pred = torch.tensor([[[0.9, 0.2], [0.4, 0.7]]])
+    target = torch.tensor([[[1, 0], [255, 1]]])
+    expect = 0.5 * (0.1 + 0.3) / (2 + 1) + 0.5 * 0.2 / (1 + 1)
+    assert wsss.affinity_loss(pred, target).item() == pytest.approx(expect)
+
+
+def test_lr_schedule():
+    cfg = wsss.make_config(lr=2e-3, warmup_steps=50, warmup_ratio=1e-6, max_steps=1000, poly_power=1.0)
+    assert wsss.lr_at(0, cfg) == pytest.approx(2e-3 * 1e-6)
+    assert wsss.lr_at(25, cfg) == pytest.approx(2e-3 * (1 - 0.5 * (1 - 1e-6)))
+    assert wsss.lr_at(50, cfg) == pytest.approx(2e-3 * 0.95)
+    assert wsss.lr_at(500, cfg) == pytest.approx(1e-3)
+    assert wsss.lr_at(999, cfg) == pytest.approx(2e-6)
+
+
+def test_decoder_parameter_count_matches_upstream():
+    wsss._torch_classes()
+    for classes, expected in ((21, 5985045), (81, 6000465)):  # WeCLIP §6: VOC and COCO with ViT-B/16
+        dec = wsss.SegDecoder(768, 11, classes)
+        assert sum(p.numel() for p in dec.parameters()) == expected
+    dec = wsss.SegDecoder(16, 2, 5, dim=8, layers=1, heads=2, mlp=16).eval()
+    feats = [torch.randn(2, 12, 16) for _ in range(2)]
+    logits, S = dec(feats, (3, 4))
+    assert logits.shape == (2, 5, 3, 4) and S.shape == (2, 12, 12)
+    assert torch.allclose(S, S.transpose(1, 2)) and ((S > 0) & (S < 1)).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# (i)/(ii) refinements against naive loops
+# ---------------------------------------------------------------------------------------------------
+
+def naive_transition(attn, power=2):
+    t = attn.astype(np.float64).copy()
+    n = t.shape[0]
+    for _ in range(3):
+        for j in range(n):
+            t[:, j] /= t[:, j].sum()
+        for i in range(n):
+            t[i, :] /= t[i, :].sum()
+    t = (t + t.T) / 2
+    return np.linalg.matrix_power(t, power)
+
+
+def test_transition_matrix_against_naive_loop_and_invariants():
+    attn = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    T = wsss.transition_matrix(attn)
+    assert_close(T[1, 2], naive_transition(attn[1, 2].numpy()), atol=1e-6, what="transition")
+    sym = wsss.sinkhorn_symmetrize(attn)
+    assert_close(sym, sym.transpose(-1, -2), what="symmetry")
+    assert_close(sym.sum(-1), torch.ones(2, 3, 12), atol=2e-3, what="rows (near-stochastic after 3 rounds)")
+    assert_close(sym.sum(-2), torch.ones(2, 3, 12), atol=2e-3, what="columns")
+    assert_close(T, sym @ sym, what="square")
+
+
+def naive_boxes(cam, threshold, exclusive_edge=False):
+    """Independent oracle: BFS 8-connected components on the thresholded uint8 map, union of their boxes."""
+    h, w = cam.shape
+    s = (cam * 255).astype(np.uint8)
+    on = s > int(threshold * s.max())
+    seen, out = np.zeros_like(on), np.zeros_like(on)
+    for y in range(h):
+        for x in range(w):
+            if on[y, x] and not seen[y, x]:
+                stack, ys, xs = [(y, x)], [], []
+                seen[y, x] = True
+                while stack:
+                    cy, cx = stack.pop()
+                    ys.append(cy), xs.append(cx)
+                    for dy in (-1, 0, 1):
+                        for dx in (-1, 0, 1):
+                            ny, nx = cy + dy, cx + dx
+                            if 0 <= ny < h and 0 <= nx < w and on[ny, nx] and not seen[ny, nx]:
+                                seen[ny, nx] = True
+                                stack.append((ny, nx))
+                y1, x1 = max(ys), max(xs)
+                if exclusive_edge:  # upstream: x1 = min(x + w, W - 1), exclusive
+                    y1, x1 = min(y1 + 1, h - 1) - 1, min(x1 + 1, w - 1) - 1
+                out[min(ys):y1 + 1, min(xs):x1 + 1] = True
+    return out
+
+
+def test_box_mask_planted_blocks_and_naive_oracle():
+    cam = torch.zeros(10, 12)
+    cam[1:3, 1:4] = 1.0  # block A
+    cam[6:9, 7:12] = 0.8  # block B touching the right edge
+    cam[4, 4] = 0.3  # below threshold 0.4 * 254
+    box = wsss.box_mask(cam, 0.4)
+    expected = torch.zeros(10, 12, dtype=torch.bool)
+    expected[1:3, 1:4] = expected[6:9, 7:12] = True
+    assert torch.equal(box, expected)
+    quirk = wsss.box_mask(cam, 0.4, exclusive_edge=True)  # upstream: last column never boxed
+    assert not quirk[:, -1].any() and quirk[6:9, 7:11].all()
+    lshape = torch.zeros(6, 6)
+    lshape[1:5, 1] = lshape[4, 1:5] = 1  # an L: its box is the 4x4 square
+    assert int(wsss.box_mask(lshape, 0.4).sum()) == 16
+    assert not wsss.box_mask(torch.zeros(5, 5), 0.4).any()  # no contour -> empty mask
+    g = torch.Generator().manual_seed(2)
+    cams = F.avg_pool2d(torch.rand(6, 1, 16, 16, generator=g), 3, 1, 1)[:, 0]
+    cams = wsss.minmax(cams)
+    batched = wsss.box_mask(cams, 0.6)
+    for i in range(6):
+        assert np.array_equal(batched[i].numpy(), naive_boxes(cams[i].numpy(), 0.6)), i
+        assert np.array_equal(wsss.box_mask(cams[i], 0.6, True).numpy(), naive_boxes(cams[i].numpy(), 0.6, True))
+
+
+def naive_par(image, masks, dilations, iters, w1=0.3, w2=0.01):
+    """Per-pixel loop over the PAR formula (replicate padding = clamped coordinates)."""
+    _, C, H, W = image.shape
+    img, m = image[0].double().numpy(), masks[0].double().numpy()
+    offs = [(dy * d, dx * d) for d in dilations for dy, dx in wsss.PAR_OFFSETS]
+    rho = np.array([math.hypot(*o) for o in offs])
+    pi = np.exp(-(rho / (rho.std(ddof=1) + 1e-8) / w1) ** 2)
+    pi /= pi.sum()
+    aff = np.zeros((len(offs), H, W))
+    for y in range(H):
+        for x in range(W):
+            nb = np.array([img[:, min(max(y + dy, 0), H - 1), min(max(x + dx, 0), W - 1)] for dy, dx in offs])
+            sigma = nb.std(0, ddof=1)
+            kappa = -(((np.abs(nb - img[:, y, x]) / (sigma + 1e-8) / w1) ** 2).mean(1))
+            e = np.exp(kappa - kappa.max())
+            aff[:, y, x] = e / e.sum() + w2 * pi
+    for _ in range(iters):
+        new = np.zeros_like(m)
+        for k, (dy, dx) in enumerate(offs):
+            ys = np.clip(np.arange(H) + dy, 0, H - 1)
+            xs = np.clip(np.arange(W) + dx, 0, W - 1)
+            new += aff[k] * m[:, ys][:, :, xs]
+        m = new
+    return m
+
+
+def test_par_against_naive_loop_and_constant_image():
+    g = torch.Generator().manual_seed(0)
+    image, masks = torch.rand(1, 3, 7, 9, generator=g), torch.rand(1, 3, 7, 9, generator=g)
+    out = wsss.par_refine(image, masks, dilations=(1, 2, 3), iters=3)
+    assert_close(out[0], naive_par(image, masks, (1, 2, 3), 3), atol=1e-5, what="PAR")
+    # constant image: equal image weights; a constant mask is only scaled by (1 + w2)^iters (weights sum 1.01)
+    const = wsss.par_refine(torch.full((1, 3, 16, 16), 0.5), torch.full((1, 2, 16, 16), 0.25))
+    assert_close(const, torch.full((1, 2, 16, 16), 0.25 * 1.01 ** 20), atol=1e-6, what="constant")
+    # the positional term's std over the 48 default neighbours (spec: 9.900304833954)
+    offs = [(dy * d, dx * d) for d in (1, 2, 4, 8, 12, 24) for dy, dx in wsss.PAR_OFFSETS]
+    assert torch.tensor([math.hypot(*o) for o in offs]).double().std().item() == pytest.approx(9.900304833954)
+    # an image edge stops propagation: the left half's label does not leak across a colour step
+    step_img = torch.zeros(1, 3, 12, 12)
+    step_img[..., 6:] = 1.0
+    seed = torch.zeros(1, 2, 12, 12)
+    seed[0, 0, :, :6], seed[0, 1, :, 6:] = 1.0, 1.0
+    seed[0, 0, :, 5:7] = seed[0, 1, :, 5:7] = 0.5  # ambiguous band at the edge
+    lab = wsss.par_refine(step_img, seed).argmax(1)[0]
+    assert (lab[:, :6] == 0).all() and (lab[:, 6:] == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# (i) CD-CLIP: JS divergence, CDA, CAP, Dice, gate
+# ---------------------------------------------------------------------------------------------------
+
+def test_js_divergence_against_scipy_and_bounds():
+    from scipy.spatial.distance import jensenshannon
+    p = torch.rand(2, 30, 25, generator=torch.Generator().manual_seed(0)).pow(3).softmax(-1)
+    D = wsss.js_divergence_matrix(p)
+    oracle = np.array([[jensenshannon(p[1, i], p[1, j]) ** 2 for j in range(30)] for i in range(30)])
+    assert_close(D[1], oracle, atol=1e-6, what="JS vs scipy")
+    assert_close(D, D.transpose(-1, -2), atol=1e-7, what="symmetry")
+    assert D.diagonal(dim1=-2, dim2=-1).abs().max() < 1e-6 and D.min() >= 0 and D.max() <= math.log(2) + 1e-6
+    onehots = torch.eye(4)[None]
+    assert_close(wsss.js_divergence_matrix(onehots)[0], math.log(2) * (1 - torch.eye(4)), atol=1e-6, what="disjoint")
+    chunked = wsss.js_divergence_matrix(p, max_elems=500)  # row chunks give the same matrix
+    assert_close(chunked, D, atol=1e-7, what="chunked")
+
+
+def test_cda_affinity_properties():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(1, 20, 8, generator=g).softmax(-1)
+    a_init = wsss.sinkhorn_symmetrize(torch.rand(1, 20, 20, generator=g).softmax(-1))
+    a_init = a_init / a_init.sum(-1, keepdim=True)  # exactly row-stochastic
+    tau = 0.01
+    D = wsss.js_divergence_matrix(probs)
+    assert_close(((1 - D) / tau).softmax(-1), (-D / tau).softmax(-1), atol=1e-6, what="shift invariance")
+    A_d = wsss.cda_affinity(probs, a_init, tau)
+    assert_close(A_d.sum(-1), torch.ones(1, 20), atol=1e-5, what="A_d rows")
+    assert_close(torch.linalg.matrix_power(A_d, 3).sum(-1), torch.ones(1, 20), atol=1e-5, what="A_d^3 rows")
+    assert_close(wsss.cda_affinity(probs, a_init, 1e-9), a_init, atol=1e-5, what="tau -> 0 gives A_init")
+    cam = torch.rand(1, 4, 5, generator=g)
+    assert_close(wsss.refine_cams(cam, torch.tensor([0]), torch.linalg.matrix_power(A_d, 0)), cam, what="t = 0")
+    const = torch.full((1, 4, 5), 0.7)
+    assert_close(wsss.refine_cams(const, torch.tensor([0]), torch.linalg.matrix_power(A_d, 2)), const, atol=1e-5,
+                 what="constant CAM")
+    P = wsss.class_distributions(F.normalize(torch.randn(2, 20, 6, generator=g), dim=-1),
+                                 F.normalize(torch.randn(8, 6, generator=g), dim=-1))
+    assert P.shape == (2, 20, 8) and torch.allclose(P.sum(-1), torch.ones(2, 20))
+
+
+def test_cap_prototype_cams():
+    g = torch.Generator().manual_seed(0)
+    feat = F.normalize(torch.randn(1, 6, 4, 5, generator=g), dim=1)
+    cam = torch.zeros(1, 4, 5)
+    cam[0, 2, 3] = 1.0  # one location
+    proto = wsss.cap_prototype_cams(cam, torch.tensor([0]), feat, theta=0.5)
+    expected = torch.relu(torch.einsum("d,dhw->hw", feat[0, :, 2, 3], feat[0]))
+    assert_close(proto[0], expected, atol=1e-5, what="one-location CAP = that token's feature")
+    assert proto[0, 2, 3] == pytest.approx(1.0, abs=1e-5)
+    rnd = wsss.cap_prototype_cams(torch.rand(3, 4, 5, generator=g), torch.tensor([0, 0, 0]), feat, 0.3)
+    assert rnd.min() >= 0 and rnd.max() <= 1 + 1e-6
+
+
+def test_dice_loss_and_gate():
+    target = torch.tensor([[[0, 1, 1], [2, 2, 255]]])
+    onehot = F.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float()
+    present = torch.tensor([[True, True, True]])
+    assert wsss.dice_loss(onehot, target, present).item() == pytest.approx(0.0, abs=1e-6)
+    garbage = onehot.clone()
+    garbage[0, :, 1, 2] = torch.tensor([0.0, 0.0, 1.0]).flip(0)  # change the prediction at the ignore pixel only
+    assert wsss.dice_loss(garbage, target, present).item() == pytest.approx(0.0, abs=1e-6)
+    probs = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)).softmax(1)
+    t = torch.randint(0, 3, (4, 5, 5), generator=torch.Generator().manual_seed(1))
+    d = wsss.dice_loss(probs, t, torch.ones(4, 3, dtype=torch.bool))
+    assert (d >= 0).all() and (d <= 1).all() and d.min() > 0
+    wrong = 1 - onehot  # mass only on wrong channels -> Dice 0 -> loss 1 (up to the ignore pixel)
+    assert wsss.dice_loss(wrong / wrong.sum(1, keepdim=True), target, present).item() == pytest.approx(1.0, abs=1e-6)
+    cp = torch.tensor([[False, True, False], [False, True, True], [False, False, False]])
+    assert wsss.sbe_gate(cp, "ge2").tolist() == [False, True, False]
+    assert wsss.sbe_gate(cp, "eq1").tolist() == [True, False, False]
+    assert wsss.sbe_gate(cp, "all").all() and not wsss.sbe_gate(cp, "off").any()
+
+
+def test_predicted_superclasses_and_boundary_loss_gate(synth_root, cache_dir):
+    super_of = torch.tensor([0, 1, 2, 2, 3, 1, 3])  # synthetic table: circle/ring, square/triangle, star/cross
+    logits = torch.full((2, 7, 4, 4), -5.0)
+    logits[:, 0] = 5
+    logits[0, 1, :2, :2] = 10  # image 0 predicts class 1 (super 1) and class 4 (super 3)
+    logits[0, 4, 2:, 2:] = 10
+    logits[1, 3, :, :2] = 10  # image 1 predicts class 3 (super 2) and class 5, which is not in its label
+    logits[1, 5, :, 2:] = 10
+    labels = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.float)
+    cp = wsss.predicted_superclasses(logits, labels, super_of, 3, (8, 8), 0.001)
+    assert cp.tolist() == [[False, True, False, True], [False, False, True, False]]
+    cfg = synth_cfg(synth_root, cache_dir, method="cdclip")
+    frozen = wsss.Frozen(cfg, CPU, need_dino=False)
+    Y_s = torch.zeros(2, 8, 8, dtype=torch.long)
+    loss, n = wsss.boundary_loss(logits, Y_s, labels, frozen, cfg)
+    assert n == 1 and loss.item() > 0  # only image 0 has |C_p| >= 2
+    loss, n = wsss.boundary_loss(logits[1:], Y_s[1:], labels[1:], frozen, cfg)
+    assert n == 0 and loss.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# (ii) GradCAM: one batched pass == one pass per class; shapes through the frozen CLIP
+# ---------------------------------------------------------------------------------------------------
+
+def test_batched_gradcam_equals_per_class_loop(synth_root, cache_dir):
+    cfg = synth_cfg(synth_root, cache_dir, method="cdclip")
+    frozen = wsss.Frozen(cfg, CPU, need_dino=False)
+    images = torch.randn(3, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.float)
+    out = wsss.clip_image_forward(frozen.clip, images)
+    assert out["attn"].shape == (3, 2, 48, 48) and out["grid"] == (8, 6) and len(out["feats"]) == 2
+    assert (out["attn"] > 0).all() and (out["attn"].sum(-1) < 1).all()  # softmax rows minus the CLS column
+    rows = wsss.cam_rows(labels, frozen, with_super=True)
+    # class rows (image, class) in order, then super-class rows; synthetic supers: 1 {1,5}, 2 {2,3}, 3 {4,6}
+    assert list(zip(rows["img"].tolist(), rows["cls"].tolist(), rows["is_super"].tolist())) == [
+        (0, 1, False), (0, 3, False), (0, 6, False), (1, 2, False), (2, 4, False), (2, 5, False),
+        (0, 1, True), (0, 2, True), (0, 3, True), (1, 2, True), (2, 1, True), (2, 3, True)]
+    assert rows["allowed"][0].tolist() == [True, False, True, False, False, True] + [False] * 3 + [True] * 5
+    assert rows["allowed"][7].tolist() == [False] * 6 + [True, True, True] + [True] * 5
+    cams, attn_last, emb = wsss.gradcam(frozen, out, rows)
+    for r in range(len(rows["img"])):  # the per-class loop: one image, one class, one backward
+        sub = {k: v[r:r + 1] for k, v in rows.items()}
+        b = int(sub["img"])
+        single = dict(out, x_last=out["x_last"][b:b + 1])
+        cam_r, attn_r, emb_r = wsss.gradcam(frozen, single, dict(sub, img=torch.tensor([0])))
+        assert_close(cams[r], cam_r[0], atol=1e-5, what=f"row {r}")
+        assert_close(attn_last[b], attn_r[0], atol=1e-6, what="last attention")
+        assert_close(emb[b], emb_r[0], atol=1e-6, what="patch embeddings")
+    assert cams.shape == (len(rows["img"]), 8, 6) and cams.min() >= 0 and cams.max() < 1
+    assert emb.shape == (3, 48, 64) and torch.allclose(emb.norm(dim=-1), torch.ones(3, 48), atol=1e-5)
+
+
+def test_positional_embedding_resize_keeps_the_pretrained_grid():
+    cfg = wsss.make_config(dataset="synthetic", tiny=True)
+    clip, _ = wsss.build_clip(cfg, CPU)
+    pos = clip.visual.positional_embedding
+    assert torch.equal(wsss.resized_pos_embed(clip.visual, 8, 8), pos)  # native grid: unchanged
+    assert wsss.resized_pos_embed(clip.visual, 5, 11).shape == (1 + 55, pos.shape[1])
+
+
+def test_offline_real_checkpoints_fail_with_one_clear_message(capsys):
+    cfg = wsss.make_config(dataset="voc")
+    with pytest.raises(wsss.WSSSError, match=r"ViT-B-16.*'openai'.*--clip-pretrained PATH"):
+        wsss.build_clip(cfg, CPU)
+    with pytest.raises(wsss.WSSSError, match=r"facebook/dinov2-base.*--dino-model PATH"):
+        wsss.build_dino(cfg, CPU)
+    with pytest.raises(wsss.WSSSError, match="CLIP checkpoint not found"):
+        wsss.build_clip(wsss.make_config(tiny=True, clip_pretrained="/nonexistent/toy.pt"), CPU)
