@@ -578,3 +578,254 @@ def test_offline_real_checkpoints_fail_with_one_clear_message(capsys):
         wsss.build_dino(cfg, CPU)
     with pytest.raises(wsss.WSSSError, match="CLIP checkpoint not found"):
         wsss.build_clip(wsss.make_config(tiny=True, clip_pretrained="/nonexistent/toy.pt"), CPU)
+
+
+# ---------------------------------------------------------------------------------------------------
+# (iii) planted signal: a hand-set CLIP of the real open_clip class, through the whole pipeline
+# ---------------------------------------------------------------------------------------------------
+
+def planted_frozen(cfg, patch=4, beta=4.0, gamma=0.5):
+    """A tiny open_clip.CLIP whose weights are set by hand so that each patch's final token points at the text
+    embedding of the class painted there. conv1 + a positional 'bias' compute nearest-colour-centroid scores
+    s_c = <mean colour, mu_c> - |mu_c|^2 / 2 into channels 0..6 (0 = grey background); every block's q = k
+    = beta * those channels (same-class patches attend to each other), v = identity; only the last block
+    writes its attention back (out_proj = gamma * I), so GradCAM's gradient flows through attention as in real
+    CLIP; MLPs are zero; proj maps channel c to axis c. Text embeddings are injected: class c -> axis c,
+    super-class -> the sum of its members' axes, background prompts -> axis 0."""
+    import open_clip
+    D, E, K = 32, 16, 7
+    clip = open_clip.CLIP(embed_dim=E, vision_cfg=dict(image_size=64, layers=3, width=D, head_width=D,
+                                                       patch_size=patch),
+                          text_cfg=dict(context_length=24, vocab_size=49408, width=32, heads=1, layers=1))
+    cols = [(125, 125, 125)] + [wsss.TOY_RGB[c] for c, _ in wsss.TOY_SHAPES]
+    mu = torch.tensor((np.array(cols) - np.array(wsss.IMAGENET_MEAN)) / np.array(wsss.IMAGENET_STD),
+                      dtype=torch.float32)  # (K, 3) centroids in normalised colour space
+    v = clip.visual
+    with torch.no_grad():
+        for p in v.parameters():
+            p.zero_()
+        v.conv1.weight[:K] = mu[:, :, None, None] / patch ** 2
+        v.positional_embedding[1:, :K] = -0.5 * (mu ** 2).sum(1)
+        v.ln_pre.weight.fill_(1)
+        v.ln_post.weight.fill_(1)
+        for i, blk in enumerate(v.transformer.resblocks):
+            blk.ln_1.weight.fill_(1)
+            blk.ln_2.weight.fill_(1)
+            W = blk.attn.in_proj_weight  # (3D, D): q, k, v
+            W[:K, :K], W[D:D + K, :K], W[2 * D:2 * D + K, :K] = beta * torch.eye(K), beta * torch.eye(K), torch.eye(K)
+            if i == len(v.transformer.resblocks) - 1:
+                blk.attn.out_proj.weight[:K, :K] = gamma * torch.eye(K)
+        v.proj[:K, :K] = torch.eye(K)
+    frozen = wsss.Frozen(cfg, CPU)
+    frozen.clip, frozen.patch, frozen.num_blocks = clip.eval().requires_grad_(False), patch, 3
+    C, Ns = frozen.num_fg, frozen.num_super
+    texts = torch.zeros(frozen.texts.shape[0], E)
+    texts[:C, 1:K] = torch.eye(C)
+    for s in range(Ns):
+        texts[C + s, 1 + torch.nonzero(frozen.super_of[1:] == s + 1)[:, 0]] = 1
+    texts[C + Ns:, 0] = 1
+    frozen.texts = F.normalize(texts, dim=-1)
+    frozen.dino = planted_dino(mu, patch) if frozen.dino is not None else None
+    return frozen
+
+
+def planted_dino(mu, patch):
+    """A transformers Dinov2Model set by hand the same way: the patch embedding (with its bias) computes the
+    colour-centroid scores, every layer is switched off by a zero layer-scale, the final LayerNorm
+    normalises: same-class patches get near-identical features, as DINOv2 gives real objects."""
+    from transformers import Dinov2Config, Dinov2Model
+    K = mu.shape[0]
+    dino = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=1, mlp_ratio=1,
+                                    patch_size=patch, image_size=64))
+    with torch.no_grad():
+        for p in dino.parameters():
+            p.zero_()
+        proj = dino.embeddings.patch_embeddings.projection
+        proj.weight[:K] = mu[:, :, None, None] / patch ** 2
+        proj.bias[:K] = -0.5 * (mu ** 2).sum(1)
+        dino.layernorm.weight.fill_(1)
+    return dino.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("method,refine", [("weclip", "none"), ("weclip", "caa"), ("weclip", "rfm"),
+                                           ("cdclip", "cda"), ("cdclip", "cda+rfm")])
+def test_planted_signal_pseudo_labels(synth_root, cache_dir, method, refine):
+    # the planted CLIP's own temperature: with OpenAI's 100 its sharp logits saturate the softmax and the
+    # GradCAM gradients vanish (the real model's cosines are an order of magnitude closer together)
+    cfg = synth_cfg(synth_root, cache_dir, method=method, refine=refine, cam_logit_scale=3.0)
+    frozen = planted_frozen(cfg)
+    res = wsss.evaluate(None, frozen, wsss.SegDataset(cfg, "val", train=False), cfg, CPU, cams=True)
+    assert res["cam"]["miou"] >= 0.8, res["cam"]["miou"]
+    assert res["refined+PAR"]["miou"] >= 0.9, {k: v["miou"] for k, v in res.items()}
+    if method == "cdclip":  # SBE's super-class pseudo-labels on a training batch are well-formed
+        batch = [wsss.SegDataset(cfg, "train", train=True)[i] for i in range(4)]
+        images, labels = torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
+        out = wsss.clip_image_forward(frozen.clip, images)
+        pl = wsss.make_pseudo_labels(frozen, out, images, labels, cfg)
+        assert pl["Y_s"].shape == pl["Y"].shape == (4, 64, 64) and int(pl["Y_s"].max()) <= frozen.num_super
+        for b in range(4):  # Y_s only uses the image's own super-classes
+            allowed = {0} | {int(frozen.super_of[c + 1]) for c in torch.nonzero(labels[b])[:, 0].tolist()}
+            assert set(pl["Y_s"][b].unique().tolist()) <= allowed
+
+
+@pytest.mark.parametrize("method", ["weclip", "cdclip"])
+def test_planted_signal_trains_a_decoder(synth_root, cache_dir, tmp_path, method):
+    # a milder rescale than WeCLIP's (0.5, 2.0): at 64 px, 2x crops cut most objects out, and (as upstream)
+    # every image-level class then still claims its CAM peak inside the crop
+    cfg = synth_cfg(synth_root, cache_dir, method=method, cam_logit_scale=3.0, max_steps=60, batch_size=8,
+                    warmup_steps=5, log_every=30, eval_every=0, save_every=1000, out_dir=str(tmp_path),
+                    rfm_dynamic_after=30, dec_dim=64, dec_mlp=128, dec_heads=4, scale_min=0.8, scale_max=1.25)
+    frozen = planted_frozen(cfg)
+    out = wsss.train(cfg, frozen=frozen)
+    val = out["results"]["decoder"]["miou"]
+    val_set = wsss.SegDataset(cfg, "val", train=False)
+    all_bg = wsss.miou(sum(wsss.confusion_matrix(torch.zeros(64, 64), val_set[i]["mask"], 7) for i in range(6)))
+    assert val >= 0.5 and val >= 3 * all_bg["miou"], (val, all_bg["miou"])  # all-background: ~0.12
+    assert out["last"]["pseudo_miou"] >= 0.7  # training-crop pseudo-labels against the crops' true masks
+    assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "metrics.jsonl").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# (iii) the CLI: subprocess smoke runs (synth, demo train, resume, eval, bench, DDP) and in-process checks
+# ---------------------------------------------------------------------------------------------------
+
+DEMO_FLAGS = ["--demo", "--demo-images", "24", "--toy-steps", "6", "--toy-batch", "32", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(cache_dir, tmp_path_factory):
+    """One short weclip --demo training through the CLI (4 steps, checkpoints at 2 and 4), shared by tests."""
+    out = tmp_path_factory.mktemp("demo_run")
+    r = run_cli("train", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", out,
+                "--max-steps", 4, "--save-every", 2, "--log-every", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_cli_help_and_errors():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "python wsss.py train --method cdclip --demo" in r.stdout
+    r = run_cli("train", "--bogus-flag", "1")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus-flag" in r.stderr
+    r = run_cli("train", "--method", "nope")
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown --method 'nope'; choose one of weclip, cdclip"
+    r = run_cli("fly")
+    assert r.returncode == 2 and "unknown command 'fly'" in r.stderr
+
+
+def test_cli_synth(tmp_path):
+    r = run_cli("synth", "--data-root", tmp_path / "s", "--num-images", 8, "--seed", 3)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "s" / "JPEGImages").glob("*.jpg"))) == 10  # 8 train + 2 val
+    assert (tmp_path / "s" / "ImageSets/Segmentation/val.txt").read_text().split() == ["synth_00008", "synth_00009"]
+
+
+def test_cli_demo_trains_logs_and_checkpoints(demo_run):
+    out, r = demo_run
+    assert "demo: pre-training the toy CLIP" in r.stdout and "toy CLIP: zero-shot mAP" in r.stdout
+    for col in ("cam", "refined", "refined+PAR", "decoder", "random CLIP", "all-bg"):
+        assert col in r.stdout
+    assert "mIoU" in r.stdout and "overlays" in r.stdout
+    logged = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in logged)
+    assert (out / "ckpt.pt").is_file() and (out / "ckpt-000002.pt").is_file()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and not any(k.startswith("module.") for k in ckpt["decoder"])
+    assert set(ckpt) >= {"decoder", "optimizer", "scaler", "step", "config", "rng"}
+    assert len(list((out / "vis").glob("*.png"))) == 6
+
+
+def test_cli_resume_continues_exactly(demo_run, cache_dir, tmp_path):
+    out, _ = demo_run
+    r = run_cli("train", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path,
+                "--max-steps", 4, "--save-every", 2, "--log-every", 1, "--resume", out / "ckpt-000002.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 2" in r.stdout
+    first = {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m}
+    again = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl") if "loss" in m}
+    assert sorted(again) == [3, 4] and again[3] == first[3] and again[4] == first[4]
+    r = run_cli("train", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path,
+                "--max-steps", 4, "--refine", "none", "--resume", out / "ckpt.pt")
+    assert r.returncode == 2 and "trained with another config: refine='rfm' (now 'none')" in r.stderr
+    assert r.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_cli_eval_checkpoint(demo_run, cache_dir, tmp_path):
+    out, _ = demo_run
+    r = run_cli("eval", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", out / "ckpt.pt",
+                "--save-vis", tmp_path / "vis", "--num-vis", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(step 4)" in r.stdout and "mIoU" in r.stdout and len(list((tmp_path / "vis").glob("*.png"))) == 2
+    r = run_cli("eval", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", tmp_path / "no.pt")
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_cli_bench_tiny():
+    r = run_cli("bench", "--method", "cdclip", "--tiny", "--dataset", "synthetic", "--batch-size", 2,
+                "--bench-repeats", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("frozen forward (CLIP + DINOv2)", "GradCAM", "of which CDA", "PAR", "SBE", "whole training step",
+                  "ratio: training step / frozen forward"):
+        assert stage in r.stdout, stage
+
+
+def test_ddp_two_processes_end_identical(synth_root, cache_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "wsss.py"),
+           "train", "--method", "cdclip", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny",
+           "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path), "--max-steps", "2", "--batch-size", "2",
+           "--num-workers", "0", "--log-every", "1", "--max-images", "4", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world 2" in r.stdout and "DDP: decoder parameters across 2 ranks differ by at most 0" in r.stdout
+    assert r.stdout.count("step 00002/2") == 1  # rank 0 logs
+
+
+@pytest.mark.parametrize("refine", wsss.REFINE_MODES)
+def test_every_refine_mode_trains_a_step(synth_root, cache_dir, tmp_path, refine, capsys):
+    args = ["train", "--method", "cdclip", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny",
+            "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path), "--max-steps", "1", "--batch-size", "2",
+            "--num-workers", "0", "--log-every", "1", "--max-images", "2", "--refine", refine,
+            "--rfm-dynamic-after", "0"]
+    assert wsss.main(args) == 0
+    assert "step 00001/1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gate", ["ge2", "eq1", "all", "off"])
+def test_every_sbe_gate_trains_a_step(synth_root, cache_dir, tmp_path, gate, capsys):
+    args = ["train", "--method", "cdclip", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny",
+            "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path), "--max-steps", "1", "--batch-size", "4",
+            "--num-workers", "0", "--log-every", "1", "--max-images", "2", "--sbe-gate", gate]
+    assert wsss.main(args) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step 00001")][0]
+    assert " b " in line
+
+
+def test_cams_command_and_missing_data_message(synth_root, cache_dir, capsys):
+    args = ["cams", "--method", "cdclip", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny",
+            "--cache-dir", str(cache_dir), "--max-images", "3"]
+    assert wsss.main(args) == 0
+    out = capsys.readouterr().out
+    assert "pseudo-labels of cdclip (refine cda)" in out and "refined+PAR" in out
+    assert wsss.main(["train", "--method", "cdclip", "--data-root", "/nonexistent/VOC2012"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data root '/nonexistent/VOC2012' not found") and "data.md" in err \
+        and "--demo" in err and "\n" not in err
+
+
+def test_toy_clip_pretraining_learns_and_round_trips(cache_dir, tmp_path):
+    cfg = wsss.make_config(dataset="synthetic", toy_steps=30, toy_batch=64, cache_dir=str(cache_dir))
+    path = tmp_path / "toy.pt"
+    res = wsss.pretrain_toy(cfg, path, log=lambda *a: None)
+    assert res["loss_last"] < res["loss_first"] - 0.2, res
+    assert res["map_after"] > res["map_before"] + 0.03, res
+    loaded, _ = wsss.build_clip(wsss.make_config(dataset="synthetic", tiny=True, clip_pretrained=str(path)), CPU)
+    state = torch.load(path, weights_only=True)["model"]
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    x = torch.randn(2, 3, 64, 64)
+    random_clip, _ = wsss.build_clip(wsss.make_config(dataset="synthetic", tiny=True), CPU)
+    assert not torch.allclose(loaded.encode_image(x), random_clip.encode_image(x))

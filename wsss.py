@@ -1617,9 +1617,9 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
     if cfg.demo:
         prepare_demo(cfg)
     ctx, amp_dtype = autocast_ctx(cfg, device)
-    frozen = frozen or Frozen(cfg, device)
-    train_set = SegDataset(cfg, cfg.train_split, train=True)
+    train_set = SegDataset(cfg, cfg.train_split, train=True)  # data errors first: they are the cheap ones
     val_set = SegDataset(cfg, cfg.val_split, train=False)
+    frozen = frozen or Frozen(cfg, device)
     decoder = build_decoder(cfg, frozen).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
@@ -1949,10 +1949,10 @@ def cmd_eval(cfg: Config):
     """Checkpoint -> mIoU table of the decoder on val_split (multi-scale + flip, optional CRF, overlays)."""
     device = get_device(cfg)
     ckpt = load_checkpoint(cfg.ckpt, cfg)
+    dataset = SegDataset(cfg, cfg.val_split, train=False)
     frozen = Frozen(cfg, device, need_dino=False)  # inference is decoder only
     decoder = build_decoder(cfg, frozen).to(device)
     decoder.load_state_dict(ckpt["decoder"])
-    dataset = SegDataset(cfg, cfg.val_split, train=False)
     res = evaluate(decoder, frozen, dataset, cfg, device)
     print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=f"{cfg.ckpt} (step {ckpt['step']}) on "
                         f"{cfg.dataset} {cfg.val_split}, scales {cfg.eval_scales}, flip {cfg.eval_flip}, crf {cfg.crf}"))
@@ -1966,8 +1966,8 @@ def cmd_cams(cfg: Config):
     device = get_device(cfg)
     if cfg.demo:
         prepare_demo(cfg)
-    frozen = Frozen(cfg, device, need_dino=False)
     dataset = SegDataset(cfg, cfg.cam_split, train=False)
+    frozen = Frozen(cfg, device, need_dino=False)
     res = evaluate(None, frozen, dataset, cfg, device, cams=True)
     print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=f"pseudo-labels of {cfg.method} "
                         f"(refine {cfg.refine}) on {cfg.dataset} {cfg.cam_split}"))
