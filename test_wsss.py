@@ -539,7 +539,7 @@ def test_batched_gradcam_equals_per_class_loop(synth_root, cache_dir):
     frozen = wsss.Frozen(cfg, CPU, need_dino=False)
     images = torch.randn(3, 3, 64, 48, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.float)
-    out = wsss.clip_image_forward(frozen.clip, images)
+    out = wsss.clip_image_forward(frozen.clip, images, n_attn=2)
     assert out["attn"].shape == (3, 2, 48, 48) and out["grid"] == (8, 6) and len(out["feats"]) == 2
     assert (out["attn"] > 0).all() and (out["attn"].sum(-1) < 1).all()  # softmax rows minus the CLS column
     rows = wsss.cam_rows(labels, frozen, with_super=True)
@@ -660,7 +660,7 @@ def test_planted_signal_pseudo_labels(synth_root, cache_dir, method, refine):
     if method == "cdclip":  # SBE's super-class pseudo-labels on a training batch are well-formed
         batch = [wsss.SegDataset(cfg, "train", train=True)[i] for i in range(4)]
         images, labels = torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
-        out = wsss.clip_image_forward(frozen.clip, images)
+        out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(cfg, 3))
         pl = wsss.make_pseudo_labels(frozen, out, images, labels, cfg)
         assert pl["Y_s"].shape == pl["Y"].shape == (4, 64, 64) and int(pl["Y_s"].max()) <= frozen.num_super
         for b in range(4):  # Y_s only uses the image's own super-classes
