@@ -694,9 +694,9 @@ DEMO_FLAGS = ["--demo", "--demo-images", "24", "--toy-steps", "6", "--toy-batch"
 
 @pytest.fixture(scope="session")
 def demo_run(cache_dir, tmp_path_factory):
-    """One short weclip --demo training through the CLI (4 steps, checkpoints at 2 and 4), shared by tests."""
+    """One short cdclip --demo training through the CLI (4 steps, checkpoints at 2 and 4), shared by tests."""
     out = tmp_path_factory.mktemp("demo_run")
-    r = run_cli("train", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", out,
+    r = run_cli("train", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", out,
                 "--max-steps", 4, "--save-every", 2, "--log-every", 1)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
@@ -727,11 +727,13 @@ def test_cli_synth(tmp_path):
 def test_cli_demo_trains_logs_and_checkpoints(demo_run):
     out, r = demo_run
     assert "demo: pre-training the toy CLIP" in r.stdout and "toy CLIP: zero-shot mAP" in r.stdout
+    assert "DINOv2 is a tiny random-weight model" in r.stdout and "cdclip (refine cda)" in r.stdout
     for col in ("cam", "refined", "refined+PAR", "decoder", "random CLIP", "all-bg"):
         assert col in r.stdout
     assert "mIoU" in r.stdout and "overlays" in r.stdout
     logged = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in logged] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in logged)
+    assert all({"seg", "b", "gated", "lr", "pseudo_miou"} <= set(m) for m in logged)
     assert (out / "ckpt.pt").is_file() and (out / "ckpt-000002.pt").is_file()
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 4 and not any(k.startswith("module.") for k in ckpt["decoder"])
@@ -741,26 +743,26 @@ def test_cli_demo_trains_logs_and_checkpoints(demo_run):
 
 def test_cli_resume_continues_exactly(demo_run, cache_dir, tmp_path):
     out, _ = demo_run
-    r = run_cli("train", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path,
+    r = run_cli("train", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path,
                 "--max-steps", 4, "--save-every", 2, "--log-every", 1, "--resume", out / "ckpt-000002.pt")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 2" in r.stdout
     first = {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m}
     again = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl") if "loss" in m}
     assert sorted(again) == [3, 4] and again[3] == first[3] and again[4] == first[4]
-    r = run_cli("train", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path,
+    r = run_cli("train", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path,
                 "--max-steps", 4, "--refine", "none", "--resume", out / "ckpt.pt")
-    assert r.returncode == 2 and "trained with another config: refine='rfm' (now 'none')" in r.stderr
+    assert r.returncode == 2 and "trained with another config: refine='cda' (now 'none')" in r.stderr
     assert r.stderr.count("\n") == 1  # one line, no traceback
 
 
 def test_cli_eval_checkpoint(demo_run, cache_dir, tmp_path):
     out, _ = demo_run
-    r = run_cli("eval", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", out / "ckpt.pt",
+    r = run_cli("eval", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", out / "ckpt.pt",
                 "--save-vis", tmp_path / "vis", "--num-vis", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(step 4)" in r.stdout and "mIoU" in r.stdout and len(list((tmp_path / "vis").glob("*.png"))) == 2
-    r = run_cli("eval", "--method", "weclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", tmp_path / "no.pt")
+    r = run_cli("eval", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", tmp_path / "no.pt")
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
 
 
@@ -829,3 +831,14 @@ def test_toy_clip_pretraining_learns_and_round_trips(cache_dir, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     random_clip, _ = wsss.build_clip(wsss.make_config(dataset="synthetic", tiny=True), CPU)
     assert not torch.allclose(loaded.encode_image(x), random_clip.encode_image(x))
+
+
+def test_crf_without_pydensecrf_is_a_clear_error():
+    try:
+        import pydensecrf  # noqa: F401
+        pytest.skip("pydensecrf is installed")
+    except ImportError:
+        pass
+    cfg = wsss.make_config(crf=True)
+    with pytest.raises(wsss.WSSSError, match="--crf needs DenseCRF: pip install pydensecrf2"):
+        wsss.crf_refine(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.5), cfg)

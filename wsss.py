@@ -366,19 +366,14 @@ def validate_config(cfg: Config):
     if cfg.superclasses not in supers:
         raise WSSSError(f"--superclasses {cfg.superclasses} has no table for {cfg.dataset}; "
                         f"choose {'|'.join(map(str, supers))}")
-    for name in ("batch_size", "crop_size", "max_steps", "par_iters", "power", "attn_layers"):
-        if getattr(cfg, name) < (0 if name in ("par_iters", "power") else 1):
-            raise WSSSError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name, low in (("batch_size", 1), ("crop_size", 1), ("max_steps", 1), ("attn_layers", 1),
+                      ("rfm_dynamic_layers", 1), ("par_iters", 0), ("power", 0), ("toy_steps", 1)):
+        if getattr(cfg, name) < low:
+            raise WSSSError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if not (0 < cfg.scale_min <= cfg.scale_max):
         raise WSSSError(f"need 0 < --scale-min <= --scale-max, got {cfg.scale_min}, {cfg.scale_max}")
     if cfg.cda_tau <= 0:
         raise WSSSError(f"--cda-tau must be > 0, got {cfg.cda_tau}")
-
-
-def config_hash(cfg: Config, keys=None) -> str:
-    d = dataclasses.asdict(cfg)
-    d = {k: d[k] for k in (keys or d)}
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 # Fields that define the trained model; `--resume` refuses a checkpoint whose values differ.
@@ -707,7 +702,7 @@ class EpochSampler:
 
 # The toy CLIP (the architecture of --tiny, and of the model `pretrain-toy` trains for --demo): the same
 # open_clip.CLIP class as ViT-B-16, just small.
-TOY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=64, layers=3, width=96, head_width=32, patch_size=8),
+TOY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=64, layers=3, width=96, head_width=32, patch_size=8, pool_type="avg"),
                 text_cfg=dict(context_length=24, vocab_size=49408, width=64, heads=2, layers=2))
 TOY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8, image_size=64)
 
@@ -740,8 +735,12 @@ def build_clip(cfg: Config, device):
             pretrained = None if cfg.clip_pretrained in ("random", "none", "") else cfg.clip_pretrained
             if pretrained and _is_path(pretrained) and not Path(pretrained).is_file():
                 raise WSSSError(f"CLIP checkpoint not found: {pretrained}")
+            # OpenAI's weights were trained with QuickGELU; open_clip only warns on a mismatch, so ask for it
+            tag = open_clip.get_pretrained_cfg(cfg.clip_model, pretrained) if pretrained and not _is_path(pretrained) \
+                else {}
             try:
-                model = open_clip.create_model(cfg.clip_model, pretrained=pretrained)
+                model = open_clip.create_model(cfg.clip_model, pretrained=pretrained,
+                                               force_quick_gelu=bool(tag.get("quick_gelu")))
             except Exception as e:  # open_clip raises RuntimeError offline; unknown names raise others
                 raise WSSSError(f"could not load CLIP {cfg.clip_model!r} weights {cfg.clip_pretrained!r} "
                                 f"({type(e).__name__}; no network or model hub?): pass a local checkpoint with "
@@ -1727,7 +1726,7 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
         results = {k: results[k] for k in ("cam", "refined", "refined+PAR", "decoder")}
         results.update(demo_baselines(cfg, val_set, device))
     names = DATASETS[cfg.dataset]["classes"]
-    print0(format_table(results, names, title=f"{cfg.method} on {cfg.dataset} {cfg.val_split} "
+    print0(format_table(results, names, title=f"{cfg.method} (refine {cfg.refine}) on {cfg.dataset} {cfg.val_split} "
                                               f"({min(len(val_set), cfg.max_images or len(val_set))} images)"))
     if cfg.save_vis:
         print0(f"overlays (image | CAM | pseudo-label | prediction | truth): {cfg.save_vis}/")
