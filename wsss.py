@@ -199,8 +199,8 @@ class Config:
     # --- frozen backbones ---
     clip_model: str = "ViT-B-16"  # open_clip architecture name
     clip_pretrained: str = "openai"  # open_clip tag, a local checkpoint path, or "random"
-    dino_model: str = "facebook/dinov2-base"  # transformers id or local folder (CD-CLIP's DINOv2 ViT-B/14)
-    template: str = "a clean origami {}."  # WeCLIP's single prompt template (code says "clean")
+    dino_model: str = "facebook/dinov2-base"  # transformers id, a local folder, or "random" (CD-CLIP's ViT-B/14)
+    template: str = "a clean origami {}."  # WeCLIP's one prompt template: "clean" in the code, "clear" in the paper [code≠paper]
     # --- data ---
     crop_size: int = 320          # training crop (WeCLIP 320 -> 20x20 tokens)
     scale_min: float = 0.5        # random rescale range (WeCLIP U(0.5, 2.0))
@@ -242,7 +242,7 @@ class Config:
     lambda_aff: float = 0.1       # weight of the affinity loss (WeCLIP 0.1)
     aff_radius: int = 8           # affinity-label window (Chebyshev, token grid)
     # --- optimisation (WeCLIP §8) ---
-    lr: float = 2e-3              # effective decoder lr (official: 2e-4 x 10 group; CD-CLIP's text says 2e-5)
+    lr: float = 2e-3              # effective decoder lr (official config 2e-4 in a x10 group [code≠paper on its face]; CD-CLIP text: 2e-5)
     weight_decay: float = 0.01    # AdamW weight decay
     beta1: float = 0.9            # AdamW beta1
     beta2: float = 0.999          # AdamW beta2
@@ -702,8 +702,10 @@ class EpochSampler:
 
 # The toy CLIP (the architecture of --tiny, and of the model `pretrain-toy` trains for --demo): the same
 # open_clip.CLIP class as ViT-B-16, just small.
-TOY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=64, layers=3, width=96, head_width=32, patch_size=8, pool_type="avg"),
-                text_cfg=dict(context_length=24, vocab_size=49408, width=64, heads=2, layers=2))
+# Its image embedding is the mean of the projected patch tokens (pool_type="avg"), which is exactly the embedding
+# WeCLIP's GradCAM explains, so contrastive pre-training aligns the patch tokens themselves with the texts.
+TOY_CLIP = dict(embed_dim=64, text_cfg=dict(context_length=24, vocab_size=49408, width=64, heads=2, layers=2),
+                vision_cfg=dict(image_size=64, layers=3, width=96, head_width=32, patch_size=8, pool_type="avg"))
 TOY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8, image_size=64)
 
 
@@ -733,6 +735,8 @@ def build_clip(cfg: Config, device):
             tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
         else:
             pretrained = None if cfg.clip_pretrained in ("random", "none", "") else cfg.clip_pretrained
+            if cfg.clip_model not in open_clip.list_models():
+                raise WSSSError(f"unknown --clip-model {cfg.clip_model!r} (open_clip.list_models() has the names)")
             if pretrained and _is_path(pretrained) and not Path(pretrained).is_file():
                 raise WSSSError(f"CLIP checkpoint not found: {pretrained}")
             # OpenAI's weights were trained with QuickGELU; open_clip only warns on a mismatch, so ask for it
@@ -758,6 +762,8 @@ def build_dino(cfg: Config, device):
         torch.manual_seed(cfg.seed + 1)
         if cfg.tiny:
             model = Dinov2Model(Dinov2Config(**TOY_DINO))
+        elif cfg.dino_model == "random":  # the ViT-B/14 architecture of dinov2-base, random weights (bench)
+            model = Dinov2Model(Dinov2Config())
         else:
             try:
                 model = Dinov2Model.from_pretrained(cfg.dino_model)
@@ -924,6 +930,7 @@ def gradcam(frozen: Frozen, out: dict, rows: dict):
         target = prob.gather(1, rows["target"][:, None]).sum()
         (grad,) = torch.autograd.grad(target, a)  # (R, 1+N, D)
     A, G = a.detach()[:, 1:].float(), grad[:, 1:].float()  # (R, N, D): CLS dropped
+    # GradCAM: alpha_ch = mean_n dy/dA_n,ch; cam_n = ReLU(sum_ch alpha_ch A_n,ch)
     cam = torch.relu((A * G.mean(1, keepdim=True)).sum(-1))  # (R, N)
     cam = minmax(minmax(cam.view(-1, h, w)))  # (R, h, w): scale_cam_image per layer, then after the layer mean
     first = first_row_of_image(rows["img"], out["x_last"].shape[0])  # all rows of an image share these
@@ -1024,6 +1031,7 @@ def class_distributions(patch_emb, texts, over: str = "patch"):
     (K, E) L2-normalised. Min-max per text over the patches (`over="patch"`, default [I]) removes each
     prompt's global bias; `over="text"` normalises each patch over the texts. -> (B, N, K), rows sum to 1."""
     s = patch_emb @ texts.T  # (B, N, K) cosine similarities
+    # S_a = Min-max(CosSim(F, T_all)); P = Softmax(S_a) over the C + N texts
     s_a = minmax(s, dims=(1,)) if over == "patch" else minmax(s, dims=(2,))
     return s_a.softmax(-1)
 
@@ -1038,8 +1046,9 @@ def js_divergence_matrix(probs, max_elems: int = 2**24):
     step = max(1, max_elems // max(1, N * K * int(np.prod(p.shape[:-2]))))
     out = []
     for i in range(0, N, step):
-        m = (p[..., i:i + step, None, :] + p[..., None, :, :]) / 2  # (..., n, N, K)
+        m = (p[..., i:i + step, None, :] + p[..., None, :, :]) / 2  # (..., n, N, K): M_ij = (P_i + P_j) / 2
         h_m = -(m * m.clamp_min(1e-12).log()).sum(-1)  # (..., n, N)
+        # D_JS(P_i || P_j) = 1/2 KL(P_i || M_ij) + 1/2 KL(P_j || M_ij) = H(M_ij) - (H(P_i) + H(P_j)) / 2
         out.append(h_m - ent[..., i:i + step, None] / 2 - ent[..., None, :] / 2)
     return torch.cat(out, -2).clamp_min(0)  # tiny negative rounding -> 0
 
@@ -1048,7 +1057,9 @@ def cda_affinity(probs, a_init, tau: float):
     """CD-CLIP Eq. for A_d: S_d = (1 - D_JS) / tau; A_d = Softmax(S_d) . A_init, a row-wise softmax and a
     matrix product [I]. The constant 1 cancels in the softmax: W = softmax(-D_JS / tau).
     probs (..., N, K), a_init (..., N, N) -> A_d (..., N, N), row-stochastic when A_init is."""
+    # S_d = (1 - D_JS(Softmax(S_a) || Softmax(S_a)^T)) / tau; W = Softmax(S_d), row-wise
     W = ((1 - js_divergence_matrix(probs)) / tau).softmax(-1)  # (..., N, N)
+    # A_d = Softmax(S_d) . A_init
     return W @ a_init
 
 
@@ -1070,6 +1081,7 @@ def propagation_matrix(frozen: Frozen, attn_all, patch_emb, cfg: Config, S=None,
         if cfg.cda_bg_texts:
             texts = frozen.texts
         A = cda_affinity(class_distributions(patch_emb, texts, cfg.cda_minmax), A, cfg.cda_tau)
+    # M_re^c = (A_d)^t . M_init^c (CD-CLIP), or WeCLIP's T^2 . (B_c * M^c): the power is taken here once per image
     return torch.linalg.matrix_power(A, cfg.power)
 
 
@@ -1077,6 +1089,7 @@ def refine_cams(cams, img, A, box=None):
     """r_c = A^t (B_c * m_c): propagate each row's CAM with its image's matrix (WeCLIP: box-masked source
     tokens, i.e. columns). cams (R, h, w), img (R,), A (B, N, N), box (R, h, w) bool or None -> (R, h, w)."""
     m = cams.flatten(1) if box is None else (cams * box).flatten(1)  # (R, N)
+    # r_c = A^t . vec(B_c * m_c): each token gathers from the tokens it is affine to
     return torch.bmm(A[img], m[:, :, None])[:, :, 0].view_as(cams)
 
 
@@ -1127,27 +1140,45 @@ def par_refine(image, masks, dilations=(1, 2, 4, 8, 12, 24), iters: int = 20, w1
     return m
 
 
-def cams_to_label(cams, img, cls, images, cfg: Config, use_par: bool = True, size=None):
-    """Pseudo-label assembly (WeCLIP generate_cam_label): min-max each refined CAM, upsample (bilinear) to the
-    image, background = (1 - max_c CAM)^bg_pow, PAR on the image, argmax, channel -> class id. Rows are packed
-    per image into channels; unused channels are -1 and never win. cams (R, h, w), img (R,), cls (R,) ids ->
-    (B, H, W) int64 (no ignore pixels, as upstream)."""
-    B = images.shape[0]
-    H, W = size or images.shape[-2:]
-    up = F.interpolate(minmax(cams)[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]  # (R,H,W)
+def label_scores(cams, img, cls, B: int, size, bg_pow: float):
+    """WeCLIP generate_cam_label up to PAR: min-max each refined CAM, upsample (bilinear) to `size`, and pack
+    the rows of each image into channels after a background channel (1 - max_c CAM)^bg_pow. Unused channels
+    are -1 and never win. cams (R, h, w), img (R,), cls (R,) ids -> scores (B, 1+K, H, W) and the channel ->
+    id table (B, 1+K)."""
+    up = F.interpolate(minmax(cams)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]  # (R, H, W)
     slot = torch.zeros_like(img)
     for b in range(B):  # rank of each row within its image (B is small)
         sel = img == b
         slot[sel] = torch.arange(int(sel.sum()), device=img.device)
     k = int(slot.max()) + 1 if len(slot) else 0
-    score = torch.full((B, 1 + k, H, W), -1.0, device=cams.device)  # (B, 1+K, H, W)
+    score = torch.full((B, 1 + k, *size), -1.0, device=cams.device)  # (B, 1+K, H, W)
     score[img, 1 + slot] = up
-    score[:, 0] = (1 - score[:, 1:].amax(1).clamp_min(0)).pow(cfg.bg_pow) if k else 1.0
-    if use_par:
-        score = par_refine(images, score, cfg.par_dilations, cfg.par_iters, cfg.par_w1, cfg.par_w2)
+    score[:, 0] = (1 - score[:, 1:].amax(1).clamp_min(0)).pow(bg_pow) if k else 1.0
     lut = torch.zeros(B, 1 + k, dtype=torch.long, device=cams.device)
     lut[img, 1 + slot] = cls
-    return lut.gather(1, score.argmax(1).flatten(1)).view(B, H, W)
+    return score, lut
+
+
+def cams_to_labels(groups, images, cfg: Config, use_par: bool = True, size=None):
+    """Pseudo-labels from groups of (cams, img, cls) rows: label_scores, PAR on the image, argmax, channel ->
+    id. PAR's affinity depends on the image only, so all groups (CD-CLIP: the class CAMs and the super-class
+    prototype CAMs) share one PAR call. -> one (B, H, W) int64 map per group (no ignore pixels, as upstream)."""
+    B, size = images.shape[0], tuple(size or images.shape[-2:])
+    scored = [label_scores(cams, img, cls, B, size, cfg.bg_pow) for cams, img, cls in groups]
+    score = torch.cat([sc for sc, _ in scored], 1)  # (B, sum_g (1+K_g), H, W)
+    if use_par:
+        score = par_refine(images, score, cfg.par_dilations, cfg.par_iters, cfg.par_w1, cfg.par_w2)
+    labels, start = [], 0
+    for sc, lut in scored:
+        part = score[:, start:start + sc.shape[1]]
+        labels.append(lut.gather(1, part.argmax(1).flatten(1)).view(B, *size))
+        start += sc.shape[1]
+    return labels
+
+
+def cams_to_label(cams, img, cls, images, cfg: Config, use_par: bool = True, size=None):
+    """cams_to_labels for one group: (R, h, w) CAMs -> (B, H, W) pseudo-labels."""
+    return cams_to_labels([(cams, img, cls)], images, cfg, use_par, size)[0]
 
 
 def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
@@ -1157,7 +1188,9 @@ def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
     m = F.interpolate(cams_s[:, None], size=dino_feat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     m = m * (m >= theta)  # (R, hd, wd)
     feats = dino_feat[img]  # (R, Dd, hd, wd)
+    # f_s^n = CAP(M_s^n * F_d): the mask-weighted average of the DINO tokens, L2-normalised
     proto = F.normalize(torch.einsum("rhw,rdhw->rd", m, feats) / (m.sum((1, 2))[:, None] + 1e-5), dim=-1)
+    # M_p^n = ReLU(CosSim(f_s^n, F_d)); the tokens are unit vectors, so the dot product is the cosine
     return torch.relu(torch.einsum("rd,rdhw->rhw", proto, feats))
 
 
@@ -1175,14 +1208,16 @@ def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S
     c = ~rows["is_super"]
     box = box_mask(cams[c], cfg.box_threshold, cfg.box_exclusive_edge) if cfg.refine.endswith(("caa", "rfm")) else None
     refined = refine_cams(cams[c], rows["img"][c], A, box)
-    result = dict(Y=cams_to_label(refined, rows["img"][c], rows["cls"][c], images, cfg, use_par, size))
-    if keep_cams:
-        result.update(rows=rows, cams=cams, refined=refined)
-    if with_super:
+    groups = [(refined, rows["img"][c], rows["cls"][c])]
+    if with_super:  # SBE: super-class GradCAMs -> CAP prototypes on DINO tokens -> prototype CAMs
         s = rows["is_super"]
         dino_feat = dino_features(frozen.dino, images, cfg.norm)
-        proto = cap_prototype_cams(cams[s], rows["img"][s], dino_feat, cfg.cap_threshold)
-        result["Y_s"] = cams_to_label(proto, rows["img"][s], rows["cls"][s], images, cfg, use_par, size)
+        groups.append((cap_prototype_cams(cams[s], rows["img"][s], dino_feat, cfg.cap_threshold), rows["img"][s],
+                       rows["cls"][s]))
+    labels = cams_to_labels(groups, images, cfg, use_par, size)  # Y and Y_s share one PAR
+    result = dict(Y=labels[0], Y_s=labels[1]) if with_super else dict(Y=labels[0])
+    if keep_cams:
+        result.update(rows=rows, cams=cams, refined=refined)
     return result
 
 
@@ -1272,6 +1307,7 @@ def balanced_ce_loss(logits, labels):
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")  # (B, H, W)
+    # L_seg = 1/2 CE(bg pixels) + 1/2 CE(fg pixels)
     groups = [labels == 0, (labels != 0) & (labels != IGNORE)]
     terms = [ce[g].mean() for g in groups if g.any()]
     return sum(terms) / len(terms) if terms else logits.sum() * 0.0
@@ -1324,6 +1360,7 @@ def dice_loss(probs, target, present):
     onehot = onehot.permute(0, 3, 1, 2).float() * valid  # (B, K, H, W)
     inter = (probs * onehot).sum((2, 3))
     union = (probs * valid).sum((2, 3)) + onehot.sum((2, 3))
+    # D_k = 2 |P_k . Y_k| / (|P_k| + |Y_k|); L_b = 1 - mean_k D_k
     d = 2 * inter / (union + 1e-7)  # (B, K)
     present = present.float()
     return 1 - (d * present).sum(1) / present.sum(1).clamp_min(1)
@@ -1930,12 +1967,15 @@ def bench(cfg: Config) -> dict:
         texts = frozen.texts[: frozen.num_fg + frozen.num_super]
         stages[f"  of which CDA ({out['attn'].shape[-1]} patches x {texts.shape[0]} texts, batch {B})"] = \
             lambda: cda_affinity(class_distributions(patch_emb, texts), attn_all[:, -1], cfg.cda_tau)
-    stages["PAR + label assembly"] = lambda: cams_to_label(refined, rows["img"][c], rows["cls"][c], images, cfg)
+    groups = [(refined, rows["img"][c], rows["cls"][c])]
     if frozen.dino is not None:
         s_rows = rows["is_super"]
-        stages["SBE (DINOv2, CAP, prototype CAMs, Y_s)"] = lambda: cams_to_label(
-            cap_prototype_cams(cams[s_rows], rows["img"][s_rows], dino_features(frozen.dino, images, cfg.norm),
-                               cfg.cap_threshold), rows["img"][s_rows], rows["cls"][s_rows], images, cfg)
+        sbe = lambda: cap_prototype_cams(cams[s_rows], rows["img"][s_rows],  # noqa: E731
+                                         dino_features(frozen.dino, images, cfg.norm), cfg.cap_threshold)
+        stages["SBE (DINOv2 features, CAP, prototype CAMs)"] = sbe
+        groups.append((sbe(), rows["img"][s_rows], rows["cls"][s_rows]))
+    stages[f"PAR + label assembly ({'Y and Y_s' if len(groups) > 1 else 'Y'})"] = \
+        lambda: cams_to_labels(groups, images, cfg)
     stages["decoder forward + backward"] = decoder_fwd_bwd
     stages["whole training step"] = step
     if device.type == "cuda":
