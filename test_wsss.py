@@ -5,6 +5,7 @@ scipy, naive loops); (ii) equivalence tests (batched GradCAM vs one pass per cla
 (iii) end-to-end: a planted-signal CLIP through the whole pipeline, and the CLI through subprocesses.
 Run: pytest test_wsss.py
 """
+import dataclasses
 import json
 import math
 import os
@@ -842,3 +843,66 @@ def test_crf_without_pydensecrf_is_a_clear_error():
     cfg = wsss.make_config(crf=True)
     with pytest.raises(wsss.WSSSError, match="--crf needs DenseCRF: pip install pydensecrf2"):
         wsss.crf_refine(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.5), cfg)
+
+
+def test_rfm_dynamic_layer_selection_hand_computed():
+    cfg = wsss.make_config(attn_layers=3, rfm_dynamic_layers=3)
+    N = 4
+    base = torch.full((N, N), 1.0 / N)
+    attn_all = torch.stack([base * 0.5, base * 1.0, base * 0.9])[None]  # masses 2, 4, 3.6 -> mean 3.2
+    S = torch.full((1, N, N), 0.8)
+    W = wsss.rfm_weights(attn_all, cfg, S, dynamic=True)
+    expected = (base * 1.0 + base * 0.9) / (2 + 1e-5) * 0.8  # blocks with mass >= mean kept, then * S
+    assert_close(W[0], expected, atol=1e-6, what="dynamic RFM")
+    assert_close(wsss.rfm_weights(attn_all, cfg, S, dynamic=False)[0], attn_all[0].mean(0), what="static")
+    cfg = wsss.make_config(attn_layers=2)
+    assert_close(wsss.rfm_weights(attn_all, cfg)[0], attn_all[0, 1:].mean(0), what="last attn_layers blocks")
+
+
+def test_pseudo_label_assembly_single_class_is_a_half_threshold():
+    g = torch.Generator().manual_seed(0)
+    cam = torch.rand(1, 4, 4, generator=g)
+    images = torch.zeros(1, 3, 4, 4)
+    lab = wsss.cams_to_label(cam, torch.tensor([0]), torch.tensor([7]), images, wsss.make_config(), use_par=False)
+    R = wsss.minmax(cam)[0]
+    assert torch.equal(lab[0], torch.where(R > 0.5, 7, 0))  # bg = 1 - R wins iff R < 0.5 (spec §4.6)
+    two = torch.stack([cam[0], 1 - cam[0]])  # two classes, one image: argmax of the min-maxed maps or bg
+    lab = wsss.cams_to_label(two, torch.tensor([0, 0]), torch.tensor([3, 9]), images, wsss.make_config(),
+                             use_par=False)
+    assert set(lab.unique().tolist()) <= {0, 3, 9} and (lab != 0).all()  # max of the two is always >= 0.5
+    # two groups share one PAR call and give what separate calls give
+    a, b = wsss.cams_to_labels([(cam, torch.tensor([0]), torch.tensor([7])), (two, torch.tensor([0, 0]),
+                                torch.tensor([3, 9]))], torch.rand(1, 3, 4, 4, generator=g), wsss.make_config())
+    assert a.shape == b.shape == (1, 4, 4)
+
+
+def test_super_probs_sum_to_one_and_aggregate():
+    logits = torch.randn(2, 7, 3, 3, generator=torch.Generator().manual_seed(0))
+    super_of = torch.tensor([0, 1, 2, 2, 3, 1, 3])
+    P_s = wsss.super_probs(logits, super_of, 3, (6, 6))
+    assert P_s.shape == (2, 4, 6, 6) and torch.allclose(P_s.sum(1), torch.ones(2, 6, 6), atol=1e-6)
+    P = F.interpolate(logits, size=(6, 6), mode="bilinear", align_corners=False).softmax(1)
+    assert_close(P_s[:, 2], P[:, 2] + P[:, 3], atol=1e-6, what="super-class 2 = classes 2 + 3")
+
+
+def test_multiscale_flip_prediction(synth_root, cache_dir):
+    cfg = synth_cfg(synth_root, cache_dir, eval_scales=(1.0,), eval_flip=False, eval_long_side=64)
+    frozen = wsss.Frozen(cfg, CPU, need_dino=False)
+    dec = wsss.build_decoder(cfg, frozen).eval()
+    image = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = wsss.clip_image_forward(frozen.clip, image)
+        ref = F.interpolate(dec(out["feats"], out["grid"])[0], size=(48, 64), mode="bilinear", align_corners=False)
+        assert_close(wsss.predict_logits(dec, frozen, image, cfg), ref, atol=1e-5, what="one scale, no flip")
+        flip_cfg = dataclasses_replace(cfg, eval_flip=True)
+        sym = torch.cat([image[..., :32], image[..., :32].flip(-1)], -1)  # a mirror-symmetric image
+        logits = wsss.predict_logits(dec, frozen, sym, flip_cfg)
+        assert logits.shape == (1, 7, 48, 64)
+        assert_close(logits, logits.flip(-1), atol=1e-5, what="flip-averaged logits of a mirror image are mirrored")
+        msc = dataclasses_replace(cfg, eval_scales=(1.0, 0.75))
+        big = wsss.predict_logits(dec, frozen, torch.randn(1, 3, 100, 80), msc)
+        assert big.shape == (1, 7, 100, 80)  # back at the input size from the long-side-64 grid
+
+
+def dataclasses_replace(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)
