@@ -1740,7 +1740,8 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.1e}")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             ms = 1000 * (time.time() - t0) / (done - start)
-            last.update(pseudo_miou=miou(all_reduce_sum(pl_conf.clone()))["miou"], ms_per_step=ms)
+            last.update(pseudo_miou=miou(all_reduce_sum(pl_conf))["miou"], ms_per_step=ms)  # since the last log line
+            pl_conf.zero_()
             extra = "".join(f" | {k} {last[k]:.3f}" for k in ("aff", "b") if k in last)
             print0(f"step {done:05d}/{cfg.max_steps} | loss {last['loss']:.3f} | seg {last['seg']:.3f}{extra} | "
                    f"pseudo-label mIoU {100 * last['pseudo_miou']:.1f} | lr {lr:.1e} | {ms:.0f} ms")
@@ -1879,8 +1880,9 @@ def prepare_demo(cfg: Config):
             pretrain_toy(cfg, cfg.clip_pretrained)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    print0("demo: CLIP is the toy CLIP pre-trained on the synthetic world; DINOv2 is a tiny random-weight "
-           "model (so SBE's prototypes carry no real boundary knowledge here)")
+    print0("demo: CLIP is the toy CLIP pre-trained on the synthetic world" + (
+        "; DINOv2 is a tiny random-weight model (so SBE's prototypes carry no real boundary knowledge here)"
+        if cfg.lambda_b > 0 else ""))
 
 
 def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
