@@ -13,15 +13,15 @@ Methods (`--method` is the one dial; each preset is a few Config overrides, see 
           supervising a gated Dice loss).
 
 Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
-  python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~2 min on 2 CPU cores
+  python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~1.5 min on 2 CPU cores
   python wsss.py train --method cdclip --data-root /data/VOCdevkit/VOC2012   # real VOC, real checkpoints
   python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
   python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
   python wsss.py synth --data-root /tmp/synth          # write the synthetic dataset in the VOC layout
   python wsss.py pretrain-toy                          # contrastively pre-train the toy CLIP used by --demo
-  python wsss.py bench --method cdclip --clip-pretrained random   # per-stage timings of a training step
+  python wsss.py bench --method cdclip --clip-pretrained random --dino-model random  # timings of a step
   torchrun --nproc_per_node=4 wsss.py train ...        # DDP (nccl on GPU, gloo on CPU)
-  pytest test_wsss.py                                  # the test-suite (CPU, tiny models, ~2 min)
+  pytest test_wsss.py                                  # the test-suite (CPU, tiny models, ~70 s)
 
 Notation used in shape comments: B batch, R rows of a batched GradCAM (one per (image, class) pair),
 K classes incl. background, C foreground classes, T texts, D feature width, E joint embedding width,
@@ -49,7 +49,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -275,7 +275,7 @@ class Config:
     # --- synthetic world / toy CLIP (for --demo) ---
     num_images: int = 200         # `synth`: number of train images (val gets a quarter)
     image_size: int = 64          # `synth`: image side
-    toy_steps: int = 160          # `pretrain-toy`: contrastive steps (~75 s on 2 CPU cores)
+    toy_steps: int = 280          # `pretrain-toy`: contrastive steps (~80 s on 2 CPU cores)
     toy_batch: int = 128          # `pretrain-toy`: image-caption pairs per step
     toy_lr: float = 2e-3          # `pretrain-toy`: peak AdamW lr
 
