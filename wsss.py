@@ -275,7 +275,7 @@ class Config:
     # --- synthetic world / toy CLIP (for --demo) ---
     num_images: int = 200         # `synth`: number of train images (val gets a quarter)
     image_size: int = 64          # `synth`: image side
-    toy_steps: int = 280          # `pretrain-toy`: contrastive steps (~80 s on 2 CPU cores)
+    toy_steps: int = 160          # `pretrain-toy`: contrastive steps (~45 s on 2 CPU cores)
     toy_batch: int = 128          # `pretrain-toy`: image-caption pairs per step
     toy_lr: float = 2e-3          # `pretrain-toy`: peak AdamW lr
 
