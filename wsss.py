@@ -376,9 +376,11 @@ def validate_config(cfg: Config):
         raise WSSSError(f"--cda-tau must be > 0, got {cfg.cda_tau}")
 
 
-# Fields that define the trained model; `--resume` refuses a checkpoint whose values differ.
-MODEL_KEYS = ("method", "dataset", "clip_model", "dec_dim", "dec_layers", "dec_heads", "dec_mlp", "refine",
-              "superclasses", "crop_size", "tiny")
+# Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
+MODEL_KEYS = ("dataset", "clip_model", "tiny", "dec_dim", "dec_layers", "dec_heads", "dec_mlp")
+# ... and the run: `--resume` also refuses these (max_steps may change, to extend a run).
+RESUME_KEYS = MODEL_KEYS + ("method", "refine", "superclasses", "crop_size", "batch_size", "seed", "lr",
+                            "lambda_aff", "lambda_b", "sbe_gate")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1621,8 +1623,8 @@ def save_checkpoint(path, decoder, optimizer, scaler, step: int, cfg: Config, be
                      best_miou=best, rng=rng_state(), version=1), path)
 
 
-def load_checkpoint(path, cfg: Config) -> dict:
-    """Load a checkpoint and refuse one trained with a different model definition (MODEL_KEYS)."""
+def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
+    """Load a checkpoint and refuse one whose config differs in `keys` (MODEL_KEYS or RESUME_KEYS)."""
     if not Path(path).is_file():
         raise WSSSError(f"checkpoint not found: {path}")
     try:
@@ -1632,7 +1634,7 @@ def load_checkpoint(path, cfg: Config) -> dict:
     if not isinstance(ckpt, dict) or "decoder" not in ckpt:
         raise WSSSError(f"{path} is not a wsss.py checkpoint")
     saved = ckpt.get("config", {})
-    diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)]
+    diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise WSSSError(f"checkpoint {path} was trained with another config: {', '.join(diff)}")
     return ckpt
@@ -1686,7 +1688,7 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     start, best = 0, float("nan")
     if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume, cfg)
+        ckpt = load_checkpoint(cfg.resume, cfg, RESUME_KEYS)
         decoder.load_state_dict(ckpt["decoder"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt.get("scaler"):
