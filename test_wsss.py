@@ -906,3 +906,20 @@ def test_multiscale_flip_prediction(synth_root, cache_dir):
 
 def dataclasses_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
+
+
+def test_errors_inside_dataloader_workers_and_devices_are_one_line(synth_root, cache_dir, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    jpg = root / "JPEGImages" / "synth_00003.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:3000])  # truncated: found only when a worker decodes it
+    args = ["train", "--dataset", "synthetic", "--data-root", str(root), "--tiny", "--max-steps", "8",
+            "--batch-size", "4", "--num-workers", "1", "--cache-dir", str(tmp_path / "c"), "--out-dir",
+            str(tmp_path / "o")]
+    assert wsss.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read image") and "synth_00003.jpg" in err and "\n" not in err
+    if not torch.cuda.is_available():
+        assert wsss.main(["train", "--demo", "--device", "cuda", "--cache-dir", str(tmp_path / "c")]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err

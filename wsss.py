@@ -396,7 +396,13 @@ def seed_everything(seed: int):
 def get_device(cfg: Config):
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise WSSSError(f"--device {cfg.device!r} is not a device (auto | cpu | cuda | cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WSSSError(f"--device {cfg.device} asked for, but torch sees no CUDA device here; use --device cpu")
+    return device
 
 
 def autocast_ctx(cfg: Config, device):
@@ -1707,8 +1713,9 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
         atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str), out_dir / "config.json")
     n_params = sum(p.numel() for p in decoder.parameters())
     print0(f"config: {json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()}, default=str)}")
+    weights = cfg.clip_pretrained if not cfg.tiny or _is_path(cfg.clip_pretrained) else "random"
     print0(f"device {device} | amp {amp_dtype} | world {world} | train {len(train_set)} | val {len(val_set)} | "
-           f"CLIP {cfg.clip_model if not cfg.tiny else 'toy'} ({cfg.clip_pretrained}) blocks {frozen.num_blocks} | "
+           f"CLIP {cfg.clip_model if not cfg.tiny else 'toy'} ({weights}) blocks {frozen.num_blocks} | "
            f"DINOv2 {'on' if frozen.dino is not None else 'off'} | trainable params {n_params:,}")
     metrics_path = out_dir / "metrics.jsonl"
     pl_conf = torch.zeros(len(DATASETS[cfg.dataset]["classes"]), len(DATASETS[cfg.dataset]["classes"]),
