@@ -633,10 +633,13 @@ def planted_frozen(cfg, patch=4, beta=4.0, gamma=0.5):
 def planted_dino(mu, patch):
     """A transformers Dinov2Model set by hand the same way: the patch embedding (with its bias) computes the
     colour-centroid scores, every layer is switched off by a zero layer-scale, the final LayerNorm
-    normalises: same-class patches get near-identical features, as DINOv2 gives real objects."""
+    normalises: same-class patches get near-identical features, as DINOv2 gives real objects, and patches of
+    different colours get negative cosines."""
     from transformers import Dinov2Config, Dinov2Model
     K = mu.shape[0]
-    dino = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=1, mlp_ratio=1,
+    # width K: LayerNorm's mean subtraction then removes |x|^2 / 2 and leaves -|x - mu_c|^2 / 2, centred; with
+    # extra all-zero channels every token would share a component and all cosines would be high
+    dino = Dinov2Model(Dinov2Config(hidden_size=K, num_hidden_layers=1, num_attention_heads=1, mlp_ratio=1,
                                     patch_size=patch, image_size=64))
     with torch.no_grad():
         for p in dino.parameters():
@@ -648,25 +651,33 @@ def planted_dino(mu, patch):
     return dino.eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("method,refine", [("weclip", "none"), ("weclip", "caa"), ("weclip", "rfm"),
-                                           ("cdclip", "cda"), ("cdclip", "cda+rfm")])
-def test_planted_signal_pseudo_labels(synth_root, cache_dir, method, refine):
+@pytest.mark.parametrize("method,refine,extra", [("weclip", "none", {}), ("weclip", "caa", {}),
+                                                 ("weclip", "rfm", {}), ("cdclip", "cda", {}),
+                                                 ("cdclip", "cda+rfm", {"sbe_refine": True})])
+def test_planted_signal_pseudo_labels(synth_root, cache_dir, method, refine, extra):
     # the planted CLIP's own temperature: with OpenAI's 100 its sharp logits saturate the softmax and the
     # GradCAM gradients vanish (the real model's cosines are an order of magnitude closer together)
-    cfg = synth_cfg(synth_root, cache_dir, method=method, refine=refine, cam_logit_scale=3.0)
+    cfg = synth_cfg(synth_root, cache_dir, method=method, refine=refine, cam_logit_scale=3.0, **extra)
     frozen = planted_frozen(cfg)
     res = wsss.evaluate(None, frozen, wsss.SegDataset(cfg, "val", train=False), cfg, CPU, cams=True)
     assert res["cam"]["miou"] >= 0.8, res["cam"]["miou"]
     assert res["refined+PAR"]["miou"] >= 0.9, {k: v["miou"] for k, v in res.items()}
-    if method == "cdclip":  # SBE's super-class pseudo-labels on a training batch are well-formed
-        batch = [wsss.SegDataset(cfg, "train", train=True)[i] for i in range(4)]
+    if method == "cdclip":  # SBE: super-class pseudo-labels from the planted DINOv2 match the true super-classes
+        val = wsss.SegDataset(cfg, "val", train=False)
+        batch = [val[i] for i in range(len(val))]
         images, labels = torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
         out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(cfg, 3))
         pl = wsss.make_pseudo_labels(frozen, out, images, labels, cfg)
-        assert pl["Y_s"].shape == pl["Y"].shape == (4, 64, 64) and int(pl["Y_s"].max()) <= frozen.num_super
-        for b in range(4):  # Y_s only uses the image's own super-classes
+        assert pl["Y_s"].shape == pl["Y"].shape == images[:, 0].shape
+        for b in range(len(batch)):  # Y_s only uses the image's own super-classes
             allowed = {0} | {int(frozen.super_of[c + 1]) for c in torch.nonzero(labels[b])[:, 0].tolist()}
             assert set(pl["Y_s"][b].unique().tolist()) <= allowed
+        gt_super = frozen.super_of[torch.stack([b["mask"] for b in batch])]
+        conf = wsss.confusion_matrix(pl["Y_s"], gt_super, frozen.num_super + 1)
+        fg_recall = conf[1:, 1:].diag().sum() / conf[1:].sum()
+        # objects get their super-class; the background is the weak side of ReLU(cos) prototypes (a ring's
+        # prototype also pools its grey interior), so on some images it goes to a super-class
+        assert fg_recall >= 0.9 and wsss.miou(conf)["miou"] >= 0.4, (fg_recall, wsss.miou(conf)["miou"])
 
 
 @pytest.mark.parametrize("method", ["weclip", "cdclip"])

@@ -228,6 +228,7 @@ class Config:
     par_w2: float = 0.01          # weight of the positional term (weights sum to 1 + w2, as upstream)
     # --- SBE (CD-CLIP §4) ---
     superclasses: int = 5         # which super-class table (VOC 4|5|7, COCO 12, synthetic 3)
+    sbe_refine: bool = False      # also refine the super-class CAMs with the method's A^t before CAP [I]
     cap_threshold: float = 0.5    # theta_cap: CAP keeps super-class CAM values >= this [I]
     cp_area_floor: float = 0.001  # a class is "predicted" if it covers >= this fraction of pixels [I]
     sbe_gate: str = "ge2"         # apply L_b when |C_p| >= 2 (ge2), == 1 (eq1), always (all), never (off)
@@ -1219,8 +1220,9 @@ def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S
     groups = [(refined, rows["img"][c], rows["cls"][c])]
     if with_super:  # SBE: super-class GradCAMs -> CAP prototypes on DINO tokens -> prototype CAMs
         s = rows["is_super"]
+        cams_s = minmax(refine_cams(cams[s], rows["img"][s], A)) if cfg.sbe_refine else cams[s]
         dino_feat = dino_features(frozen.dino, images, cfg.norm)
-        groups.append((cap_prototype_cams(cams[s], rows["img"][s], dino_feat, cfg.cap_threshold), rows["img"][s],
+        groups.append((cap_prototype_cams(cams_s, rows["img"][s], dino_feat, cfg.cap_threshold), rows["img"][s],
                        rows["cls"][s]))
     labels = cams_to_labels(groups, images, cfg, use_par, size)  # Y and Y_s share one PAR
     result = dict(Y=labels[0], Y_s=labels[1]) if with_super else dict(Y=labels[0])
