@@ -819,7 +819,7 @@ def test_every_sbe_gate_trains_a_step(synth_root, cache_dir, tmp_path, gate, cap
     assert " b " in line
 
 
-def test_cams_command_and_missing_data_message(synth_root, cache_dir, capsys):
+def test_cams_command_and_missing_data_message(synth_root, cache_dir, capsys, monkeypatch):
     args = ["cams", "--method", "cdclip", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny",
             "--cache-dir", str(cache_dir), "--max-images", "3"]
     assert wsss.main(args) == 0
@@ -829,6 +829,10 @@ def test_cams_command_and_missing_data_message(synth_root, cache_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data root '/nonexistent/VOC2012' not found") and "data.md" in err \
         and "--demo" in err and "\n" not in err
+    monkeypatch.delenv("WSSS_DATA_ROOT", raising=False)
+    assert wsss.main(["train", "--method", "cdclip"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no --data-root given for voc") and "VOCdevkit/VOC2012" in err and "--demo" in err
 
 
 def test_toy_clip_pretraining_learns_and_round_trips(cache_dir, tmp_path):

@@ -616,7 +616,10 @@ class SegDataset:
         info = DATASETS[cfg.dataset]
         self.num_classes = len(info["classes"])
         self.root = Path(cfg.data_root)
-        if not cfg.data_root or not self.root.is_dir():
+        if not cfg.data_root:
+            raise WSSSError(f"no --data-root given for {cfg.dataset}: pass --data-root DIR (e.g. "
+                            f"VOCdevkit/VOC2012; layout in data.md) or set WSSS_DATA_ROOT, or try --demo")
+        if not self.root.is_dir():
             raise WSSSError(f"data root {str(self.root)!r} not found: pass --data-root DIR (layout in data.md) "
                             f"or try --demo")
         lists = [self.root / "ImageSets" / "Segmentation" / f"{split}.txt", self.root / f"{split}.txt"]
