@@ -2030,7 +2030,7 @@ def cmd_train(cfg: Config):
 
 def cmd_eval(cfg: Config):
     """Checkpoint -> mIoU table of the decoder on val_split (multi-scale + flip, optional CRF, overlays)."""
-    device = get_device(cfg)
+    device = setup_distributed(cfg)  # under torchrun the images are sharded and the counts summed
     ckpt = load_checkpoint(cfg.ckpt, cfg)
     dataset = SegDataset(cfg, cfg.val_split, train=False)
     frozen = Frozen(cfg, device, need_dino=False)  # inference is decoder only
@@ -2046,7 +2046,7 @@ def cmd_eval(cfg: Config):
 
 def cmd_cams(cfg: Config):
     """Training-free pseudo-label quality on cam_split: raw GradCAM, after --refine, after PAR."""
-    device = get_device(cfg)
+    device = setup_distributed(cfg)
     if cfg.demo:
         prepare_demo(cfg)
     dataset = SegDataset(cfg, cfg.cam_split, train=False)
