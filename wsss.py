@@ -800,11 +800,24 @@ def resized_pos_embed(visual, h: int, w: int):
     return cache[(h, w)]
 
 
+def self_attention(attn, a, need_weights: bool):
+    """The block's nn.MultiheadAttention on batch-first a (B, L, D), called in its functional form on a
+    contiguous (L, B, D) copy. The module's own batch-first path transposes to a strided view, and when that
+    view needs gradients (GradCAM) CPU matmul runs the projections as a per-token bmm: 3x slower here.
+    -> output (B, L, D), head-averaged attention (B, L, L) or None."""
+    x = a.transpose(0, 1).contiguous()  # (L, B, D)
+    out, w = F.multi_head_attention_forward(
+        x, x, x, attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias, attn.bias_k, attn.bias_v,
+        attn.add_zero_attn, attn.dropout, attn.out_proj.weight, attn.out_proj.bias, training=attn.training,
+        need_weights=need_weights, average_attn_weights=True)
+    return out.transpose(0, 1), w
+
+
 def run_block(blk, x, need_attn: bool, a=None):
     """One open_clip ResidualAttentionBlock, also returning the head-averaged attention (B, 1+N, 1+N).
     `a` overrides ln_1(x) (GradCAM's hooked activation); the residual still adds x, as in the block."""
     a = blk.ln_1(x) if a is None else a
-    out, attn = blk.attn(a, a, a, need_weights=need_attn, average_attn_weights=True)
+    out, attn = self_attention(blk.attn, a, need_attn)
     x = x + blk.ls_1(out)
     x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
     return x, attn
@@ -934,7 +947,9 @@ def gradcam(frozen: Frozen, out: dict, rows: dict):
     with torch.enable_grad():
         a = blk.ln_1(x).detach().requires_grad_(True)  # (R, 1+N, D): the hooked activation
         y, _ = run_block(blk, x, need_attn=False, a=a)  # fused attention: its backward is cheaper
-        tokens = visual.ln_post(y[:, 1:]) @ visual.proj  # (R, N, E)
+        post = visual.ln_post(y[:, 1:])  # (R, N, D)
+        # as a 2-D product: a 3-D @ 2-D matmul whose left side needs grad runs as a slow bmm on CPU
+        tokens = (post.reshape(-1, post.shape[-1]) @ visual.proj).view(*post.shape[:2], -1)  # (R, N, E)
         e = F.normalize(tokens.mean(1).float(), dim=-1)  # (R, E): mean of patch tokens, not CLS
         scale = frozen.cfg.cam_logit_scale or float(clip.logit_scale.exp())
         logits = scale * e @ frozen.texts.T  # (R, T)
@@ -947,8 +962,7 @@ def gradcam(frozen: Frozen, out: dict, rows: dict):
     cam = minmax(minmax(cam.view(-1, h, w)))  # (R, h, w): scale_cam_image per layer, then after the layer mean
     first = first_row_of_image(rows["img"], out["x_last"].shape[0])  # all rows of an image share these
     with torch.no_grad():  # the last block's attention map, once per image (identical for its rows)
-        a_img = blk.ln_1(out["x_last"])
-        attn_last = blk.attn(a_img, a_img, a_img, need_weights=True)[1][:, 1:, 1:].float()  # (B, N, N)
+        attn_last = self_attention(blk.attn, blk.ln_1(out["x_last"]), True)[1][:, 1:, 1:].float()  # (B, N, N)
     patch_emb = F.normalize(tokens.detach()[first].float(), dim=-1)  # (B, N, E)
     return cam, attn_last, patch_emb
 
@@ -1258,8 +1272,7 @@ def _torch_classes():
             self.mlp = nn.Sequential(nn.Linear(width, mlp), QuickGELU(), nn.Linear(mlp, width))
 
         def forward(self, x):  # (B, N, width)
-            a = self.ln_1(x)
-            x = x + self.attn(a, a, a, need_weights=False)[0]
+            x = x + self_attention(self.attn, self.ln_1(x), need_weights=False)[0]
             return x + self.mlp(self.ln_2(x))
 
     class SegDecoder(nn.Module):
@@ -1978,6 +1991,10 @@ def bench(cfg: Config) -> dict:
     stages = {f"frozen forward (CLIP{' + DINOv2' if frozen.dino is not None else ''})": frozen_forward,
               f"CLIP blocks 1..L-1, {n_attn} attention maps": lambda: clip_image_forward(frozen.clip, images, n_attn),
               f"GradCAM, {int(rows['img'].numel())} rows in one pass": lambda: gradcam(frozen, out, rows),
+              "  (for reference: one pass per row, as upstream)": lambda: [
+                  gradcam(frozen, dict(out, x_last=out["x_last"][int(rows["img"][r]):int(rows["img"][r]) + 1]),
+                          dict({k: v[r:r + 1] for k, v in rows.items()}, img=rows["img"][:1] * 0))
+                  for r in range(len(rows["img"]))],
               f"refinement ({cfg.refine})": refinement}
     if cfg.refine.startswith("cda"):
         texts = frozen.texts[: frozen.num_fg + frozen.num_super]
@@ -1998,7 +2015,7 @@ def bench(cfg: Config) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times = {name: timed(fn) for name, fn in stages.items()}
     ref = times[next(iter(stages))]
-    ratio = times["whole training step"] / ref
+    ratio = times["whole training step"] / ref  # the reference line is not part of the step
     cda_400 = None
     if True:  # CD-CLIP's CDA at the paper's VOC size: 400 patches x 25 texts, one image
         p = torch.rand(1, 400, 25, generator=g).softmax(-1).to(device)
