@@ -1062,10 +1062,11 @@ def class_distributions(patch_emb, texts, over: str = "patch"):
     return s_a.softmax(-1)
 
 
-def js_divergence_matrix(probs, max_elems: int = 2**24):
+def js_divergence_matrix(probs, max_elems: int = 2**18):
     """Pairwise Jensen-Shannon divergences (natural log) between the rows of probs (..., N, K) -> (..., N, N):
     D_ij = H(M_ij) - H(P_i)/2 - H(P_j)/2 with M_ij = (P_i + P_j) / 2 (CD-CLIP §3.2). Fully broadcast; rows are
-    processed in chunks so the (rows, N, K) mixture never exceeds `max_elems` elements (COCO: 92 texts)."""
+    processed in chunks so the (rows, N, K) mixture never exceeds `max_elems` elements: bounded memory for
+    COCO's 92 texts, and cache-sized chunks are also the fastest (400 x 25: 4 ms vs 8 ms in one piece)."""
     p = probs.float()
     ent = -(p * p.clamp_min(1e-12).log()).sum(-1)  # (..., N)
     N, K = p.shape[-2:]
