@@ -243,7 +243,8 @@ def test_confusion_matrix_and_miou_against_sklearn():
     g = torch.Generator().manual_seed(0)
     gt = torch.randint(0, 5, (40, 30), generator=g)
     gt[torch.rand(40, 30, generator=g) < 0.1] = 255
-    pred = torch.where(torch.rand(40, 30, generator=g) < 0.6, gt.clamp(max=4), torch.randint(0, 5, (40, 30), generator=g))
+    noise = torch.randint(0, 5, (40, 30), generator=g)
+    pred = torch.where(torch.rand(40, 30, generator=g) < 0.6, gt.clamp(max=4), noise)
     conf = wsss.confusion_matrix(pred, gt, 5)
     valid = gt != 255
     assert np.array_equal(conf.numpy(), sk_conf(gt[valid].numpy(), pred[valid].numpy(), labels=range(5)))

@@ -14,7 +14,7 @@ Methods (`--method` is the one dial; each preset is a few Config overrides, see 
 
 Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
   python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~1.5 min on 2 CPU cores
-  python wsss.py train --method cdclip --data-root /data/VOCdevkit/VOC2012   # real VOC, real checkpoints
+  python wsss.py train --method cdclip --data-root VOCdevkit/VOC2012   # real VOC, real checkpoints (GPU)
   python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
   python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
   python wsss.py synth --data-root /tmp/synth          # write the synthetic dataset in the VOC layout
@@ -200,7 +200,7 @@ class Config:
     clip_model: str = "ViT-B-16"  # open_clip architecture name
     clip_pretrained: str = "openai"  # open_clip tag, a local checkpoint path, or "random"
     dino_model: str = "facebook/dinov2-base"  # transformers id, a local folder, or "random" (CD-CLIP's ViT-B/14)
-    template: str = "a clean origami {}."  # WeCLIP's one prompt template: "clean" in the code, "clear" in the paper [code≠paper]
+    template: str = "a clean origami {}."  # WeCLIP's prompt: "clean" in its code, "clear" in the paper [code≠paper]
     # --- data ---
     crop_size: int = 320          # training crop (WeCLIP 320 -> 20x20 tokens)
     scale_min: float = 0.5        # random rescale range (WeCLIP U(0.5, 2.0))
@@ -243,7 +243,7 @@ class Config:
     lambda_aff: float = 0.1       # weight of the affinity loss (WeCLIP 0.1)
     aff_radius: int = 8           # affinity-label window (Chebyshev, token grid)
     # --- optimisation (WeCLIP §8) ---
-    lr: float = 2e-3              # effective decoder lr (official config 2e-4 in a x10 group [code≠paper on its face]; CD-CLIP text: 2e-5)
+    lr: float = 2e-3              # effective decoder lr; official 2e-4 x10 group [code≠paper on its face]; CD-CLIP 2e-5
     weight_decay: float = 0.01    # AdamW weight decay
     beta1: float = 0.9            # AdamW beta1
     beta2: float = 0.999          # AdamW beta2
@@ -279,6 +279,8 @@ class Config:
     toy_steps: int = 160          # `pretrain-toy`: contrastive steps (~45 s on 2 CPU cores)
     toy_batch: int = 128          # `pretrain-toy`: image-caption pairs per step
     toy_lr: float = 2e-3          # `pretrain-toy`: peak AdamW lr
+    toy_weight_decay: float = 0.1  # `pretrain-toy`: AdamW weight decay (CLIP's)
+    toy_warmup: float = 0.1       # `pretrain-toy`: fraction of the steps spent in linear warm-up, then cosine
 
 
 def parse_config(argv, command: str = "train") -> Config:
@@ -722,7 +724,8 @@ TOY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_
 
 
 def toy_clip_path(cfg: Config) -> Path:
-    key = hashlib.sha1(json.dumps([TOY_CLIP, cfg.toy_steps, cfg.toy_batch, cfg.toy_lr, cfg.seed]).encode())
+    key = hashlib.sha1(json.dumps([TOY_CLIP, cfg.toy_steps, cfg.toy_batch, cfg.toy_lr, cfg.toy_weight_decay,
+                                   cfg.toy_warmup, cfg.seed]).encode())
     return Path(cfg.cache_dir) / f"toy-clip-{key.hexdigest()[:10]}.pt"
 
 
@@ -1227,13 +1230,17 @@ def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S
     pass, the method's propagation matrix, box masks where the mode uses them, pseudo-labels Y (B, H, W)
     and, for CD-CLIP's SBE, super-class pseudo-labels Y_s (B, H, W) from DINO prototype CAMs."""
     with_super = cfg.lambda_b > 0 if with_super is None else with_super
+    # 1. initial CAMs M_init: one GradCAM row per (image, class) [and (image, super-class)], one backward
     rows = cam_rows(labels, frozen, with_super=with_super)
     cams, attn_last, patch_emb = gradcam(frozen, out, rows)
+    # 2. the affinity: attention of the last blocks (+ the decoder's S, + class distributions) -> A^t
     attn_all = attn_last[:, None] if out["attn"] is None else \
         torch.cat([out["attn"].float(), attn_last[:, None]], 1)  # (B, n_attn + 1, N, N): the last blocks
     A = propagation_matrix(frozen, attn_all, patch_emb, cfg, S=S, dynamic=dynamic)  # (B, N, N)
+    # 3. propagate each class CAM; WeCLIP/CAA first keep only source tokens inside the CAM's boxes
     c = ~rows["is_super"]
-    box = box_mask(cams[c], cfg.box_threshold, cfg.box_exclusive_edge) if cfg.refine.endswith(("caa", "rfm")) else None
+    use_box = cfg.refine.endswith(("caa", "rfm"))
+    box = box_mask(cams[c], cfg.box_threshold, cfg.box_exclusive_edge) if use_box else None
     refined = refine_cams(cams[c], rows["img"][c], A, box)
     groups = [(refined, rows["img"][c], rows["cls"][c])]
     if with_super:  # SBE: super-class GradCAMs -> CAP prototypes on DINO tokens -> prototype CAMs
@@ -1469,9 +1476,9 @@ def format_table(results: dict, class_names, title: str = "") -> str:
         if all(math.isnan(v) for v in vals):
             continue
         lines.append(c.ljust(width) + "".join("         -  " if math.isnan(v) else f"{100 * v:12.1f}" for v in vals))
-    for key, label in (("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("fp_tp", "FP/TP")):
-        lines.append(label.ljust(width) + "".join(f"{(100 if key != 'fp_tp' else 1) * results[n][key]:12.{1 if key != 'fp_tp' else 2}f}"
-                                                 for n in names))
+    for key, label, scale, digits in (("miou", "mIoU", 100, 1), ("pixel_acc", "pixel acc", 100, 1),
+                                      ("fp_tp", "FP/TP", 1, 2)):
+        lines.append(label.ljust(width) + "".join(f"{scale * results[n][key]:12.{digits}f}" for n in names))
     return "\n".join(lines)
 
 
@@ -1682,6 +1689,7 @@ def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int
     L = L_seg + lambda_aff L_aff (WeCLIP) + lambda_b L_b (CD-CLIP). Returns (loss, float parts, labels)."""
     out = clip_image_forward(frozen.clip, images, attn_blocks_needed(cfg, frozen.num_blocks))
     logits, S = model(out["feats"], out["grid"])
+    # the label path sees the decoder only through a detached S: pseudo-labels never carry gradient
     dynamic = step >= cfg.rfm_dynamic_after  # WeCLIP counts every forward call, validation too [upstream bug fixed]
     pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic)
     loss_seg = balanced_ce_loss(logits.float(), pl["Y"])
@@ -1858,8 +1866,9 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
         torch.manual_seed(cfg.seed)
         clip = open_clip.CLIP(**TOY_CLIP).to(device)
         tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
-        opt = torch.optim.AdamW(clip.parameters(), lr=cfg.toy_lr, weight_decay=0.1, betas=(0.9, 0.98))
-        warm = max(1, cfg.toy_steps // 10)
+        opt = torch.optim.AdamW(clip.parameters(), lr=cfg.toy_lr, weight_decay=cfg.toy_weight_decay,
+                                betas=(0.9, 0.98))  # CLIP's betas
+        warm = max(1, int(cfg.toy_steps * cfg.toy_warmup))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, max(0, k - warm) / max(1, cfg.toy_steps - warm)))))
         rng = np.random.default_rng([cfg.seed, 7])
@@ -1878,7 +1887,7 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            with torch.no_grad():
+            with torch.no_grad():  # CLIP caps its learned temperature at exp(.) = 100
                 clip.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
             if (k + 1) % max(1, cfg.toy_steps // 8) == 0:
@@ -2055,8 +2064,9 @@ def cmd_eval(cfg: Config):
     decoder = build_decoder(cfg, frozen).to(device)
     decoder.load_state_dict(ckpt["decoder"])
     res = evaluate(decoder, frozen, dataset, cfg, device)
-    print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=f"{cfg.ckpt} (step {ckpt['step']}) on "
-                        f"{cfg.dataset} {cfg.val_split}, scales {cfg.eval_scales}, flip {cfg.eval_flip}, crf {cfg.crf}"))
+    title = (f"{cfg.ckpt} (step {ckpt['step']}) on {cfg.dataset} {cfg.val_split}, scales {cfg.eval_scales}, "
+             f"flip {cfg.eval_flip}, crf {cfg.crf}")
+    print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=title))
     if cfg.save_vis:
         print0(f"overlays (image | CAM | pseudo-label | prediction | truth): {cfg.save_vis}/")
     return res
