@@ -163,10 +163,11 @@ def _write_voc(root, images, masks, split="train"):
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets/Segmentation").mkdir(parents=True, exist_ok=True)
-    for name, im in images.items():
-        if im is not None:
-            im.save(root / "JPEGImages" / f"{name}.jpg") if not isinstance(im, bytes) else \
-                (root / "JPEGImages" / f"{name}.jpg").write_bytes(im)
+    for name, im in images.items():  # a PIL image, raw bytes, or None (listed but missing)
+        if isinstance(im, bytes):
+            (root / "JPEGImages" / f"{name}.jpg").write_bytes(im)
+        elif im is not None:
+            im.save(root / "JPEGImages" / f"{name}.jpg")
     for name, m in masks.items():
         Image.fromarray(m.astype(np.uint8), mode="L").save(root / "SegmentationClassAug" / f"{name}.png")
     (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(images) + "\n")
