@@ -1566,7 +1566,7 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
     K = len(DATASETS[cfg.dataset]["classes"])
     names = (["decoder"] if decoder is not None else []) + (["cam", "refined", "refined+PAR"] if cams else [])
     conf = {n: torch.zeros(K, K, dtype=torch.long, device=device) for n in names}
-    if decoder is not None:
+    if decoder is not None:  # upstream's validate() never called eval(): Dropout2d stayed on [upstream bug fixed]
         decoder.eval()
     vis_dir = Path(cfg.save_vis) if cfg.save_vis else None
     for i in shard(min(len(dataset), cfg.max_images or len(dataset))):
