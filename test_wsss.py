@@ -157,6 +157,8 @@ def test_epoch_sampler_resumes_exactly_and_shards():
     assert not set(b0) & set(b1)
     with pytest.raises(wsss.WSSSError, match="fewer than one batch"):
         wsss.EpochSampler(3, 4, 0)
+    over = iter(wsss.EpochSampler(10, 2, seed=3, overfit=True))
+    assert [next(over) for _ in range(7)] == [seq[0]] * 7  # --overfit-batch: the first batch, same augmentation
 
 
 def _write_voc(root, images, masks, split="train"):

@@ -267,6 +267,7 @@ class Config:
     log_every: int = 200          # print/log a line every n steps
     save_every: int = 2000        # checkpoint every n steps (and at the end)
     resume: str = ""              # checkpoint to continue from
+    overfit_batch: bool = False   # debug: train on the first batch only (the loss should go towards 0)
     ckpt: str = ""                # checkpoint for `eval` (derived: <out_dir>/ckpt.pt)
     save_vis: str = ""            # `eval`: folder for PNG overlays
     num_vis: int = 8              # overlays written with --save-vis
@@ -692,8 +693,9 @@ class EpochSampler:
     """Shuffled indices, re-drawn each epoch from (seed, epoch), sharded across DDP ranks, starting at any
     step: what makes --resume exact. Yields epoch * len + i, decoded by SegDataset.__getitem__."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
-        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
+                 overfit: bool = False):
+        self.n, self.bs, self.seed, self.rank, self.world, self.overfit = n, batch_size, seed, rank, world, overfit
         self.steps_per_epoch = n // (batch_size * world)
         if self.steps_per_epoch == 0:
             raise WSSSError(f"{n} training images are fewer than one batch ({batch_size} x {world} processes)")
@@ -705,6 +707,9 @@ class EpochSampler:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
             per_rank = order[: self.steps_per_epoch * self.bs * self.world].view(self.steps_per_epoch, self.world,
                                                                                   self.bs)  # (steps, world, bs)
+            if self.overfit:  # the first batch of epoch 0 (same augmentation) for ever
+                while True:
+                    yield [int(i) for i in per_rank[0, self.rank]]
             for step in range(skip, self.steps_per_epoch):
                 yield [epoch * self.n + int(i) for i in per_rank[step, self.rank]]
             epoch, skip = epoch + 1, 0
@@ -1729,8 +1734,9 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
         start, best = ckpt["step"], ckpt.get("best_miou", best)
         set_rng_state(ckpt["rng"])
         print0(f"resumed from {cfg.resume} at step {start}")
-    model = torch.nn.parallel.DistributedDataParallel(decoder) if world > 1 else decoder
-    sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed, start, rank, world)
+    model = decoder if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        decoder, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed, start, rank, world, cfg.overfit_batch)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))  # keeps global RNG
