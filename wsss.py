@@ -898,7 +898,7 @@ class Frozen:
         self.cfg, self.device = cfg, device
         self.clip, self.tokenizer = build_clip(cfg, device)
         supers = info["superclasses"][cfg.superclasses]
-        self.num_fg, self.num_super, self.num_bg = len(info["classes"]) - 1, len(supers), len(info["bg_prompts"])
+        self.num_fg, self.num_super = len(info["classes"]) - 1, len(supers)
         # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
         self.texts = encode_texts(self.clip, self.tokenizer, info["prompts"] + list(supers) + info["bg_prompts"],
                                   cfg.template, device)
@@ -1110,14 +1110,13 @@ def propagation_matrix(frozen: Frozen, attn_all, patch_emb, cfg: Config, S=None,
         B, N = attn_all.shape[0], attn_all.shape[-1]
         return torch.eye(N, device=attn_all.device).expand(B, N, N)
     W = rfm_weights(attn_all, cfg, S, dynamic=dynamic and "rfm" in cfg.refine)
-    A = sinkhorn_symmetrize(W)  # A_init (unsquared)
-    if cfg.refine.startswith("cda"):
-        texts = frozen.texts[: frozen.num_fg + frozen.num_super]  # T_all: all classes + all super-classes
-        if cfg.cda_bg_texts:
-            texts = frozen.texts
-        A = cda_affinity(class_distributions(patch_emb, texts, cfg.cda_minmax), A, cfg.cda_tau)
-    # M_re^c = (A_d)^t . M_init^c (CD-CLIP), or WeCLIP's T^2 . (B_c * M^c): the power is taken here once per image
-    return torch.linalg.matrix_power(A, cfg.power)
+    if not cfg.refine.startswith("cda"):  # WeCLIP's T^2 . (B_c * M^c): the power is taken once per image
+        return transition_matrix(W, cfg.power)
+    A_init = sinkhorn_symmetrize(W)  # unsquared
+    texts = frozen.texts if cfg.cda_bg_texts else frozen.texts[: frozen.num_fg + frozen.num_super]  # T_all
+    A_d = cda_affinity(class_distributions(patch_emb, texts, cfg.cda_minmax), A_init, cfg.cda_tau)
+    # M_re^c = (A_d)^t . M_init^c
+    return torch.linalg.matrix_power(A_d, cfg.power)
 
 
 def refine_cams(cams, img, A, box=None):
