@@ -306,7 +306,6 @@ def test_lr_schedule():
 
 
 def test_decoder_parameter_count_matches_upstream():
-    wsss._torch_classes()
     for classes, expected in ((21, 5985045), (81, 6000465)):  # WeCLIP §6: VOC and COCO with ViT-B/16
         dec = wsss.SegDecoder(768, 11, classes)
         assert sum(p.numel() for p in dec.parameters()) == expected

@@ -53,24 +53,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-
-
-class _LazyModule:
-    """Stands in for a heavy module until its first attribute is read, then replaces itself in globals().
-    torch alone takes ~1 s to import; this keeps `import wsss` and `python wsss.py --help` fast."""
-
-    def __init__(self, name: str, alias: str):
-        self.__dict__.update(_name=name, _alias=alias)
-
-    def __getattr__(self, attr):
-        module = importlib.import_module(self._name)
-        globals()[self._alias] = module
-        return getattr(module, attr)
-
-
-torch = _LazyModule("torch", "torch")
-nn = _LazyModule("torch.nn", "nn")
-F = _LazyModule("torch.nn.functional", "F")
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 class WSSSError(Exception):
@@ -418,6 +403,12 @@ def autocast_ctx(cfg: Config, device):
     return torch.autocast("cuda", dtype=dtype), dtype
 
 
+def fp32(device):
+    """A region that runs in float32 even inside a training autocast: the frozen encoders and the whole label
+    path (CAMs, affinities, refinements, PAR). Only the trained head uses AMP."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def dist_info():
     """(rank, world_size, local_rank) from torchrun's environment variables."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -582,7 +573,7 @@ def denormalize_image(x, norm: str) -> np.ndarray:
     """float (3, H, W) -> uint8 (H, W, 3), the inverse of normalize_image."""
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
     rgb = x.detach().float().cpu().numpy().transpose(1, 2, 0) * np.array(std) + np.array(mean)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)  # rounded: truncation lost 1 level in 45 % of values
 
 
 def augment(rgb: np.ndarray, mask: np.ndarray, cfg: Config, rng: np.random.Generator):
@@ -1233,6 +1224,12 @@ def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S
     """The whole label path of one batch: GradCAM for every (image, class) [and super-class] row in one
     pass, the method's propagation matrix, box masks where the mode uses them, pseudo-labels Y (B, H, W)
     and, for CD-CLIP's SBE, super-class pseudo-labels Y_s (B, H, W) from DINO prototype CAMs."""
+    with fp32(images.device):  # the label path is fp32 whatever the training autocast (see compute_losses)
+        return _make_pseudo_labels(frozen, out, images.float(), labels, cfg, S, dynamic, with_super, use_par,
+                                   size, keep_cams)
+
+
+def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super, use_par, size, keep_cams):
     with_super = cfg.lambda_b > 0 if with_super is None else with_super
     # 1. initial CAMs M_init: one GradCAM row per (image, class) [and (image, super-class)], one backward
     rows = cam_rows(labels, frozen, with_super=with_super)
@@ -1261,74 +1258,60 @@ def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S
 
 
 # ----------------------------------------------------------------------------------------------------
-# Decoder: the only trained module (WeCLIP §6). nn.Module classes are defined on first use (see
-# _torch_classes), so that importing this file does not import torch.
+# Decoder: the only trained module (WeCLIP §6)
 # ----------------------------------------------------------------------------------------------------
 
-def _torch_classes():
-    """Define the nn.Module classes once and publish them as module globals (SegDecoder, DecoderBlock)."""
-    if "SegDecoder" in globals():
-        return
-
-    class QuickGELU(nn.Module):
-        def forward(self, x):
-            return x * torch.sigmoid(1.702 * x)
-
-    class DecoderBlock(nn.Module):
-        """Pre-LN transformer block: x + MHA(LN(x)), x + MLP(LN(x)); MLP width -> mlp -> width, QuickGELU."""
-
-        def __init__(self, width: int, heads: int, mlp: int):
-            super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-            self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # xavier in_proj, zero biases
-            self.mlp = nn.Sequential(nn.Linear(width, mlp), QuickGELU(), nn.Linear(mlp, width))
-
-        def forward(self, x):  # (B, N, width)
-            x = x + self_attention(self.attn, self.ln_1(x), need_weights=False)[0]
-            return x + self.mlp(self.ln_2(x))
-
-    class SegDecoder(nn.Module):
-        """WeCLIP decoder. Fuse head: per-block MLP (D -> dim -> dim) over the patch tokens of CLIP blocks
-        1..L-1, concatenated, 1x1 conv -> dim, Dropout2d -> F (B, dim, h, w). Then `layers` pre-LN transformer
-        blocks and a 1x1 conv to the K classes. Affinity head S = sigmoid(F^T F) (B, N, N), which the dynamic
-        RFM uses and the affinity loss trains. VOC + ViT-B/16: 5,985,045 parameters, as upstream."""
-
-        def __init__(self, in_dim: int, n_feats: int, num_classes: int, dim=256, layers=3, heads=8, mlp=1024,
-                     dropout=0.1):
-            super().__init__()
-            self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
-                                      for _ in range(n_feats))
-            self.fuse = nn.Conv2d(n_feats * dim, dim, 1)
-            self.dropout = nn.Dropout2d(dropout)
-            self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp) for _ in range(layers))
-            self.classifier = nn.Conv2d(dim, num_classes, 1)
-
-        def forward(self, feats, grid):
-            """feats: list of (B, N, D) patch tokens; grid (h, w) -> logits (B, K, h, w), S (B, N, N)."""
-            (h, w), B = grid, feats[0].shape[0]
-            x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], -1)  # (B, N, n*dim)
-            x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, n*dim, h, w)
-            f = self.dropout(self.fuse(x))  # (B, dim, h, w): F
-            t = f.flatten(2).transpose(1, 2)  # (B, N, dim)
-            for blk in self.blocks:
-                t = blk(t)
-            logits = self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))  # (B, K, h, w)
-            fn = f.flatten(2)  # (B, dim, N)
-            S = torch.sigmoid(fn.transpose(1, 2) @ fn)  # (B, N, N)
-            return logits, S
-
-    globals().update(QuickGELU=QuickGELU, DecoderBlock=DecoderBlock, SegDecoder=SegDecoder)
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
 
 
-def __getattr__(name):  # PEP 562: `wsss.SegDecoder` defines the torch classes on first access
-    if name in ("SegDecoder", "DecoderBlock", "QuickGELU"):
-        _torch_classes()
-        return globals()[name]
-    raise AttributeError(f"module 'wsss' has no attribute {name!r}")
+class DecoderBlock(nn.Module):
+    """Pre-LN transformer block: x + MHA(LN(x)), x + MLP(LN(x)); MLP width -> mlp -> width, QuickGELU."""
+
+    def __init__(self, width: int, heads: int, mlp: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # xavier in_proj, zero biases
+        self.mlp = nn.Sequential(nn.Linear(width, mlp), QuickGELU(), nn.Linear(mlp, width))
+
+    def forward(self, x):  # (B, N, width)
+        x = x + self_attention(self.attn, self.ln_1(x), need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class SegDecoder(nn.Module):
+    """WeCLIP decoder. Fuse head: per-block MLP (D -> dim -> dim) over the patch tokens of CLIP blocks
+    1..L-1, concatenated, 1x1 conv -> dim, Dropout2d -> F (B, dim, h, w). Then `layers` pre-LN transformer
+    blocks and a 1x1 conv to the K classes. Affinity head S = sigmoid(F^T F) (B, N, N), which the dynamic
+    RFM uses and the affinity loss trains. VOC + ViT-B/16: 5,985,045 parameters, as upstream."""
+
+    def __init__(self, in_dim: int, n_feats: int, num_classes: int, dim=256, layers=3, heads=8, mlp=1024,
+                 dropout=0.1):
+        super().__init__()
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+                                  for _ in range(n_feats))
+        self.fuse = nn.Conv2d(n_feats * dim, dim, 1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp) for _ in range(layers))
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, feats, grid):
+        """feats: list of (B, N, D) patch tokens; grid (h, w) -> logits (B, K, h, w), S (B, N, N)."""
+        (h, w), B = grid, feats[0].shape[0]
+        x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], -1)  # (B, N, n*dim)
+        x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, n*dim, h, w)
+        f = self.dropout(self.fuse(x))  # (B, dim, h, w): F
+        t = f.flatten(2).transpose(1, 2)  # (B, N, dim)
+        for blk in self.blocks:
+            t = blk(t)
+        logits = self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))  # (B, K, h, w)
+        fn = f.flatten(2)  # (B, dim, N)
+        S = torch.sigmoid(fn.transpose(1, 2) @ fn)  # (B, N, N)
+        return logits, S
 
 
 def build_decoder(cfg: Config, frozen: Frozen):
-    _torch_classes()
     width = frozen.clip.visual.conv1.out_channels
     return SegDecoder(width, frozen.num_blocks - 1, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers,
                       cfg.dec_heads, cfg.dec_mlp, cfg.dec_dropout)
@@ -1690,8 +1673,11 @@ def setup_distributed(cfg: Config):
 
 def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int):
     """One batch of the algorithm: frozen CLIP pass, decoder, pseudo-labels (no gradient into the decoder),
-    L = L_seg + lambda_aff L_aff (WeCLIP) + lambda_b L_b (CD-CLIP). Returns (loss, float parts, labels)."""
-    out = clip_image_forward(frozen.clip, images, attn_blocks_needed(cfg, frozen.num_blocks))
+    L = L_seg + lambda_aff L_aff (WeCLIP) + lambda_b L_b (CD-CLIP). Returns (loss, float parts, labels).
+    Under AMP only the decoder runs in reduced precision: the frozen pass and the label path run in fp32 with
+    autocast disabled (in bf16 CDA's refined maps collapse to a few dozen levels), as upstream."""
+    with fp32(images.device):
+        out = clip_image_forward(frozen.clip, images, attn_blocks_needed(cfg, frozen.num_blocks))
     logits, S = model(out["feats"], out["grid"])
     # the label path sees the decoder only through a detached S: pseudo-labels never carry gradient
     dynamic = step >= cfg.rfm_dynamic_after  # WeCLIP counts every forward call, validation too [upstream bug fixed]
