@@ -137,8 +137,9 @@ SYNTH_SUPER = {3: {"round shape": ["red circle", "purple ring"], "polygon": ["bl
 
 DATASETS = {
     "voc": dict(classes=VOC_CLASSES, prompts=VOC_PROMPTS, bg_prompts=VOC_BG, superclasses=VOC_SUPER,
-                mask_strip="", defaults=dict(train_split="train_aug", val_split="val", superclasses=5)),
+                attr_ratio=112 / 400, mask_strip="", defaults=dict(train_split="train_aug", val_split="val", superclasses=5)),
     "coco": dict(classes=COCO_CLASSES, prompts=COCO_PROMPTS, bg_prompts=COCO_BG, superclasses=COCO_SUPER,
+                 attr_ratio=224 / 1600,  # ExCEL's sentences per attribute cluster (TSE)
                  # COCO in VOC-style layout: list entries "train/COCO_train2014_<id>", masks "train/<id>.png"
                  mask_strip=r"COCO_(?:train|val)2014_",
                  defaults=dict(train_split="train", val_split="val", max_steps=80000, superclasses=12,
@@ -155,6 +156,16 @@ METHODS = {
     "weclip": dict(refine="rfm", lambda_aff=0.1, lambda_b=0.0, eval_scales=(1.0, 0.75)),
     # CD-CLIP: GradCAM -> CDA (no box, no RFM: Table 3 row #3) -> PAR; L = L_seg + 0.6 L_b (SBE, gated).
     "cdclip": dict(refine="cda", lambda_aff=0.0, lambda_b=0.6, sbe_gate="ge2", eval_scales=(1.0, 1.5)),
+    # ExCEL: TSE texts x SVC tokens -> patch-text CAM (static; dynamic with LVC after 14k) -> CAA (the box-masked
+    # Sinkhorn propagation; after 14k WeCLIP's layer selection gated by sigmoid(R): refine "rfm") -> PAR;
+    # L = L_seg + 0.1 L_div. All trained parameters at lr 1e-3 (the only populated x10 group) [code≠paper].
+    "excel": dict(cam="text", refine="rfm", attn_layers=6, rfm_dynamic_layers=6, rfm_dynamic_after=14000,
+                  box_threshold=0.79, val_box_threshold=0.75, lvc=True, relation="cos", lambda_aff=0.1,
+                  aff_self_after=24000, lambda_b=0.0, lr=1e-3, warmup_steps=50, max_steps=30000, seed=0,
+                  eval_resize="square", eval_long_side=320, eval_scales=(0.7, 1.0, 1.2, 1.5), eval_flip_at_1=False,
+                  crf_pos_xy=1.0, crf_pos_w=3.0, crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0,
+                  coco=dict(box_threshold=0.88, rfm_dynamic_after=30000, aff_self_after=0, max_steps=100000,
+                            warmup_steps=200, eval_flip_at_1=True)),
 }
 REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
 
@@ -211,6 +222,27 @@ class Config:
     par_dilations: tuple = (1, 2, 4, 8, 12, 24)  # PAR neighbourhood dilations (8 neighbours each)
     par_w1: float = 0.3           # image-term temperature
     par_w2: float = 0.01          # weight of the positional term (weights sum to 1 + w2, as upstream)
+    # --- ExCEL (CVPR 2025): patch-text CAMs on a calibrated CLIP path, TSE, SVC, LVC ---
+    cam: str = "gradcam"          # CAM source: gradcam (WeCLIP, CD-CLIP) | text (ExCEL/DiCLIP patch-text CAM)
+    cam_sim: str = "surgery"      # patch-text similarity: surgery (ExCEL code) | cosine (paper: Norm(cos)) [code≠paper]
+    svc_layers: int = 5           # calibrated (SVC) blocks: the last n (ExCEL 5: 0-indexed 7..11)
+    svc_attn: str = "intra"       # calibrated map: intra (mean of qq, kk, vv softmaxes; ExCEL) | qk (standard; DiCLIP)
+    svc_heads: str = "sum"        # head reduction of the calibrated map: sum (ExCEL code: rows sum to H) | mean [code≠paper]
+    svc_norm: str = "tokens"      # output L2 norm: tokens (ExCEL code: per channel across tokens) | channels [code≠paper]
+    caa_attn_mix: str = "upstream"  # CAA maps: upstream (1 head-averaged + 5 head-summed blocks) | mean (all averaged)
+    tse: str = "on"               # text semantic enrichment: on | off (template only: the "Global" ablation)
+    tse_keep: float = 0.9         # K_r: fraction of the attribute centroids kept per class (0.9: the top 90 %)
+    tse_lambda: float = 1.0       # lambda: weight of the attribute sum (ExCEL hard-codes 1)
+    tse_clusters: int = 0         # B attribute centroids (ExCEL: VOC 112, COCO 224); 0: ExCEL's sentences/B ratio
+    attr_bank: str = ""           # ExCEL's attribute bank .pth [centroids (E x B), flags (C x B)] (preferred input)
+    descriptions: str = ""        # ExCEL's description JSON {class: [sentences]}; default: wsss.py's own (VOC, synth)
+    lvc: bool = False             # LVC: the adapter's softmax(R) biases the calibrated path (the dynamic CAM)
+    relation: str = "dot"         # decoder affinity S: dot (WeCLIP sigmoid(F^T F)) | cos (ExCEL sigmoid(R))
+    lvc_alpha: float = 3.0        # alpha in R = alpha (cos(F_d) - beta mean cos(F_d))
+    lvc_beta: float = 1.0         # beta in R = alpha (cos(F_d) - beta mean cos(F_d))
+    lvc_mean: str = "batch"       # the mean in R: batch (ExCEL code: one scalar over the batch) | image
+    aff_self_after: int = 0       # affinity-loss targets from the model's own argmax from this step (ExCEL VOC 24k; 0 never)
+    val_box_threshold: float = 0.0  # box threshold of pseudo-labels scored at validation (ExCEL 0.75); 0: box_threshold
     # --- SBE (CD-CLIP §4) ---
     superclasses: int = 5         # which super-class table (VOC 4|5|7, COCO 12, synthetic 3)
     sbe_refine: bool = False      # also refine the super-class CAMs with the method's A^t before CAP [I]
@@ -241,6 +273,8 @@ class Config:
     eval_long_side: int = 512     # test images are resized so the long side is this
     eval_scales: tuple = (1.0, 0.75)  # multi-scale test (WeCLIP 1, 0.75; CD-CLIP 1, 1.5)
     eval_flip: bool = True        # average each scale with its horizontal flip
+    eval_flip_at_1: bool = True   # ... also at scale 1 (ExCEL's VOC script uses the un-flipped logits there)
+    eval_resize: str = "long"     # test resize: long (long side eval_long_side, WeCLIP) | square (ExCEL: side 320 s)
     eval_every: int = 2000        # validate every n steps (0: only at the end)
     crf: bool = False             # DenseCRF post-processing (needs pydensecrf2)
     crf_iters: int = 10           # DenseCRF mean-field iterations (WeCLIP utils/dcrf.py)
@@ -322,7 +356,8 @@ def make_config(**given) -> Config:
     if dataset not in DATASETS:
         raise WSSSError(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     values = dict(DATASETS[dataset]["defaults"])
-    values.update(METHODS[method])
+    values.update({k: v for k, v in METHODS[method].items() if k not in DATASETS})
+    values.update(METHODS[method].get(dataset, {}))  # a method's per-dataset values (e.g. ExCEL on COCO)
     if given.get("demo"):
         values.update(DEMO)
     values.update(given)
@@ -347,7 +382,10 @@ def make_config(**given) -> Config:
 
 def validate_config(cfg: Config):
     choices = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=("imagenet", "clip"),
-                   amp=("auto", "bf16", "fp16", "off"), cda_minmax=("patch", "text"))
+                   amp=("auto", "bf16", "fp16", "off"), cda_minmax=("patch", "text"), cam=("gradcam", "text"),
+                   cam_sim=("surgery", "cosine"), svc_attn=("intra", "qk"), svc_heads=("sum", "mean"),
+                   svc_norm=("tokens", "channels"), caa_attn_mix=("upstream", "mean"), tse=("on", "off"),
+                   relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
@@ -363,13 +401,23 @@ def validate_config(cfg: Config):
         raise WSSSError(f"need 0 < --scale-min <= --scale-max, got {cfg.scale_min}, {cfg.scale_max}")
     if cfg.cda_tau <= 0:
         raise WSSSError(f"--cda-tau must be > 0, got {cfg.cda_tau}")
+    if not (0 < cfg.tse_keep <= 1):  # K_r = 0 would keep nothing; upstream's K_r = 1 gave NaN (fixed below)
+        raise WSSSError(f"--tse-keep (K_r) must be in (0, 1], got {cfg.tse_keep}")
+    if cfg.tse_clusters < 0 or cfg.svc_layers < 1:
+        raise WSSSError(f"need --tse-clusters >= 0 and --svc-layers >= 1, got {cfg.tse_clusters}, {cfg.svc_layers}")
+    if cfg.lvc and cfg.relation != "cos":
+        raise WSSSError("--lvc needs --relation cos (the bias is softmax of ExCEL's relation R)")
+    if cfg.lvc and cfg.cam != "text":
+        raise WSSSError("--lvc calibrates the patch-text CAM: it needs --cam text")
 
 
 # Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
-MODEL_KEYS = ("dataset", "clip_model", "tiny", "dec_dim", "dec_layers", "dec_heads", "dec_mlp")
+MODEL_KEYS = ("dataset", "clip_model", "tiny", "dec_dim", "dec_layers", "dec_heads", "dec_mlp", "cam", "relation",
+              "lvc_alpha", "lvc_beta", "lvc_mean")
 # ... and the run: `--resume` also refuses these (max_steps may change, to extend a run).
 RESUME_KEYS = MODEL_KEYS + ("method", "refine", "superclasses", "crop_size", "batch_size", "seed", "lr",
-                            "lambda_aff", "lambda_b", "sbe_gate")
+                            "lambda_aff", "lambda_b", "sbe_gate", "lvc", "tse", "svc_layers", "svc_attn",
+                            "cam_sim", "aff_self_after")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -822,35 +870,116 @@ def run_block(blk, x, need_attn: bool, a=None):
     return x, attn
 
 
-def clip_image_forward(clip, images, n_attn: int = 0) -> dict:
-    """WeCLIP's frozen pass: blocks 1..L-1 on any image size. Returns per-block patch tokens (the decoder's
-    inputs), the head-averaged patch-to-patch attention of the last `n_attn` of these blocks (B, n_attn, N, N)
-    (the others run fused attention, which never materialises the map), and the block-(L-1) output that
-    GradCAM runs the last block on. Blocks 1..L-1 never need gradients."""
+def clip_image_forward(clip, images, n_attn: int = 0, full: bool = False, calib: dict = None) -> dict:
+    """The one frozen CLIP pass every method shares, on any image size, without gradients.
+    GradCAM methods (WeCLIP, CD-CLIP): blocks 1..L-1; the block-(L-1) output `x_last` is what GradCAM runs
+    the last block on. Patch-text methods (ExCEL, DiCLIP; `full` or `calib`): all L blocks, and with `calib`
+    the calibrated path of the last calib["n"] blocks beside the original one (see run_dual_block).
+    Returns per-block patch tokens of the ORIGINAL path `feats` (the trained head's inputs), the head-averaged
+    patch-to-patch attention of the last `n_attn` blocks run (B, n_attn, N, N) (the others run fused
+    attention, which never materialises the map), and with `calib`: `x_new` (B, 1+N, D), the calibrated
+    stream before ln_post with its CLS token copied from the original path, `u` (B, 1+N, D), the sum over the
+    calibrated blocks of their values through out_proj (what an additive attention bias multiplies), and
+    `bias_scale` (H for a head sum, 1 for a head mean)."""
     visual = clip.visual
-    blocks = visual.transformer.resblocks[:-1]
+    resblocks = visual.transformer.resblocks
+    full = full or calib is not None
+    blocks = resblocks if full else resblocks[:-1]
+    n_calib = min(calib["n"], len(blocks) - 1) if calib else 0  # block 1 always runs plain (tiny models)
     with torch.no_grad():
         x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, D, h, w)
         B, D, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major token order
         x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, D), x], 1)  # (B, 1+N, D)
         x = visual.ln_pre(x + resized_pos_embed(visual, h, w).to(x.dtype))
-        feats, attns = [], []
+        feats, attns, x_new, u = [], [], None, 0
         for i, blk in enumerate(blocks):
-            x, attn = run_block(blk, x, need_attn=i >= len(blocks) - n_attn)
-            feats.append(x[:, 1:])  # (B, N, D)
-            if attn is not None:
+            if i >= len(blocks) - n_calib:  # ExCEL SVC / DiCLIP VCE: both paths read ln_1 of the ORIGINAL stream
+                x_new = x if x_new is None else x_new  # the calibrated path starts from the first SVC block's input
+                x, attn, y_new, u_b = run_dual_block(blk, x, calib)
+                x_new, u = x_new + y_new, u + u_b  # attention read-out only: no ln_2, no MLP on this path
+            else:
+                x, attn = run_block(blk, x, need_attn=i >= len(blocks) - n_attn)
+            feats.append(x[:, 1:])  # (B, N, D): the original path's tokens, clean [upstream bug fixed]
+            if i >= len(blocks) - n_attn:
                 attns.append(attn[:, 1:, 1:])  # (B, N, N): CLS row and column dropped
-    return dict(feats=feats, attn=torch.stack(attns, 1) if attns else None, x_last=x, grid=(h, w))
+        out = dict(feats=feats, attn=torch.stack(attns, 1) if attns else None, x_last=x, grid=(h, w))
+        if n_calib:
+            x_new = torch.cat([x[:, :1], x_new[:, 1:]], 1)  # the CLS token comes from the original path
+            heads = resblocks[-1].attn.num_heads
+            out.update(x_new=x_new, u=u, bias_scale=float(heads if calib.get("heads", "sum") == "sum" else 1),
+                       n_calib=n_calib)
+    return out
+
+
+def attention_qkv(attn, a):
+    """q, k, v of an nn.MultiheadAttention on batch-first a (B, L, D): each (B, H, L, d), and v before the
+    head split (B, L, D)."""
+    B, L, D = a.shape
+    H = attn.num_heads
+    qkv = F.linear(a, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3D)
+    q, k, v = qkv.view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, L, d)
+    return q, k, v, qkv[..., 2 * D:]
+
+
+def svc_attention(q, k, v, scale):
+    """ExCEL SVC intra-correlation, per head: A = 1/3 [softmax(q q^T s) + softmax(k k^T s) + softmax(v v^T s)],
+    each softmax row-wise with CLIP's scale s = d^-1/2. (..., H, L, d) -> (..., H, L, L), rows sum to 1."""
+    return sum(((x @ x.transpose(-1, -2)) * scale).softmax(-1) for x in (q, k, v)) / 3
+
+
+def run_dual_block(blk, x, calib: dict):
+    """One calibrated block (ExCEL §SVC; DiCLIP's VCE uses the same block with calib["attn"] = "qk").
+    X = ln_1(x_ori); q, k, v = heads(X W_in + b_in); the ORIGINAL path is the frozen block:
+    x_ori + out_proj(concat_h softmax(q_h k_h^T s) v_h), then + MLP(ln_2(.)). The CALIBRATED read-out uses
+    the chosen per-head map A_h (ExCEL: svc_attention; "qk": the standard map), reduced over heads to one map
+    Abar (ExCEL sums the heads [code≠paper]: rows sum to H; or the mean), which every head reads its values
+    with: Y_new = out_proj(concat_h(Abar v_h)) = (Abar v) W_o^T + b_o.
+    An additive patch-patch bias w*Bias on each head's map (ExCEL's LVC term, DiCLIP's ACR attention) adds
+    c w Bias (v W_o^T) to the patch rows of Y_new (c = H for a sum, 1 for a mean): it is linear, so the block
+    returns u = v W_o^T and the bias is applied once after the pass (calibrated_tokens), for any bias, with
+    no second CLIP forward. Returns (x_ori next (B, 1+N, D), head-averaged original attention (B, 1+N, 1+N),
+    Y_new (B, 1+N, D), u (B, 1+N, D))."""
+    attn = blk.attn
+    a = blk.ln_1(x)
+    q, k, v, v_all = attention_qkv(attn, a)
+    B, L, D = a.shape
+    scale = q.shape[-1] ** -0.5
+    a0 = ((q @ k.transpose(-1, -2)) * scale).softmax(-1)  # (B, H, L, L): CLIP's own map
+    y_ori = F.linear((a0 @ v).transpose(1, 2).reshape(B, L, D), attn.out_proj.weight, attn.out_proj.bias)
+    amap = svc_attention(q, k, v, scale) if calib.get("attn", "intra") == "intra" else a0
+    abar = amap.sum(1) if calib.get("heads", "sum") == "sum" else amap.mean(1)  # (B, L, L)
+    y_new = blk.ls_1(F.linear(abar @ v_all, attn.out_proj.weight, attn.out_proj.bias))  # (B, L, D)
+    u = blk.ls_1(F.linear(v_all, attn.out_proj.weight))  # (B, L, D): LayerScale is linear too
+    x = x + blk.ls_1(y_ori)
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x, a0.mean(1), y_new, u
+
+
+def calibrated_tokens(visual, out: dict, bias=None, weight: float = 1.0, norm: str = "tokens"):
+    """The calibrated path's final tokens P = ln_post(x_new + c w Bias u) W_proj, L2-normalised along the
+    TOKEN axis as ExCEL's code (per channel, across the 1+N tokens [code≠paper]) or per token ("channels").
+    bias (B, N, N) acts on the patch rows/columns only (CLS untouched). -> (B, 1+N, E) with CLS first."""
+    x = out["x_new"]
+    if bias is not None and weight != 0:
+        x = torch.cat([x[:, :1], x[:, 1:] + (out["bias_scale"] * weight) * (bias @ out["u"][:, 1:])], 1)
+    p = visual.ln_post(x) @ visual.proj  # (B, 1+N, E)
+    return F.normalize(p.float(), dim=1 if norm == "tokens" else -1)
 
 
 def attn_blocks_needed(cfg: Config, num_blocks: int) -> int:
-    """How many of blocks 1..L-1 must return attention maps for --refine (the last block's comes from
-    GradCAM): the static mean uses the last attn_layers blocks, dynamic RFM the last rfm_dynamic_layers."""
+    """How many blocks must return attention maps for --refine. GradCAM methods: of blocks 1..L-1 (the last
+    block's comes from GradCAM): the static mean uses the last attn_layers blocks, dynamic RFM the last
+    rfm_dynamic_layers. Patch-text methods run all L blocks in the frozen pass."""
     if cfg.refine == "none":
         return 0
     n = max(cfg.attn_layers, cfg.rfm_dynamic_layers if "rfm" in cfg.refine else 0)
-    return min(n, num_blocks) - 1
+    return min(n, num_blocks) - (0 if cfg.cam == "text" else 1)
+
+
+def calib_spec(cfg: Config):
+    """The calibrated path a method asks of clip_image_forward (None: GradCAM methods, no calibrated path)."""
+    return dict(n=cfg.svc_layers, attn=cfg.svc_attn, heads=cfg.svc_heads) if cfg.cam == "text" else None
 
 
 def encode_texts(clip, tokenizer, names, template: str, device):
@@ -858,6 +987,197 @@ def encode_texts(clip, tokenizer, names, template: str, device):
     with torch.no_grad():
         tokens = tokenizer([template.format(n) for n in names]).to(device)
         return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+
+
+# ---- ExCEL TSE: text semantic enrichment with clustered attribute descriptions (ExCEL §TSE, spec §1) ----
+# wsss.py's own attribute sentences (written for this project, 5 per class), used when neither ExCEL's bank
+# (--attr-bank) nor its GPT-4 description JSON (--descriptions) is given. Keys are the dataset's class names;
+# each sentence is prefixed "a clean origami <class>." as ExCEL's JSON is.
+BUILTIN_DESCRIPTIONS = {
+    "voc": {
+        "aeroplane": ["it has two long wings.", "it has a tail fin.", "it has a long thin body.",
+                      "it has jet engines under the wings.", "it has a row of small windows."],
+        "bicycle": ["it has two thin wheels.", "it has pedals and a chain.", "it has handlebars.",
+                    "it has a small saddle.", "it has a metal frame of thin tubes."],
+        "bird": ["it has feathers.", "it has a pointed beak.", "it has two wings folded at its sides.",
+                 "it has thin legs with claws.", "it has a small round head."],
+        "boat": ["it floats on water.", "it has a hull.", "it may have a sail or a mast.",
+                 "it has a deck.", "it has a pointed bow."],
+        "bottle": ["it has a narrow neck.", "it has a cap on top.", "it is made of glass or plastic.",
+                   "it has a cylindrical body.", "it may have a label."],
+        "bus": ["it is a long vehicle.", "it has many windows in a row.", "it has large wheels.",
+                "it has a door for passengers.", "it has a flat front with a windshield."],
+        "car": ["it has four wheels.", "it has doors and windows.", "it has headlights.",
+                "it has a windshield.", "it has a metal body."],
+        "cat": ["it has pointed ears.", "it has whiskers.", "it has soft fur.", "it has a long tail.",
+                "it has green or yellow eyes."],
+        "chair": ["it has four legs.", "it has a backrest.", "it has a flat seat.",
+                  "it is made of wood or metal.", "it may have armrests."],
+        "cow": ["it has horns.", "it has a large body with patches.", "it has hooves.",
+                "it has an udder.", "it has a long face."],
+        "diningtable": ["it has a flat top.", "it has four legs.", "it holds plates and cups.",
+                        "it is made of wood.", "it has chairs around it."],
+        "dog": ["it has fur.", "it has floppy or pointed ears.", "it has a wet nose.", "it has a wagging tail.",
+                "it has four legs and paws."],
+        "horse": ["it has a long mane.", "it has hooves.", "it has a long face.", "it has long legs.",
+                  "it may carry a saddle."],
+        "motorbike": ["it has two wheels.", "it has an engine.", "it has handlebars.", "it has a seat for a rider.",
+                      "it has an exhaust pipe."],
+        "person": ["it has a head with hair.", "it has arms and hands.", "it wears clothes.",
+                   "it has two legs.", "it has a face with eyes."],
+        "pottedplant": ["it has green leaves.", "it grows in a pot.", "it has stems.", "it has soil in the pot.",
+                        "it may have flowers."],
+        "sheep": ["it has thick white wool.", "it has four thin legs.", "it has a small head.",
+                  "it has hooves.", "it grazes on grass."],
+        "sofa": ["it has soft cushions.", "it has armrests.", "it seats several people.",
+                 "it is covered with fabric.", "it has a wide backrest."],
+        "train": ["it runs on rails.", "it has many carriages.", "it has a locomotive.",
+                  "it has a long body.", "it has many windows."],
+        "tvmonitor": ["it has a flat screen.", "it has a thin frame.", "it stands on a base.",
+                      "it displays pictures.", "it is rectangular."],
+    },
+    "synthetic": {
+        "red circle": ["it is round.", "it is red.", "it has a smooth curved edge.", "it has no corners.",
+                       "it is a filled disc."],
+        "blue square": ["it has four equal sides.", "it is blue.", "it has four right angles.",
+                        "it has straight edges.", "it is a filled block."],
+        "green triangle": ["it has three sides.", "it is green.", "it has three corners.",
+                           "it has straight edges.", "it is pointed."],
+        "yellow star": ["it has five points.", "it is yellow.", "it has sharp tips.", "it is spiky.",
+                        "it has a small centre."],
+        "purple ring": ["it is a round band.", "it is purple.", "it has a hole in the middle.",
+                        "it is hollow.", "it has a curved edge."],
+        "orange cross": ["it has two crossing bars.", "it is orange.", "it looks like a plus sign.",
+                         "it has four arms.", "it has right angles."],
+    },
+}
+
+
+def description_sentences(cfg: Config) -> dict:
+    """{class name: [sentence, ...]} for TSE, from --descriptions (ExCEL's JSON) or wsss.py's own sentences.
+    Every bad file is one clear line: missing, not JSON, not {class: [strings]}, unknown or missing classes."""
+    classes = DATASETS[cfg.dataset]["classes"][1:]
+    if not cfg.descriptions:
+        if cfg.dataset not in BUILTIN_DESCRIPTIONS:
+            raise WSSSError(f"TSE on {cfg.dataset} needs --descriptions FILE (ExCEL's JSON; see data.md) or "
+                            f"--attr-bank FILE, or --tse off")
+        own = BUILTIN_DESCRIPTIONS[cfg.dataset]
+        return {c: [f"a clean origami {c}. {s}" for s in own[c]] for c in classes}
+    path = Path(cfg.descriptions)
+    if not path.is_file():
+        raise WSSSError(f"--descriptions file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WSSSError(f"--descriptions {path} is not a JSON file ({type(e).__name__}: {e})")
+    if not isinstance(data, dict) or not all(isinstance(v, list) and v and all(isinstance(s, str) for s in v)
+                                             for v in data.values()):
+        raise WSSSError(f"--descriptions {path} must map each class name to a non-empty list of sentences")
+    unknown, missing = sorted(set(data) - set(classes)), [c for c in classes if c not in data]
+    if unknown or missing:
+        raise WSSSError(f"--descriptions {path} does not match the {cfg.dataset} classes: "
+                        f"unknown {unknown[:5]}, missing {missing[:5]}")
+    return {c: data[c] for c in classes}
+
+
+def tse_num_clusters(cfg: Config, n_sentences: int) -> int:
+    """B: --tse-clusters, or ExCEL's ratio of sentences to clusters (VOC 400/112, COCO 1600/224) [I]."""
+    if cfg.tse_clusters:
+        return cfg.tse_clusters
+    return max(1, round(n_sentences * DATASETS[cfg.dataset].get("attr_ratio", 112 / 400)))
+
+
+def attribute_bank(clip, tokenizer, cfg: Config, device):
+    """ExCEL's attribute bank (spec §1.2-1.4): centroids A (E, B), not re-normalised, and per-class flags
+    (C, B) (which clusters hold a sentence of the class; ExCEL never uses them). From --attr-bank (ExCEL's
+    .pth [centroids, flags]), else built: lower-cased sentences -> CLIP text encoder -> per-sentence L2 ->
+    sklearn KMeans(B, random_state=0, n_init=10). Built banks are cached under cache_dir, keyed by (CLIP,
+    weights, sentences, B, seed), written atomically; a corrupt cached bank is rebuilt."""
+    E = clip.text_projection.shape[-1] if clip.text_projection is not None else clip.token_embedding.weight.shape[1]
+    C = len(DATASETS[cfg.dataset]["classes"]) - 1
+    if cfg.attr_bank:
+        bank = _read_bank(cfg.attr_bank, f"--attr-bank {cfg.attr_bank}")
+        if bank is None:
+            raise WSSSError(f"--attr-bank {cfg.attr_bank} is not an attribute bank (expected a .pth list "
+                            f"[centroids (E x B), flags (C x B)])")
+        A, flags = bank
+        if A.shape[0] != E or flags.shape != (C, A.shape[1]):
+            raise WSSSError(f"--attr-bank {cfg.attr_bank} has centroids {tuple(A.shape)} and flags "
+                            f"{tuple(flags.shape)}; this CLIP and dataset need ({E}, B) and ({C}, B)")
+        return A.to(device), flags.to(device)
+    sentences = description_sentences(cfg)
+    flat = [(c, s.lower()) for c, ss in sentences.items() for s in ss]  # ExCEL lower-cases (load_attr.py:26)
+    B = tse_num_clusters(cfg, len(flat))
+    if len(flat) < B:
+        raise WSSSError(f"TSE needs at least B = {B} description sentences, got {len(flat)} (lower --tse-clusters)")
+    key = hashlib.sha1(json.dumps([cfg.clip_model, cfg.clip_pretrained, _file_stamp(cfg.clip_pretrained), flat, B,
+                                   0]).encode()).hexdigest()[:12]
+    path = Path(cfg.cache_dir) / "tse" / f"{cfg.dataset}-bank-{key}.pt"
+    if path.is_file():
+        bank = _read_bank(path, str(path))
+        if bank is not None and bank[0].shape == (E, B) and bank[1].shape == (C, B):
+            return bank[0].to(device), bank[1].to(device)
+        print0(f"TSE: cached attribute bank {path} is unreadable or foreign; rebuilding it")
+    from sklearn.cluster import KMeans
+    emb = []
+    with torch.no_grad():
+        for i in range(0, len(flat), 256):
+            tokens = tokenizer([s for _, s in flat[i:i + 256]]).to(device)
+            emb.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
+    emb = torch.cat(emb).double().numpy()  # (n, E), unit rows
+    km = KMeans(n_clusters=B, random_state=0, n_init=10).fit(emb)
+    A = torch.from_numpy(km.cluster_centers_.T.copy()).float()  # (E, B): centroids, NOT re-normalised
+    flags = torch.zeros(C, B)
+    names = list(sentences)
+    for (c, _), b in zip(flat, km.labels_):
+        flags[names.index(c), int(b)] = 1.0
+    try:
+        atomic_save([A, flags], path)
+    except OSError as e:
+        print0(f"TSE: could not cache the attribute bank ({e}); it is rebuilt next time")
+    print0(f"TSE: {len(flat)} sentences -> {B} attribute centroids (cached {path.name})")
+    return A.to(device), flags.to(device)
+
+
+def _file_stamp(p: str) -> str:
+    """Size and mtime of a local weights file (part of cache keys), '' for hub tags."""
+    try:
+        st = Path(p).stat()
+        return f"{st.st_size}-{st.st_mtime_ns}"
+    except OSError:
+        return ""
+
+
+def _read_bank(path, what: str):
+    """[centroids (E, B), flags (C, B)] from a .pth file, or None if it is not one (truncated, foreign)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WSSSError(f"{what}: file not found")
+    except Exception:
+        return None
+    if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(torch.is_tensor(t) and t.dim() == 2
+                                                                     for t in obj)):
+        return None
+    return obj[0].float().contiguous(), obj[1].float()
+
+
+def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: float = 1.0):
+    """ExCEL TSE retrieval (spec §1.6). class_emb (C, E) unit template embeddings t_c, centroids A (E, B).
+    s_cb = t_c . a_b (raw dot products: no temperature, centroids not normalised); drop the lowest
+    k = floor((1 - K_r) B) scores (K_r = 0.9 keeps the top 90 %: B = 112 keeps 101); w = softmax of the kept;
+    T_c = normalise(t_c + lam sum_b w_cb a_b). Upstream computes k by float truncation (B = 10 drops 0, and
+    k = 0 masked every score: NaN); here k is exact and k = 0 keeps all [upstream bug fixed].
+    -> (C, E) unit rows."""
+    s = class_emb @ centroids  # (C, B)
+    B = s.shape[1]
+    k_drop = int(math.floor((1 - keep_ratio) * B + 1e-9))
+    if k_drop:
+        low = s.topk(k_drop, dim=1, largest=False).indices  # the k lowest scores of each class
+        s = s.scatter(1, low, float("-inf"))
+    w = s.softmax(1)  # (C, B): weights of the kept attributes
+    # T_c = t_c + lambda sum_b w_cb a_b, then L2-normalised
+    return F.normalize(class_emb + lam * w @ centroids.T, dim=-1)
 
 
 def dino_features(dino, images, norm: str):
@@ -901,6 +1221,12 @@ class Frozen:
         self.dino = build_dino(cfg, device) if need_dino else None
         self.patch = self.clip.visual.conv1.kernel_size[0]
         self.num_blocks = len(self.clip.visual.transformer.resblocks)
+        if cfg.cam == "text":  # ExCEL/DiCLIP: [C foreground (TSE-enriched) texts; Nb background texts], (C+Nb, E)
+            fg = self.texts[: self.num_fg]
+            if cfg.tse == "on":
+                self.attr_centroids, self.attr_flags = attribute_bank(self.clip, self.tokenizer, cfg, device)
+                fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
+            self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -972,6 +1298,48 @@ def first_row_of_image(img, B: int):
     first.scatter_reduce_(0, img, torch.arange(len(img), device=img.device), reduce="amin", include_self=False)
     assert (first >= 0).all(), "every image needs at least one GradCAM row (a foreground class)"
     return first
+
+
+# ---- Patch-text CAMs (ExCEL §3.1, DiCLIP Eq. 1): the calibrated tokens against the class texts ----
+
+def feature_surgery(tokens, texts):
+    """ExCEL's patch-text CAM (CLIP-Surgery feature surgery, spec §3.1). tokens (B, 1+N, E) with CLS first,
+    texts (T, E) unit rows (C foreground then the background words) -> (B, 1+N, T) in [0, 1].
+    p = softmax_t(2 <P_cls, T_t>) (temperature 0.5), w_t = p_t / mean(p); sim_it = w_t <P_i, T_t> minus its
+    mean over ALL texts (the redundant feature); then min-max per text over ALL 1+N tokens, CLS included, no
+    ReLU [code≠paper: the paper writes Norm(cos(P, T))]. A flat map (zero range) gives 0, not NaN."""
+    sim = tokens.float() @ texts.float().T  # (B, 1+N, T)
+    p = (2 * sim[:, :1]).softmax(-1)  # (B, 1, T): the class prior from the CLS token
+    s = (p / p.mean(-1, keepdim=True)) * sim  # w_t <P_i, T_t>
+    s = s - s.mean(-1, keepdim=True)  # minus (1/T) sum_t' w_t' <P_i, T_t'>
+    lo = s.amin(1, keepdim=True)
+    return (s - lo) / (s.amax(1, keepdim=True) - lo).clamp_min(1e-12)  # per text over the tokens
+
+
+def patch_text_cam(tokens, texts, num_fg: int, sim: str = "surgery"):
+    """The static (or, with a bias in `tokens`, dynamic) CAM of every foreground class: (B, N, C) in [0, 1].
+    surgery: feature_surgery, CLS dropped, foreground columns kept (ExCEL code). cosine: the paper-literal
+    Norm(cos(P_i, T_c)), per-token cosine then min-max over the patches."""
+    if sim == "surgery":
+        return feature_surgery(tokens, texts)[:, 1:, :num_fg]
+    cos = F.normalize(tokens[:, 1:].float(), dim=-1) @ texts[:num_fg].float().T  # (B, N, C)
+    lo = cos.amin(1, keepdim=True)
+    return (cos - lo) / (cos.amax(1, keepdim=True) - lo).clamp_min(1e-12)
+
+
+def caa_maps(out: dict, cfg: Config):
+    """The attention maps CAA averages (ExCEL spec §3.3): the original path's patch-patch attention of the last
+    blocks. Upstream's maps of the SVC blocks are head SUMS (rows sum to H) beside a head-averaged one, so the
+    average weights the plain block 1/H as much; `caa_attn_mix upstream` reproduces it, `mean` averages
+    head-averaged maps. -> (B, n, N, N)."""
+    attn = out["attn"].float()
+    n_sum = min(out.get("n_calib", 0), attn.shape[1])
+    if cfg.caa_attn_mix != "upstream" or not n_sum:
+        return attn
+    w = torch.ones(attn.shape[1], device=attn.device)
+    w[attn.shape[1] - n_sum:] = out["bias_scale"] if cfg.svc_heads == "sum" else 1.0
+    return attn * w[None, :, None, None]
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1220,23 +1588,37 @@ def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
 
 
 def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S=None, dynamic=False,
-                       with_super=None, use_par=True, size=None, keep_cams=False) -> dict:
-    """The whole label path of one batch: GradCAM for every (image, class) [and super-class] row in one
-    pass, the method's propagation matrix, box masks where the mode uses them, pseudo-labels Y (B, H, W)
-    and, for CD-CLIP's SBE, super-class pseudo-labels Y_s (B, H, W) from DINO prototype CAMs."""
+                       with_super=None, use_par=True, size=None, keep_cams=False, bias=None,
+                       bias_weight: float = 1.0) -> dict:
+    """The whole label path of one batch: the initial CAMs of every (image, class) [and super-class] row
+    (GradCAM in one pass, or the patch-text CAM of the calibrated tokens, with `bias` added to their
+    patch-patch attention: ExCEL's dynamic CAM), the method's propagation matrix, box masks where the mode
+    uses them, pseudo-labels Y (B, H, W) and, for CD-CLIP's SBE, super-class pseudo-labels Y_s (B, H, W) from
+    DINO prototype CAMs."""
     with fp32(images.device):  # the label path is fp32 whatever the training autocast (see compute_losses)
         return _make_pseudo_labels(frozen, out, images.float(), labels, cfg, S, dynamic, with_super, use_par,
-                                   size, keep_cams)
+                                   size, keep_cams, bias, bias_weight)
 
 
-def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super, use_par, size, keep_cams):
+def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super, use_par, size, keep_cams, bias,
+                        bias_weight):
     with_super = cfg.lambda_b > 0 if with_super is None else with_super
-    # 1. initial CAMs M_init: one GradCAM row per (image, class) [and (image, super-class)], one backward
+    # 1. initial CAMs M_init, one row per (image, present class) [and (image, present super-class)]
     rows = cam_rows(labels, frozen, with_super=with_super)
-    cams, attn_last, patch_emb = gradcam(frozen, out, rows)
+    if cfg.cam == "gradcam":  # WeCLIP / CD-CLIP: one GradCAM backward for all rows
+        cams, attn_last, patch_emb = gradcam(frozen, out, rows)
+        attn_all = attn_last[:, None] if out["attn"] is None else \
+            torch.cat([out["attn"].float(), attn_last[:, None]], 1)  # (B, n_attn + 1, N, N): the last blocks
+    else:  # ExCEL / DiCLIP: the patch-text CAM of the calibrated tokens; no gradient at all
+        tokens = calibrated_tokens(frozen.clip.visual, out, bias, bias_weight, cfg.svc_norm)  # (B, 1+N, E)
+        cam_all = patch_text_cam(tokens, frozen.cam_texts, frozen.num_fg, cfg.cam_sim)  # (B, N, C)
+        h, w = out["grid"]
+        cams = cam_all[rows["img"], :, rows["cls"] - 1].view(-1, h, w)  # (R, h, w)
+        attn_all = caa_maps(out, cfg) if out["attn"] is not None else None  # (B, n_attn, N, N)
+        patch_emb = F.normalize(tokens[:, 1:], dim=-1)
     # 2. the affinity: attention of the last blocks (+ the decoder's S, + class distributions) -> A^t
-    attn_all = attn_last[:, None] if out["attn"] is None else \
-        torch.cat([out["attn"].float(), attn_last[:, None]], 1)  # (B, n_attn + 1, N, N): the last blocks
+    if attn_all is None:  # --refine none with a patch-text CAM: nothing to propagate with
+        attn_all = torch.zeros(images.shape[0], 1, cams[0].numel(), cams[0].numel(), device=images.device)
     A = propagation_matrix(frozen, attn_all, patch_emb, cfg, S=S, dynamic=dynamic)  # (B, N, N)
     # 3. propagate each class CAM; WeCLIP/CAA first keep only source tokens inside the CAM's boxes
     c = ~rows["is_super"]
@@ -1280,15 +1662,40 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def lvc_relation(fd, alpha: float = 3.0, beta: float = 1.0, mean: str = "batch"):
+    """ExCEL's relation matrix (LVC, spec §4.2): R = alpha (cos(F_d) - beta mean cos(F_d)), the cosine between
+    the adapter's per-token features. The mean is ONE scalar over the whole batch and all pairs, as upstream
+    (so R depends on the batch), or per image (`mean="image"`). fd (B, D, h, w) or (B, N, D) -> R (B, N, N)
+    before any activation: sigmoid(R) is L_div's prediction and CAA's gate, softmax(R masked at < 0) the
+    calibrated path's bias (lvc_bias)."""
+    f = fd.flatten(2).transpose(1, 2) if fd.dim() == 4 else fd  # (B, N, D)
+    f = F.normalize(f.float(), dim=-1)
+    cos = f @ f.transpose(1, 2)  # (B, N, N)
+    m = cos.mean() if mean == "batch" else cos.mean((1, 2), keepdim=True)
+    return alpha * (cos - beta * m)
+
+
+def lvc_bias(R):
+    """ExCEL's LVC attention term: softmax_row(R) with R_ij < 0 masked to -inf (clip_surgery_model.py:128-137).
+    The diagonal R_ii = alpha (1 - beta mean) is >= 0 for beta <= 1; it is kept in any case, so no row is
+    ever all -inf. (B, N, N) -> (B, N, N), rows sum to 1."""
+    eye = torch.eye(R.shape[-1], dtype=torch.bool, device=R.device)
+    return R.float().masked_fill((R < 0) & ~eye, float("-inf")).softmax(-1)
+
+
 class SegDecoder(nn.Module):
     """WeCLIP decoder. Fuse head: per-block MLP (D -> dim -> dim) over the patch tokens of CLIP blocks
     1..L-1, concatenated, 1x1 conv -> dim, Dropout2d -> F (B, dim, h, w). Then `layers` pre-LN transformer
     blocks and a 1x1 conv to the K classes. Affinity head S = sigmoid(F^T F) (B, N, N), which the dynamic
-    RFM uses and the affinity loss trains. VOC + ViT-B/16: 5,985,045 parameters, as upstream."""
+    RFM uses and the affinity loss trains. VOC + ViT-B/16: 5,985,045 parameters, as upstream.
+    ExCEL builds the same module on all 12 blocks: its "adapter" is this fuse head (F = F_d, spec §4.1) and its
+    decoder these blocks; relation "cos" gives ExCEL's R (lvc_relation) and S = sigmoid(R): 6,313,237
+    parameters for VOC, as upstream."""
 
     def __init__(self, in_dim: int, n_feats: int, num_classes: int, dim=256, layers=3, heads=8, mlp=1024,
-                 dropout=0.1):
+                 dropout=0.1, relation: str = "dot", alpha: float = 3.0, beta: float = 1.0, rel_mean: str = "batch"):
         super().__init__()
+        self.relation, self.alpha, self.beta, self.rel_mean = relation, alpha, beta, rel_mean
         self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
                                   for _ in range(n_feats))
         self.fuse = nn.Conv2d(n_feats * dim, dim, 1)
@@ -1296,8 +1703,9 @@ class SegDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp) for _ in range(layers))
         self.classifier = nn.Conv2d(dim, num_classes, 1)
 
-    def forward(self, feats, grid):
-        """feats: list of (B, N, D) patch tokens; grid (h, w) -> logits (B, K, h, w), S (B, N, N)."""
+    def forward(self, feats, grid, return_relation: bool = False):
+        """feats: list of (B, N, D) patch tokens; grid (h, w) -> logits (B, K, h, w), S (B, N, N)
+        [and R (B, N, N), S = sigmoid(R)]."""
         (h, w), B = grid, feats[0].shape[0]
         x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], -1)  # (B, N, n*dim)
         x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, n*dim, h, w)
@@ -1306,15 +1714,21 @@ class SegDecoder(nn.Module):
         for blk in self.blocks:
             t = blk(t)
         logits = self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))  # (B, K, h, w)
-        fn = f.flatten(2)  # (B, dim, N)
-        S = torch.sigmoid(fn.transpose(1, 2) @ fn)  # (B, N, N)
-        return logits, S
+        if self.relation == "cos":  # ExCEL: R = alpha (cos(F_d) - beta mean)
+            R = lvc_relation(f, self.alpha, self.beta, self.rel_mean)
+        else:  # WeCLIP: R = F^T F
+            fn = f.flatten(2)  # (B, dim, N)
+            R = fn.transpose(1, 2) @ fn  # (B, N, N)
+        S = torch.sigmoid(R)
+        return (logits, S, R) if return_relation else (logits, S)
 
 
 def build_decoder(cfg: Config, frozen: Frozen):
+    """WeCLIP/CD-CLIP: on blocks 1..L-1 (the last block's tokens are GradCAM's). ExCEL: on all L blocks."""
     width = frozen.clip.visual.conv1.out_channels
-    return SegDecoder(width, frozen.num_blocks - 1, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers,
-                      cfg.dec_heads, cfg.dec_mlp, cfg.dec_dropout)
+    n_feats = frozen.num_blocks if cfg.cam == "text" else frozen.num_blocks - 1
+    return SegDecoder(width, n_feats, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, cfg.dec_mlp,
+                      cfg.dec_dropout, cfg.relation, cfg.lvc_alpha, cfg.lvc_beta, cfg.lvc_mean)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1477,22 +1891,39 @@ def resize_long_side(image, long_side: int):
     return image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
 
 
+def test_resize(image, cfg: Config, s: float = 1.0):
+    """The test-time input at scale s: the long side to s * eval_long_side (WeCLIP), or a square of side
+    s * eval_long_side whatever the aspect ratio (ExCEL: 320 s)."""
+    if cfg.eval_resize == "long":
+        x = resize_long_side(image, cfg.eval_long_side)
+        return x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+    side = max(1, int(cfg.eval_long_side * s))
+    return image if image.shape[-2:] == (side, side) else \
+        F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False)
+
+
 def predict_logits(decoder, frozen: Frozen, image, cfg: Config, size=None):
-    """Multi-scale + flip test: the long side resized to eval_long_side; at each scale the logits of the
-    image and of its un-flipped flip are averaged and resized to the scale-1 token grid; the mean over scales
-    is upsampled to `size` (default: the input size). image (1, 3, H, W) -> logits (1, K, H, W)."""
+    """Multi-scale + flip test. WeCLIP ("long"): the long side resized to eval_long_side, then each scale; the
+    logits of the image and of its un-flipped flip are averaged and resized to the scale-1 token grid; the
+    mean over scales is upsampled to `size` (default: the input size). ExCEL ("square"): a square of side
+    320 s per scale, each scale's logits resized to `size` and averaged; its VOC script uses the un-flipped
+    logits alone at s = 1 (eval_flip_at_1 off). image (1, 3, H, W) -> logits (1, K, H, W)."""
     size = size or image.shape[-2:]
-    x0 = resize_long_side(image, cfg.eval_long_side)
+    x0 = test_resize(image, cfg)
     grid = (x0.shape[-2] // frozen.patch, x0.shape[-1] // frozen.patch)
     acc = 0
     for s in cfg.eval_scales:
-        x = x0 if s == 1 else F.interpolate(x0, scale_factor=s, mode="bilinear", align_corners=False)
-        x = torch.cat([x, x.flip(-1)]) if cfg.eval_flip else x
-        out = clip_image_forward(frozen.clip, x)
+        x = x0 if s == 1 else test_resize(image, cfg, s)
+        flip = cfg.eval_flip and (s != 1 or cfg.eval_flip_at_1)
+        x = torch.cat([x, x.flip(-1)]) if flip else x
+        with fp32(x.device):
+            out = clip_image_forward(frozen.clip, x, full=cfg.cam == "text")
         logits, _ = decoder(out["feats"], out["grid"])
-        logits = (logits[:1] + logits[1:].flip(-1)) / 2 if cfg.eval_flip else logits
-        acc = acc + F.interpolate(logits.float(), size=grid, mode="bilinear", align_corners=False)
-    return F.interpolate(acc / len(cfg.eval_scales), size=size, mode="bilinear", align_corners=False)
+        logits = (logits[:1] + logits[1:].flip(-1)) / 2 if flip else logits
+        acc = acc + F.interpolate(logits.float(), size=grid if cfg.eval_resize == "long" else size, mode="bilinear",
+                                  align_corners=False)
+    acc = acc / len(cfg.eval_scales)
+    return acc if cfg.eval_resize == "square" else F.interpolate(acc, size=size, mode="bilinear", align_corners=False)
 
 
 def crf_refine(rgb: np.ndarray, probs: np.ndarray, cfg: Config) -> np.ndarray:
@@ -1589,16 +2020,23 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
 
 
 def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None) -> dict:
-    """Pseudo-labels of one full image at its GT size, from the image-level labels: raw GradCAM, after the
+    """Pseudo-labels of one full image at its GT size, from the image-level labels: raw CAM, after the
     method's refinement, after PAR (the last is what training uses); plus a CAM heat-map for overlays.
-    With a decoder, RFM runs in its dynamic mode with the decoder affinity (upstream's val mode)."""
+    With a decoder, RFM runs in its dynamic mode with the decoder affinity, ExCEL's CAM is the dynamic one
+    and its box threshold the validation one (upstream's val mode)."""
     size = image.shape[-2:]
-    x = resize_long_side(image, cfg.eval_long_side)
-    with torch.no_grad():
-        out = clip_image_forward(frozen.clip, x, attn_blocks_needed(cfg, frozen.num_blocks))
-        S = decoder(out["feats"], out["grid"])[1] if decoder is not None else None
+    x = test_resize(image, cfg)
+    bias = None
+    with torch.no_grad(), fp32(x.device):
+        out = clip_image_forward(frozen.clip, x, attn_blocks_needed(cfg, frozen.num_blocks), calib=calib_spec(cfg))
+        S = R = None
+        if decoder is not None:
+            _, S, R = decoder(out["feats"], out["grid"], return_relation=True)
+            bias = lvc_bias(R) if cfg.lvc else None
+            if cfg.val_box_threshold:
+                cfg = dataclasses.replace(cfg, box_threshold=cfg.val_box_threshold)
     res = make_pseudo_labels(frozen, out, x, labels, cfg, S=S, dynamic=decoder is not None, with_super=False,
-                             size=size, keep_cams=True)
+                             size=size, keep_cams=True, bias=bias)
     rows, c = res["rows"], ~res["rows"]["is_super"]
     img, cls = rows["img"][c], rows["cls"][c]
     heat = F.interpolate(minmax(res["refined"]).amax(0)[None, None], size=size, mode="bilinear",
@@ -1653,7 +2091,8 @@ def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
     if not isinstance(ckpt, dict) or "decoder" not in ckpt:
         raise WSSSError(f"{path} is not a wsss.py checkpoint")
     saved = ckpt.get("config", {})
-    diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
+    was = {k: saved.get(k, getattr(Config, k)) for k in keys}  # keys added later: the old default
+    diff = [f"{k}={was[k]!r} (now {getattr(cfg, k)!r})" for k in keys if was[k] != getattr(cfg, k)]
     if diff:
         raise WSSSError(f"checkpoint {path} was trained with another config: {', '.join(diff)}")
     return ckpt
@@ -1673,19 +2112,26 @@ def setup_distributed(cfg: Config):
 
 def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int):
     """One batch of the algorithm: frozen CLIP pass, decoder, pseudo-labels (no gradient into the decoder),
-    L = L_seg + lambda_aff L_aff (WeCLIP) + lambda_b L_b (CD-CLIP). Returns (loss, float parts, labels).
-    Under AMP only the decoder runs in reduced precision: the frozen pass and the label path run in fp32 with
-    autocast disabled (in bf16 CDA's refined maps collapse to a few dozen levels), as upstream."""
+    L = L_seg + lambda_aff L_aff (WeCLIP; ExCEL's L_div) + lambda_b L_b (CD-CLIP). Returns (loss, float parts,
+    labels). Under AMP only the decoder runs in reduced precision: the frozen pass and the label path run in
+    fp32 with autocast disabled (in bf16 CDA's refined maps collapse to a few dozen levels), as upstream."""
     with fp32(images.device):
-        out = clip_image_forward(frozen.clip, images, attn_blocks_needed(cfg, frozen.num_blocks))
-    logits, S = model(out["feats"], out["grid"])
-    # the label path sees the decoder only through a detached S: pseudo-labels never carry gradient
+        out = clip_image_forward(frozen.clip, images, attn_blocks_needed(cfg, frozen.num_blocks),
+                                 calib=calib_spec(cfg))
+    logits, S, R = model(out["feats"], out["grid"], return_relation=True)
+    # the label path sees the decoder only through a detached S (and R): pseudo-labels never carry gradient
     dynamic = step >= cfg.rfm_dynamic_after  # WeCLIP counts every forward call, validation too [upstream bug fixed]
-    pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic)
+    # ExCEL's dynamic CAM (LVC) from the same switch step: softmax(R) biases the calibrated path
+    bias = lvc_bias(R.detach().float()) if cfg.lvc and dynamic else None
+    pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic, bias=bias)
     loss_seg = balanced_ce_loss(logits.float(), pl["Y"])
     loss, parts = loss_seg, dict(seg=loss_seg.item())
     if cfg.lambda_aff > 0:
-        loss_aff = affinity_loss(S.float(), affinity_labels(pl["Y"], out["grid"], cfg.aff_radius))
+        target = pl["Y"]
+        if cfg.aff_self_after and step >= cfg.aff_self_after:  # ExCEL VOC: the model's own prediction from 24k
+            target = F.interpolate(logits.detach().float(), size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False).argmax(1)
+        loss_aff = affinity_loss(S.float(), affinity_labels(target, out["grid"], cfg.aff_radius))
         loss, parts["aff"] = loss + cfg.lambda_aff * loss_aff, loss_aff.item()
     if cfg.lambda_b > 0:
         loss_b, parts["gated"] = boundary_loss(logits, pl["Y_s"], labels, frozen, cfg)
