@@ -946,3 +946,394 @@ def test_errors_inside_dataloader_workers_and_devices_are_one_line(synth_root, c
     if not torch.cuda.is_available():
         assert wsss.main(["train", "--demo", "--device", "cuda", "--cache-dir", str(tmp_path / "c")]) == 2
         assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# ExCEL: patch-text CAMs (feature surgery), TSE, the dual-path forward (SVC), LVC, CAA, the excel preset
+# ---------------------------------------------------------------------------------------------------
+
+def surgery_oracle(tokens, texts):
+    """feature surgery in numpy, straight from the spec's formulas (float64)."""
+    P, T = np.asarray(tokens, np.float64), np.asarray(texts, np.float64)
+    sim = P @ T.T  # (B, 1+N, T)
+    out = np.zeros_like(sim)
+    for b in range(P.shape[0]):
+        z = 2 * sim[b, 0]
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        w = p / p.mean()
+        s = w[None] * sim[b]
+        s = s - s.mean(1, keepdims=True)
+        out[b] = (s - s.min(0)) / (s.max(0) - s.min(0))
+    return out
+
+
+def test_feature_surgery_hand_worked_and_oracle():
+    # CLS = e1, patch 1 = e1, patch 2 = e2; texts e1, e2. p = softmax(2, 0) = (0.8808, 0.1192), w = 2p;
+    # s - mean_t: CLS and patch 1 (0.8808, -0.8808), patch 2 (-0.1192, 0.1192) -> per text min-max over tokens
+    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    got = wsss.feature_surgery(tokens, torch.eye(2))
+    assert_close(got, [[[1, 0], [1, 0], [0, 1]]], atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    tokens, texts = torch.randn(2, 7, 5, generator=g), F.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    got = wsss.feature_surgery(tokens, texts)
+    assert_close(got, surgery_oracle(tokens, texts), atol=1e-5, what="surgery vs numpy")
+    # the min-max includes CLS: each text's min and max are reached somewhere over all 1+N tokens
+    assert torch.allclose(got.amin(1), torch.zeros(2, 4)) and torch.allclose(got.amax(1), torch.ones(2, 4))
+    planted = tokens.clone()
+    planted[:, 0] = 10 * texts[0]  # a CLS token far along text 0: it holds that text's extreme
+    got_p = wsss.feature_surgery(planted, texts)
+    assert_close(got_p, surgery_oracle(planted, texts), atol=1e-5)
+    assert (got_p[:, 1:, 0].amax(1) < 1).all() or (got_p[:, 1:, 0].amin(1) > 0).all()
+    cam = wsss.patch_text_cam(tokens, texts, 3)  # CLS dropped, foreground columns kept
+    assert_close(cam, got[:, 1:, :3])
+    flat = wsss.feature_surgery(torch.ones(1, 3, 5), texts)  # a flat map: 0, never NaN
+    assert torch.isfinite(flat).all()
+    cos = wsss.patch_text_cam(tokens, texts, 3, "cosine")  # paper-literal: per-token cosine, min-max over patches
+    c = F.normalize(tokens[:, 1:], dim=-1) @ texts[:3].T
+    assert_close(cos, (c - c.amin(1, keepdim=True)) / (c.amax(1, keepdim=True) - c.amin(1, keepdim=True)))
+
+
+def test_tse_top_k_counts_softmax_and_enrichment():
+    g = torch.Generator().manual_seed(1)
+    E = 16
+    t = F.normalize(torch.randn(3, E, generator=g), dim=-1)
+    for B, keep, kept in ((112, 0.9, 101), (10, 0.9, 9), (20, 0.9, 18), (10, 1.0, 10), (8, 0.5, 4)):
+        A = torch.randn(E, B, generator=g) * 0.3
+        s = t @ A
+        T = wsss.tse_text_embeddings(t, A, keep_ratio=keep, lam=1.0)
+        # recover the weights: T_c * |t_c + A w_c| - t_c = A w_c; solve A w = r by least squares (B <= E only)
+        assert torch.isfinite(T).all() and torch.allclose(T.norm(dim=-1), torch.ones(3))
+        order = s.argsort(1, descending=True)
+        w = torch.zeros_like(s)
+        top = order[:, :kept]
+        w.scatter_(1, top, s.gather(1, top).softmax(1))  # softmax over the kept top scores only
+        ref = F.normalize(t + w @ A.T, dim=-1)
+        assert_close(T, ref, atol=1e-5, what=f"B={B} K_r={keep}")
+    # lambda = 0: the template embedding itself; lambda scales the attribute sum
+    A = torch.randn(E, 10, generator=g)
+    assert_close(wsss.tse_text_embeddings(t, A, 0.9, lam=0.0), t)
+    assert not torch.allclose(wsss.tse_text_embeddings(t, A, 0.9, lam=2.0), wsss.tse_text_embeddings(t, A, 0.9))
+
+
+def test_svc_attention_rows_and_values():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    A = wsss.svc_attention(q, k, v, 0.5)
+    assert_close(A.sum(-1), torch.ones(2, 3, 5))
+    ref = sum(((x @ x.transpose(-1, -2)) * 0.5).softmax(-1) for x in (q, k, v)) / 3
+    assert_close(A, ref)
+    assert_close(A, A.transpose(-1, -2) * 0 + A)  # (shape check on the per-head maps)
+    # q q^T is symmetric before the softmax: each of the three maps has row-wise softmax of a symmetric matrix
+    qq = (q @ q.transpose(-1, -2)) * 0.5
+    assert_close(qq, qq.transpose(-1, -2))
+
+
+def tiny_clip(seed=0, layers=3, width=32, heads=4):
+    import open_clip
+    torch.manual_seed(seed)
+    clip = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=layers, width=width,
+                                                        head_width=width // heads, patch_size=8),
+                          text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+    with torch.no_grad():  # non-trivial LayerNorms and biases, so that no term can hide
+        for name, p in clip.visual.named_parameters():
+            if "ln" in name or "bias" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return clip.eval().requires_grad_(False)
+
+
+def reference_dual_path(clip, images, n, attn="intra", heads="sum", bias=None, w=1.0, norm="tokens"):
+    """The calibrated path written out literally from the spec (§2.2-2.3): per block, the per-head map (+ the
+    bias on each head's patch-patch block), summed (or averaged) over heads, read by every head, out_proj;
+    no MLP; CLS copied from the original path; ln_post, proj, L2 over the token axis. Also returns the maps."""
+    v = clip.visual
+    x = v.conv1(images)
+    B, D, h, w_ = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(B, 1, D), x], 1) + v.positional_embedding
+    x = v.ln_pre(x)
+    blocks = v.transformer.resblocks
+    x_new, maps = None, []
+    for i, blk in enumerate(blocks):
+        if i >= len(blocks) - n:
+            x_new = x.clone() if x_new is None else x_new
+            a = blk.ln_1(x)
+            H = blk.attn.num_heads
+            qkv = a @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias
+            q, k, vv = [t.view(B, -1, H, D // H).transpose(1, 2) for t in qkv.split(D, -1)]
+            s = (D // H) ** -0.5
+            if attn == "intra":
+                m = sum(((t @ t.transpose(-1, -2)) * s).softmax(-1) for t in (q, k, vv)) / 3
+            else:
+                m = ((q @ k.transpose(-1, -2)) * s).softmax(-1)
+            if bias is not None:
+                m = m.clone()
+                m[:, :, 1:, 1:] += w * bias[:, None]
+            mbar = m.sum(1) if heads == "sum" else m.mean(1)
+            maps.append(mbar)
+            outs = torch.stack([mbar @ vv[:, hh] for hh in range(H)], 2).reshape(B, -1, D)
+            x_new = x_new + blk.attn.out_proj(outs)
+        x = blk(x)
+    x_new[:, 0] = x[:, 0]
+    p = v.ln_post(x_new) @ v.proj
+    return F.normalize(p, dim=1 if norm == "tokens" else -1), x, maps
+
+
+@pytest.mark.parametrize("attn,heads,norm", [("intra", "sum", "tokens"), ("qk", "mean", "channels")])
+def test_dual_path_equals_plain_clip_and_hand_rolled_reference(attn, heads, norm):
+    clip = tiny_clip()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    calib = dict(n=2, attn=attn, heads=heads)
+    out = wsss.clip_image_forward(clip, images, n_attn=3, calib=calib)
+    # the original path is frozen CLIP: open_clip's own transformer gives the same final tokens
+    v = clip.visual
+    x = v.conv1(images).flatten(2).transpose(1, 2)
+    x = v.ln_pre(torch.cat([v.class_embedding.expand(2, 1, -1), x], 1) + v.positional_embedding)
+    assert_close(out["x_last"], v.transformer(x), atol=1e-5, what="original path")
+    assert len(out["feats"]) == 3 and out["attn"].shape == (2, 3, 16, 16) and out["n_calib"] == 2
+    bias = wsss.lvc_bias(wsss.lvc_relation(torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(4))))
+    for b, wt in ((None, 1.0), (bias, 1.0), (bias, 0.5)):
+        ref, _, maps = reference_dual_path(clip, images, 2, attn, heads, b, wt, norm)
+        got = wsss.calibrated_tokens(v, out, b, wt, norm)
+        assert_close(got, ref, atol=2e-5, what=f"calibrated path, bias {b is not None}, w {wt}")
+        H = 4 if heads == "sum" else 1
+        for m in maps:  # row sums: H after the head sum (1 for the mean); patch rows + H w with the bias
+            assert_close(m[:, 0].sum(-1), torch.full((2,), float(H)))
+            assert_close(m[:, 1:].sum(-1), torch.full((2, 16), H * (1 + (wt if b is not None else 0))))
+    # w = 0 equals no bias bit for bit (DiCLIP's VCE with w = 0 is the plain dual path)
+    assert torch.equal(wsss.calibrated_tokens(v, out, bias, 0.0, norm), wsss.calibrated_tokens(v, out, None, 1, norm))
+
+
+def test_lvc_relation_on_block_structured_features_and_bias():
+    # two images; image 0: tokens 0-1 along e1, tokens 2-3 along e2; image 1: all four along e1
+    f = torch.zeros(2, 4, 3)
+    f[0, :2, 0], f[0, 2:, 1], f[1, :, 0] = 2.0, 5.0, 1.0
+    cos0 = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
+    cos = torch.stack([cos0, torch.ones(4, 4)])
+    batch_mean = (8 + 16) / 32  # one scalar over the whole batch (upstream)
+    assert_close(wsss.lvc_relation(f, 3.0, 1.0), 3 * (cos - batch_mean))
+    assert_close(wsss.lvc_relation(f, 3.0, 1.0, mean="image"), 3 * (cos - torch.tensor([0.5, 1.0])[:, None, None]))
+    assert_close(wsss.lvc_relation(f.transpose(1, 2).reshape(2, 3, 2, 2), 2.0, 0.5), 2 * (cos - 0.5 * batch_mean))
+    R = wsss.lvc_relation(f)
+    bias = wsss.lvc_bias(R)  # negatives masked: image 0 attends within its block only, uniformly
+    assert_close(bias.sum(-1), torch.ones(2, 4))
+    assert_close(bias[0], cos0 / 2)
+    assert_close(bias[1], torch.full((4, 4), 0.25))
+    # a row whose off-diagonal entries are all negative keeps its diagonal (never an all -inf row)
+    assert_close(wsss.lvc_bias(torch.tensor([[[1.0, -1.0], [-2.0, -3.0]]])), [[[1.0, 0.0], [0.0, 1.0]]])
+
+
+def test_excel_adapter_decoder_parameter_count():
+    dec = wsss.SegDecoder(768, 12, 21, relation="cos")
+    assert sum(p.numel() for p in dec.parameters()) == 6_313_237  # ExCEL VOC: adapter 3,938,560 + decoder
+    dec = wsss.SegDecoder(16, 3, 5, dim=8, layers=1, heads=2, mlp=16, relation="cos").eval()
+    logits, S, R = dec([torch.randn(2, 6, 16) for _ in range(3)], (2, 3), return_relation=True)
+    assert logits.shape == (2, 5, 2, 3) and torch.allclose(S, torch.sigmoid(R))
+    d = R.diagonal(dim1=1, dim2=2)  # R_ii = alpha (1 - beta m), the same for every token; m is R's batch mean
+    assert abs(R.mean().item()) < 1e-5 and torch.allclose(d, d[0, 0].expand(2, 6), atol=1e-5)
+    assert (R <= d[0, 0] + 1e-5).all()
+
+
+def test_caa_maps_mix_head_sums_as_upstream(synth_root, cache_dir):
+    cfg = synth_cfg(synth_root, cache_dir, method="excel")
+    attn = torch.rand(1, 6, 4, 4)
+    out = dict(attn=attn, n_calib=5, bias_scale=12.0)
+    mixed = wsss.caa_maps(out, cfg)
+    assert_close(mixed[:, 0], attn[:, 0]) and assert_close(mixed[:, 1:], 12 * attn[:, 1:])
+    assert torch.equal(wsss.caa_maps(out, dataclasses.replace(cfg, caa_attn_mix="mean")), attn)
+    # CAA = the existing static mean -> Sinkhorn -> square, box-masked propagation (refine "rfm", static)
+    W = wsss.rfm_weights(mixed, cfg)
+    assert_close(W, mixed.mean(1))
+    assert_close(wsss.propagation_matrix(None, mixed, None, cfg), wsss.transition_matrix(mixed.mean(1)))
+
+
+def test_excel_preset_and_bad_inputs(synth_root, cache_dir, tmp_path):
+    cfg = wsss.make_config(method="excel")
+    assert (cfg.cam, cfg.refine, cfg.box_threshold, cfg.val_box_threshold, cfg.lr, cfg.rfm_dynamic_after,
+            cfg.aff_self_after, cfg.attn_layers, cfg.svc_layers, cfg.lambda_aff, cfg.seed) == \
+        ("text", "rfm", 0.79, 0.75, 1e-3, 14000, 24000, 6, 5, 0.1, 0)
+    coco = wsss.make_config(method="excel", dataset="coco")
+    assert (coco.box_threshold, coco.rfm_dynamic_after, coco.aff_self_after, coco.warmup_steps, coco.max_steps) == \
+        (0.88, 30000, 0, 200, 100000)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(wsss.WSSSError, match="tse-keep"):
+            wsss.make_config(method="excel", tse_keep=bad)
+    base = dict(method="excel")
+
+    def bank_error(**kw):
+        c = synth_cfg(synth_root, cache_dir, **base, **kw)
+        with pytest.raises(wsss.WSSSError) as e:
+            wsss.attribute_bank(None, None, c, CPU) if "attr_bank" in kw else wsss.description_sentences(c)
+        return str(e.value)
+
+    assert "not found" in bank_error(descriptions=str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "is not a JSON file" in bank_error(descriptions=str(tmp_path / "bad.json"))
+    (tmp_path / "shape.json").write_text(json.dumps({"red circle": "round"}))
+    assert "non-empty list of sentences" in bank_error(descriptions=str(tmp_path / "shape.json"))
+    (tmp_path / "names.json").write_text(json.dumps({"red disc": ["round."]}))
+    msg = bank_error(descriptions=str(tmp_path / "names.json"))
+    assert "does not match the synthetic classes" in msg and "red disc" in msg
+    torch.save([torch.zeros(7, 4), torch.zeros(6, 4)], tmp_path / "bank.pth")
+
+    class FakeClip:  # only the text projection's width is read before the shape check
+        text_projection = torch.zeros(64, 64)
+    c = synth_cfg(synth_root, cache_dir, **base, attr_bank=str(tmp_path / "bank.pth"))
+    with pytest.raises(wsss.WSSSError, match=r"has centroids \(7, 4\).*need \(64, B\)"):
+        wsss.attribute_bank(FakeClip(), None, c, CPU)
+    (tmp_path / "junk.pth").write_bytes(b"\x00junk")
+    c = synth_cfg(synth_root, cache_dir, **base, attr_bank=str(tmp_path / "junk.pth"))
+    with pytest.raises(wsss.WSSSError, match="is not an attribute bank"):
+        wsss.attribute_bank(FakeClip(), None, c, CPU)
+    with pytest.raises(wsss.WSSSError, match="needs --descriptions"):
+        wsss.description_sentences(wsss.make_config(method="excel", dataset="coco"))
+    with pytest.raises(wsss.WSSSError, match="at least B = 40"):
+        Fz = wsss.Frozen(synth_cfg(synth_root, cache_dir, **base, tse_clusters=40), CPU)
+
+
+def test_tse_bank_built_cached_and_corrupt_cache_rebuilt(synth_root, cache_dir, tmp_path, capsys):
+    cfg = synth_cfg(synth_root, tmp_path, method="excel")
+    frozen = wsss.Frozen(cfg, CPU)
+    A, flags = frozen.attr_centroids, frozen.attr_flags
+    assert A.shape == (64, 8) and flags.shape == (6, 8)  # 30 own sentences, ExCEL's ratio 112/400 -> B = 8
+    assert (flags.sum(0) >= 1).all()  # every cluster holds some class's sentence
+    assert (A.norm(dim=0) <= 1 + 1e-5).all()  # centroids of unit vectors, not re-normalised
+    # the bank against sklearn directly
+    from sklearn.cluster import KMeans
+    sents = [s.lower() for ss in wsss.description_sentences(cfg).values() for s in ss]
+    with torch.no_grad():
+        emb = F.normalize(frozen.clip.encode_text(frozen.tokenizer(sents)).float(), dim=-1).double().numpy()
+    km = KMeans(n_clusters=8, random_state=0, n_init=10).fit(emb)
+    assert_close(A, torch.from_numpy(km.cluster_centers_.T), atol=1e-5)
+    fg = wsss.tse_text_embeddings(frozen.texts[:6], A, 0.9, 1.0)
+    assert_close(frozen.cam_texts[:6], fg) and assert_close(frozen.cam_texts[6:], frozen.texts[6 + 3:])
+    (path,) = list((tmp_path / "tse").glob("*.pt"))
+    path.write_bytes(path.read_bytes()[:100])  # truncated: rebuilt with one line, same bank
+    capsys.readouterr()
+    again = wsss.Frozen(cfg, CPU)
+    assert "unreadable or foreign; rebuilding" in capsys.readouterr().out
+    assert_close(again.attr_centroids, A)
+    off = wsss.Frozen(dataclasses.replace(cfg, tse="off"), CPU)  # the "Global" ablation: template texts only
+    assert_close(off.cam_texts[:6], frozen.texts[:6])
+
+
+def excel_batch(synth_root, cache_dir, n=4, **kw):
+    cfg = synth_cfg(synth_root, cache_dir, method="excel", **kw)
+    ds = wsss.SegDataset(cfg, "train", train=True)
+    items = [ds[i] for i in range(n)]
+    return cfg, torch.stack([b["image"] for b in items]), torch.stack([b["label"] for b in items])
+
+
+def test_excel_training_step_static_then_dynamic_and_bf16(synth_root, cache_dir):
+    cfg, images, labels = excel_batch(synth_root, cache_dir, rfm_dynamic_after=5, aff_self_after=7)
+    frozen = wsss.Frozen(cfg, CPU)
+    torch.manual_seed(0)
+    dec = wsss.build_decoder(cfg, frozen).eval()
+    assert len(dec.mlps) == frozen.num_blocks  # ExCEL's adapter reads all L blocks
+    _, _, pl0 = wsss.compute_losses(dec, frozen, images, labels, cfg, step=4)
+    _, _, pl1 = wsss.compute_losses(dec, frozen, images, labels, cfg, step=5)
+    # the switch step: from it on, the dynamic CAM (LVC bias) and the sigmoid(R)-gated CAA change the labels
+    assert not torch.equal(pl0["Y"], pl1["Y"])
+    # ... and exactly what they are: the label path by hand
+    out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(cfg, frozen.num_blocks),
+                                  calib=wsss.calib_spec(cfg))
+    _, S, R = dec(out["feats"], out["grid"], return_relation=True)
+    ref = wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, dynamic=True, bias=wsss.lvc_bias(R))
+    assert torch.equal(ref["Y"], pl1["Y"])
+    no_lvc = wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, dynamic=True)
+    assert not torch.equal(no_lvc["Y"], pl1["Y"])  # the bias matters
+    # under a bf16 autocast the label path still runs in fp32: identical pseudo-labels (static phase; in the
+    # dynamic phase the decoder's own output, computed under AMP, takes part, as it does upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, pl_bf = wsss.compute_losses(dec, frozen, images, labels, cfg, step=4)
+    assert torch.equal(pl_bf["Y"], pl0["Y"])
+    # L_div's targets switch to the model's own argmax at aff_self_after
+    l6 = wsss.compute_losses(dec, frozen, images, labels, cfg, step=6)[1]["aff"]
+    l7 = wsss.compute_losses(dec, frozen, images, labels, cfg, step=7)[1]["aff"]
+    logits = dec(out["feats"], out["grid"])[0]
+    own = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+    assert l6 != l7 and abs(l7 - wsss.affinity_loss(S, wsss.affinity_labels(own, out["grid"], 8)).item()) < 1e-6
+
+
+@pytest.mark.parametrize("switch", [dict(tse="off"), dict(tse_keep=0.5), dict(svc_layers=1), dict(svc_heads="mean"),
+                                    dict(cam_sim="cosine"), dict(svc_attn="qk"), dict(svc_norm="channels"),
+                                    dict(caa_attn_mix="mean")])
+def test_excel_ablation_switches_change_the_static_labels(synth_root, cache_dir, switch):
+    cfg, images, labels = excel_batch(synth_root, cache_dir, n=4)
+    alt = dataclasses.replace(cfg, **switch)
+    res = []
+    for c in (cfg, alt):
+        frozen = wsss.Frozen(c, CPU)
+        out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(c, 3), calib=wsss.calib_spec(c))
+        res.append(wsss.make_pseudo_labels(frozen, out, images, labels, c, keep_cams=True))
+    assert not torch.equal(res[0]["cams"], res[1]["cams"]) or not torch.equal(res[0]["refined"], res[1]["refined"])
+
+
+def test_excel_lvc_off_and_weight_switches_train_a_step(synth_root, cache_dir):
+    cfg, images, labels = excel_batch(synth_root, cache_dir, rfm_dynamic_after=0)
+    frozen = wsss.Frozen(cfg, CPU)
+    torch.manual_seed(0)
+    dec = wsss.build_decoder(cfg, frozen)
+    on = wsss.compute_losses(dec.eval(), frozen, images, labels, cfg, 1)
+    off = wsss.compute_losses(dec, frozen, images, labels, dataclasses.replace(cfg, lvc=False), 1)
+    assert not torch.equal(on[2]["Y"], off[2]["Y"])  # LVC off: the static CAM after the switch too
+    loss0 = wsss.compute_losses(dec, frozen, images, labels, dataclasses.replace(cfg, lambda_aff=0.0), 1)
+    assert "aff" not in loss0[1] and abs(loss0[0].item() - on[1]["seg"]) < 1e-6  # L = L_seg + 0.1 L_div
+    assert abs(on[0].item() - (on[1]["seg"] + 0.1 * on[1]["aff"])) < 1e-5
+
+
+def test_test_time_square_protocol_and_flip_at_scale_1(synth_root, cache_dir):
+    cfg = synth_cfg(synth_root, cache_dir, method="excel", eval_long_side=32, eval_scales=(1.0,))
+    frozen = wsss.Frozen(cfg, CPU)
+    dec = wsss.build_decoder(cfg, frozen).eval()
+    image = torch.randn(1, 3, 40, 24)
+    assert wsss.test_resize(image, cfg, 1.5).shape[-2:] == (48, 48)  # a square of 32 s, aspect ignored
+    with torch.no_grad():
+        got = wsss.predict_logits(dec, frozen, image, cfg)  # VOC: un-flipped logits alone at s = 1
+        x = F.interpolate(image, size=(32, 32), mode="bilinear", align_corners=False)
+        out = wsss.clip_image_forward(frozen.clip, x, full=True)
+        ref = F.interpolate(dec(out["feats"], out["grid"])[0], size=(40, 24), mode="bilinear", align_corners=False)
+        assert_close(got, ref, atol=1e-5)
+        flipped = wsss.predict_logits(dec, frozen, image, dataclasses.replace(cfg, eval_flip_at_1=True))
+        assert not torch.allclose(flipped, got)
+
+
+def test_planted_signal_excel_pseudo_labels(synth_root, cache_dir):
+    cfg = synth_cfg(synth_root, cache_dir, method="excel", tse="off")
+    frozen = planted_frozen(cfg)
+    C, Ns = frozen.num_fg, frozen.num_super
+    frozen.cam_texts = torch.cat([frozen.texts[:C], frozen.texts[C + Ns:]])
+    res = wsss.evaluate(None, frozen, wsss.SegDataset(cfg, "val", train=False), cfg, CPU, cams=True)
+    assert res["cam"]["miou"] >= 0.6 and res["refined+PAR"]["miou"] >= 0.8, {k: v["miou"] for k, v in res.items()}
+
+
+@pytest.fixture(scope="session")
+def excel_run(cache_dir, tmp_path_factory):
+    """One short excel --demo training through the CLI (4 steps, dynamic from step 2, checkpoints at 2, 4)."""
+    out = tmp_path_factory.mktemp("excel_run")
+    r = run_cli("train", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", out,
+                "--max-steps", 4, "--save-every", 2, "--log-every", 1, "--rfm-dynamic-after", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_cli_excel_demo_resume_eval_and_cams(excel_run, cache_dir, tmp_path):
+    out, r = excel_run
+    assert "excel (refine rfm)" in r.stdout and "random CLIP" in r.stdout and "all-bg" in r.stdout
+    assert "trainable params" in r.stdout
+    first = {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m}
+    assert sorted(first) == [1, 2, 3, 4] and all(math.isfinite(v) for v in first.values())
+    r2 = run_cli("train", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path / "re",
+                 "--max-steps", 4, "--save-every", 2, "--log-every", 1, "--rfm-dynamic-after", 2,
+                 "--resume", out / "ckpt-000002.pt")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    again = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "re" / "metrics.jsonl") if "loss" in m}
+    assert again[3] == first[3] and again[4] == first[4]  # exact resume through the dynamic phase
+    r3 = run_cli("eval", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", out / "ckpt.pt")
+    assert r3.returncode == 0 and "(step 4)" in r3.stdout, r3.stderr[-2000:]
+    r4 = run_cli("cams", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--cam-split", "val")
+    assert r4.returncode == 0 and "training-free" in r4.stdout and "refined+PAR" in r4.stdout, r4.stderr[-2000:]
+    r5 = run_cli("cams", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--cam-split", "val",
+                 "--ckpt", out / "ckpt.pt")
+    assert r5.returncode == 0 and "(step 4)" in r5.stdout, r5.stderr[-2000:]
+    r6 = run_cli("train", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--tse-keep", "0")
+    assert r6.returncode == 2 and r6.stderr.count("\n") == 1 and "--tse-keep" in r6.stderr

@@ -171,7 +171,7 @@ REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
 
 # --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
 DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
-            warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240,
+            warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240, eval_long_side=64,
             cam_logit_scale=0.0)  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
 
 
@@ -301,6 +301,7 @@ class Config:
     toy_lr: float = 2e-3          # `pretrain-toy`: peak AdamW lr
     toy_weight_decay: float = 0.1  # `pretrain-toy`: AdamW weight decay (CLIP's)
     toy_warmup: float = 0.1       # `pretrain-toy`: fraction of the steps spent in linear warm-up, then cosine
+    toy_seed: int = 1             # `pretrain-toy`: seed of the toy CLIP (one toy CLIP for every method's demo)
 
 
 def parse_config(argv, command: str = "train") -> Config:
@@ -309,7 +310,9 @@ def parse_config(argv, command: str = "train") -> Config:
     parser = build_parser(command)
     ns = parser.parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if k != "command"}
-    return make_config(**given)
+    cfg = make_config(**given)
+    cfg._given = frozenset(given)  # the flags set explicitly (not a field: never saved or compared)
+    return cfg
 
 
 def build_parser(command: str = "train") -> argparse.ArgumentParser:
@@ -769,7 +772,7 @@ TOY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_
 
 def toy_clip_path(cfg: Config) -> Path:
     key = hashlib.sha1(json.dumps([TOY_CLIP, cfg.toy_steps, cfg.toy_batch, cfg.toy_lr, cfg.toy_weight_decay,
-                                   cfg.toy_warmup, cfg.seed]).encode())
+                                   cfg.toy_warmup, cfg.toy_seed]).encode())
     return Path(cfg.cache_dir) / f"toy-clip-{key.hexdigest()[:10]}.pt"
 
 
@@ -1714,12 +1717,13 @@ class SegDecoder(nn.Module):
         for blk in self.blocks:
             t = blk(t)
         logits = self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))  # (B, K, h, w)
-        if self.relation == "cos":  # ExCEL: R = alpha (cos(F_d) - beta mean)
-            R = lvc_relation(f, self.alpha, self.beta, self.rel_mean)
-        else:  # WeCLIP: R = F^T F
-            fn = f.flatten(2)  # (B, dim, N)
-            R = fn.transpose(1, 2) @ fn  # (B, N, N)
-        S = torch.sigmoid(R)
+        with fp32(f.device):  # the relation feeds the label path (gating, LVC bias): fp32 even under AMP
+            if self.relation == "cos":  # ExCEL: R = alpha (cos(F_d) - beta mean)
+                R = lvc_relation(f.float(), self.alpha, self.beta, self.rel_mean)
+            else:  # WeCLIP: R = F^T F
+                fn = f.flatten(2).float()  # (B, dim, N)
+                R = fn.transpose(1, 2) @ fn  # (B, N, N)
+            S = torch.sigmoid(R)
         return (logits, S, R) if return_relation else (logits, S)
 
 
@@ -1976,7 +1980,8 @@ def all_reduce_sum(t):
     return t
 
 
-def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, cams: bool = False) -> dict:
+def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, cams: bool = False,
+             label_decoder=None) -> dict:
     """mIoU of the decoder's multi-scale+flip prediction on a split (optionally DenseCRF; skipped when decoder
     is None), and with `cams` of the label-driven pseudo-labels of the same images (raw CAM, refined, after
     PAR: the papers' "M" column; with a decoder, RFM runs dynamic, as upstream's val mode). Also writes
@@ -2003,7 +2008,8 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
         want_vis = vis_dir is not None and i < cfg.num_vis
         if cams or want_vis:
             has_fg = bool(item["label"].any())  # no foreground: the pseudo-label is all background
-            pl = label_variants(frozen, image, item["label"][None].to(device), cfg, decoder) if has_fg else {}
+            pl = label_variants(frozen, image, item["label"][None].to(device), cfg,
+                                decoder if decoder is not None else label_decoder) if has_fg else {}
             for name in names:
                 if name != "decoder":
                     conf[name] += confusion_matrix(pl[name][0] if has_fg else torch.zeros_like(gt), gt, K)
@@ -2300,7 +2306,7 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
     device = get_device(cfg)
     path = Path(path or toy_clip_path(cfg))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.toy_seed)
         clip = open_clip.CLIP(**TOY_CLIP).to(device)
         tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
         opt = torch.optim.AdamW(clip.parameters(), lr=cfg.toy_lr, weight_decay=cfg.toy_weight_decay,
@@ -2308,8 +2314,8 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
         warm = max(1, int(cfg.toy_steps * cfg.toy_warmup))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, max(0, k - warm) / max(1, cfg.toy_steps - warm)))))
-        rng = np.random.default_rng([cfg.seed, 7])
-        held_out = toy_batch(np.random.default_rng([cfg.seed, 8]), 200, cfg.norm)
+        rng = np.random.default_rng([cfg.toy_seed, 7])
+        held_out = toy_batch(np.random.default_rng([cfg.toy_seed, 8]), 200, cfg.norm)
         map0 = zero_shot_map(clip.eval(), tokenizer, held_out[0], held_out[2], device)
         clip.train()
         t0, losses = time.time(), []
@@ -2412,11 +2418,25 @@ def bench(cfg: Config) -> dict:
                 dino_features(frozen.dino, images, cfg.norm)
 
     n_attn = attn_blocks_needed(cfg, frozen.num_blocks)
-    out = clip_image_forward(frozen.clip, images, n_attn)
+    calib = calib_spec(cfg)
+    out = clip_image_forward(frozen.clip, images, n_attn, calib=calib)
     rows = cam_rows(labels, frozen, with_super=cfg.lambda_b > 0)
-    cams, attn_last, patch_emb = gradcam(frozen, out, rows)
-    attn_all = attn_last[:, None] if out["attn"] is None else torch.cat([out["attn"], attn_last[:, None]], 1)
     c = ~rows["is_super"]
+    if cfg.cam == "gradcam":
+        cams, attn_last, patch_emb = gradcam(frozen, out, rows)
+        attn_all = attn_last[:, None] if out["attn"] is None else torch.cat([out["attn"], attn_last[:, None]], 1)
+    else:  # ExCEL / DiCLIP: the patch-text CAM, static and with a bias like LVC's (the dynamic CAM)
+        (h, w), N = out["grid"], out["grid"][0] * out["grid"][1]
+        bias = lvc_bias(lvc_relation(torch.randn(B, N, cfg.dec_dim, generator=g).to(device)))
+
+        def text_cam(bias=None):
+            tokens = calibrated_tokens(frozen.clip.visual, out, bias, 1.0, cfg.svc_norm)
+            cam_all = patch_text_cam(tokens, frozen.cam_texts, frozen.num_fg, cfg.cam_sim)
+            return cam_all[rows["img"], :, rows["cls"] - 1].view(-1, h, w), tokens
+
+        cams, tokens = text_cam()
+        patch_emb = F.normalize(tokens[:, 1:], dim=-1)
+        attn_all = caa_maps(out, cfg)
 
     def refinement():
         A = propagation_matrix(frozen, attn_all, patch_emb, cfg, S=None)
@@ -2429,20 +2449,33 @@ def bench(cfg: Config) -> dict:
         logits, S = decoder(out["feats"], out["grid"])
         (balanced_ce_loss(logits, torch.zeros(B, s, s, dtype=torch.long, device=device)) + S.mean()).backward()
 
+    step_at = cfg.rfm_dynamic_after if cfg.cam == "text" else 0  # ExCEL: the (costlier) dynamic phase
+
     def step():
-        loss, _, _ = compute_losses(decoder, frozen, images, labels, cfg, step=0)
+        loss, _, _ = compute_losses(decoder, frozen, images, labels, cfg, step=step_at)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    stages = {f"frozen forward (CLIP{' + DINOv2' if frozen.dino is not None else ''})": frozen_forward,
-              f"CLIP blocks 1..L-1, {n_attn} attention maps": lambda: clip_image_forward(frozen.clip, images, n_attn),
-              f"GradCAM, {int(rows['img'].numel())} rows in one pass": lambda: gradcam(frozen, out, rows),
-              "  (for reference: one pass per row, as upstream)": lambda: [
-                  gradcam(frozen, dict(out, x_last=out["x_last"][int(rows["img"][r]):int(rows["img"][r]) + 1]),
-                          dict({k: v[r:r + 1] for k, v in rows.items()}, img=rows["img"][:1] * 0))
-                  for r in range(len(rows["img"]))],
-              f"refinement ({cfg.refine})": refinement}
+    stages = {f"frozen forward (CLIP{' + DINOv2' if frozen.dino is not None else ''})": frozen_forward}
+    if cfg.cam == "gradcam":
+        stages.update({
+            f"CLIP blocks 1..L-1, {n_attn} attention maps": lambda: clip_image_forward(frozen.clip, images, n_attn),
+            f"GradCAM, {int(rows['img'].numel())} rows in one pass": lambda: gradcam(frozen, out, rows),
+            "  (for reference: one pass per row, as upstream)": lambda: [
+                gradcam(frozen, dict(out, x_last=out["x_last"][int(rows["img"][r]):int(rows["img"][r]) + 1]),
+                        dict({k: v[r:r + 1] for k, v in rows.items()}, img=rows["img"][:1] * 0))
+                for r in range(len(rows["img"]))]})
+    else:
+        stages[f"CLIP dual path: {out['n_calib']} calibrated blocks, {n_attn} attention maps"] = \
+            lambda: clip_image_forward(frozen.clip, images, n_attn, calib=calib)
+        if cfg.tse == "on":
+            fg = frozen.texts[: frozen.num_fg]
+            stages["TSE retrieval (once, at start-up)"] = \
+                lambda: tse_text_embeddings(fg, frozen.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
+        stages["patch-text CAM, static"] = text_cam
+        stages["patch-text CAM, dynamic (LVC bias)"] = lambda: text_cam(bias)
+    stages[f"refinement ({cfg.refine})"] = refinement
     if cfg.refine.startswith("cda"):
         texts = frozen.texts[: frozen.num_fg + frozen.num_super]
         stages[f"  of which CDA ({out['attn'].shape[-1]} patches x {texts.shape[0]} texts, batch {B})"] = \
@@ -2456,7 +2489,8 @@ def bench(cfg: Config) -> dict:
         groups.append((sbe(), rows["img"][s_rows], rows["cls"][s_rows]))
     stages[f"PAR + label assembly ({'Y and Y_s' if len(groups) > 1 else 'Y'})"] = \
         lambda: cams_to_labels(groups, images, cfg)
-    stages["decoder forward + backward"] = decoder_fwd_bwd
+    stages["decoder forward + backward" if cfg.cam == "gradcam" else "adapter + decoder forward + backward"] = \
+        decoder_fwd_bwd
     stages["whole training step"] = step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -2510,15 +2544,25 @@ def cmd_eval(cfg: Config):
 
 
 def cmd_cams(cfg: Config):
-    """Training-free pseudo-label quality on cam_split: raw GradCAM, after --refine, after PAR."""
+    """Pseudo-label quality on cam_split: raw CAM, after --refine, after PAR. Training-free by default (ExCEL's
+    and DiCLIP's training-free results); with an explicit --ckpt, the trained model's affinity takes part
+    (ExCEL's dynamic CAM and sigmoid(R)-gated CAA, WeCLIP's dynamic RFM)."""
     device = setup_distributed(cfg)
     if cfg.demo:
         prepare_demo(cfg)
     dataset = SegDataset(cfg, cfg.cam_split, train=False)
     frozen = Frozen(cfg, device, need_dino=False)
-    res = evaluate(None, frozen, dataset, cfg, device, cams=True)
+    decoder, mode = None, "training-free"
+    if "ckpt" in getattr(cfg, "_given", ()):
+        ckpt = load_checkpoint(cfg.ckpt, cfg)
+        decoder = build_decoder(cfg, frozen).to(device)
+        decoder.load_state_dict(ckpt["decoder"])
+        decoder.eval()
+        cfg = dataclasses.replace(cfg, val_box_threshold=0.0)  # infer_lam keeps the training threshold
+        mode = f"with {cfg.ckpt} (step {ckpt['step']})"
+    res = evaluate(None, frozen, dataset, cfg, device, cams=True, label_decoder=decoder)
     print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=f"pseudo-labels of {cfg.method} "
-                        f"(refine {cfg.refine}) on {cfg.dataset} {cfg.cam_split}"))
+                        f"(cam {cfg.cam}, refine {cfg.refine}, {mode}) on {cfg.dataset} {cfg.cam_split}"))
     return res
 
 
