@@ -142,7 +142,8 @@ DATASETS = {
                  # COCO in VOC-style layout: list entries "train/COCO_train2014_<id>", masks "train/<id>.png"
                  mask_strip=r"COCO_(?:train|val)2014_",
                  defaults=dict(train_split="train", val_split="val", max_steps=80000, superclasses=12,
-                               box_threshold=0.7, rfm_dynamic_after=40000, rfm_dynamic_layers=10, eval_every=0)),
+                               box_threshold=0.7, rfm_dynamic_after=40000, rfm_dynamic_layers=10, eval_every=0,
+                               cache_per_class=5)),
     "synthetic": dict(classes=SYNTH_CLASSES, prompts=SYNTH_CLASSES[1:],
                       bg_prompts=["grey noise", "texture", "empty background", "grain", "speckles"],
                       superclasses=SYNTH_SUPER, mask_strip="",
@@ -157,12 +158,19 @@ METHODS = {
     "cdclip": dict(refine="cda", lambda_aff=0.0, lambda_b=0.6, sbe_gate="ge2", eval_scales=(1.0, 1.5)),
 }
 REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
+ACR_VARIANTS = ("left", "recluster", "right", "sharpen")  # DiCLIP Eq. 6 readings (spec §4.2)
+VCE_FUSIONS = ("add", "norm", "scale", "gate")  # DiCLIP Table XII: SD attention into CLIP attention
 
 # --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
 DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
             warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240,
             cam_logit_scale=0.0)  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
 
+
+# DiCLIP §III-D's prompt for the single-class images of the TSA cache ({category}: the plain class name).
+DICLIP_PROMPT = ("a realistic photograph of a fully visible, entire {category} with natural colors, centered in the "
+                 "image, with a clear and distinct background, high color contrast, and the {category} not occupying "
+                 "the entire frame, ensuring it is completely visible without cropping.")
 
 @dataclass
 class Config:
@@ -218,6 +226,32 @@ class Config:
     cp_area_floor: float = 0.001  # a class is "predicted" if it covers >= this fraction of pixels [I]
     sbe_gate: str = "ge2"         # apply L_b when |C_p| >= 2 (ge2), == 1 (eq1), always (all), never (off)
     lambda_b: float = 0.0         # weight of the boundary Dice loss L_b (CD-CLIP 0.6)
+    # --- DiCLIP (TIP 2026) ---
+    sd_model: str = "stabilityai/stable-diffusion-2-1-base"  # Stable Diffusion (diffusers hub id or local folder) [T: SD 2.1; I: -base]
+    sd_size: int = 512            # SD input side for the attention pass; a multiple of the VAE x UNet factor [I]
+    sd_timestep: int = 100        # noising step t of the single UNet pass (DiffSegmenter) [I]
+    sd_layers: str = "up"         # SD self-attention layers: up (every up-block attn1) or comma list of name prefixes [I]
+    acr_k: int = 9                # ACR: KL k-means clusters K (Eq. 4) [T]
+    acr_delta: float = 5e-4       # ACR: reliability threshold delta on A_sd (Eq. 6) [T]
+    acr_rounds: int = 3           # ACR: refinement rounds T (Eq. 6; 0 = ACR off) [T]
+    acr_variant: str = "left"     # ACR Eq. 6 reading: left (A_hat A) | recluster | right (A A_hat) | sharpen [I]
+    acr_iters: int = 10           # ACR: Lloyd iterations of the KL k-means [I]
+    vce_layers: int = 3           # VCE: calibrated last L CLIP blocks (Eq. 7) [T]
+    vce_weight: float = 1.0       # VCE: weight w of A_acr added to CLIP's attention (Eq. 7) [T]
+    vce_fusion: str = "add"       # VCE: SD-into-CLIP attention fusion (Table XII): add | norm | scale | gate [T]
+    cache_beta: float = 1.0       # TSA: sharpness beta of phi(x) = exp(-beta (1 - x)) (Eq. 2) [I: Tip-Adapter]
+    cache_alpha: float = 0.5      # TSA: cache weight alpha in M_st / M_dt (Eqs. 11, 13) [T]
+    cache_negative: bool = True   # TSA: refine M_f by the background (negative) cache, Table IV "+N.C." [T]
+    cache_per_class: int = 10     # TSA: foreground keys K_c per class (VOC 10, COCO 5) [T, L]
+    cache_bg: int = 20            # TSA: background keys K_bg (one K-means over all images) [T*]
+    cache_prompts: int = 92       # TSA: learnable key/value prompts of the adapter (Eq. 12) [T]
+    cache_images_per_class: int = 50  # TSA: generated single-class images per class [T*]
+    cache_steps: int = 50         # TSA: SD sampling steps per generated image [I]
+    cache_guidance: float = 7.5   # TSA: classifier-free guidance scale of the generation [I]
+    cache_image_size: int = 512   # TSA: generated image side [I]
+    cache_prompt: str = DICLIP_PROMPT  # TSA: generation prompt, {category} = class name (default: the paper's) [T]
+    cache_source: str = "sd"      # TSA: cache images from sd, or synthetic (the demo's stand-in: the toy renderer) [I]
+    lambda_dyn: float = 0.1       # weight of the adapter loss L_dyn (Eq. 15) [T]
     # --- decoder (WeCLIP §6) ---
     dec_dim: int = 256            # decoder width (fuse MLPs and transformer)
     dec_layers: int = 3           # decoder transformer blocks
@@ -363,6 +397,26 @@ def validate_config(cfg: Config):
         raise WSSSError(f"need 0 < --scale-min <= --scale-max, got {cfg.scale_min}, {cfg.scale_max}")
     if cfg.cda_tau <= 0:
         raise WSSSError(f"--cda-tau must be > 0, got {cfg.cda_tau}")
+    # DiCLIP
+    for name, allowed in dict(acr_variant=ACR_VARIANTS, vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic")).items():
+        if getattr(cfg, name) not in allowed:
+            raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    for name, low in (("sd_size", 8), ("sd_timestep", 0), ("acr_k", 1), ("acr_rounds", 0), ("acr_iters", 0),
+                      ("vce_layers", 1), ("cache_per_class", 1), ("cache_bg", 1), ("cache_prompts", 0),
+                      ("cache_images_per_class", 1), ("cache_steps", 1), ("cache_image_size", 8)):
+        if getattr(cfg, name) < low:
+            raise WSSSError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.sd_timestep >= 1000:
+        raise WSSSError(f"--sd-timestep must be < 1000 (the scheduler's training steps), got {cfg.sd_timestep}")
+    for name in ("acr_delta", "vce_weight", "cache_alpha", "lambda_dyn", "cache_guidance"):
+        if not getattr(cfg, name) >= 0:  # also refuses NaN
+            raise WSSSError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.cache_beta > 0:
+        raise WSSSError(f"--cache-beta must be > 0, got {cfg.cache_beta}")
+    if "{category}" not in cfg.cache_prompt:
+        raise WSSSError("--cache-prompt must contain {category} (replaced by each class name)")
+    if not cfg.sd_layers.strip():
+        raise WSSSError("--sd-layers is empty: use up, or a comma list of UNet attention-layer name prefixes")
 
 
 # Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
