@@ -957,6 +957,176 @@ class Frozen:
         self.num_blocks = len(self.clip.visual.transformer.resblocks)
 
 
+# --- Stable Diffusion (DiCLIP §4.1): frozen VAE + UNet + text encoder; self-attention of the UNet decoder ---
+
+# The tiny pipeline of --tiny: the same diffusers/transformers classes as SD 2.1, small. The VAE keeps SD's
+# downsampling factor 8 (four encoder blocks); the UNet has SD's layout of cross-attention down/up blocks, so its
+# decoder (up_blocks.1 and .2) holds attn1 self-attention layers at two resolutions.
+TINY_SD_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True)
+TINY_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                   layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.18215)
+TINY_SD_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=77, projection_dim=32)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD's DDIM settings
+
+
+def _tiny_sd_tokenizer():
+    """A transformers CLIPTokenizer rebuilt from open_clip's bundled BPE (the vocabulary SD's tokenizer uses), pad
+    "!" as SD 2.x. transformers 5 needs the vocab=/merges= keywords (vocab_file= silently builds 2 tokens)."""
+    import open_clip
+    from transformers import CLIPTokenizer
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    merges = [m for m, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, pad_token="!", bos_token="<start_of_text>",
+                         eos_token="<end_of_text>", unk_token="<end_of_text>", model_max_length=77)
+
+
+class SDParts:
+    """The frozen Stable Diffusion parts DiCLIP uses, plus the null-prompt text embedding (computed once)."""
+
+    def __init__(self, vae, unet, scheduler, tokenizer, text_encoder, device):
+        self.vae, self.unet, self.scheduler = vae, unet, scheduler
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        # the UNet halves the latent (len(down_blocks) - 1) times, the VAE 2^(len(blocks) - 1) times
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.factor = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.null_emb = self.encode_prompt([""])  # (1, 77, Dt): SD's unconditional embedding, "null prompt" [T]
+
+    def encode_prompt(self, prompts):
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        with torch.no_grad():
+            return self.text_encoder(ids)[0].float()  # (P, 77, Dt) last hidden state, as SD conditions on
+
+
+def build_sd(cfg: Config, device) -> SDParts:
+    """Frozen Stable Diffusion for DiCLIP: VAE (AutoencoderKL), UNet (UNet2DConditionModel), DDIM scheduler with the
+    model's own noise schedule, CLIP tokenizer + text encoder. --tiny: the TINY_SD_* architecture, random weights
+    seeded by cfg.seed (global RNG untouched); otherwise --sd-model (hub id or a local diffusers folder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        if cfg.tiny:
+            vae, unet = AutoencoderKL(**TINY_SD_VAE), UNet2DConditionModel(**TINY_SD_UNET)
+            text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**TINY_SD_TEXT)), _tiny_sd_tokenizer()
+            scheduler = DDIMScheduler(**SD_SCHEDULER)
+        else:
+            if _is_path(cfg.sd_model) and not Path(cfg.sd_model).is_dir():
+                raise WSSSError(f"Stable Diffusion folder not found: {cfg.sd_model} (pass --sd-model PATH to a "
+                                f"diffusers folder with vae/, unet/, text_encoder/, tokenizer/, scheduler/)")
+            try:
+                vae = AutoencoderKL.from_pretrained(cfg.sd_model, subfolder="vae")
+                unet = UNet2DConditionModel.from_pretrained(cfg.sd_model, subfolder="unet")
+                text_encoder = CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder")
+                tokenizer = CLIPTokenizer.from_pretrained(cfg.sd_model, subfolder="tokenizer")
+                scheduler = DDIMScheduler.from_pretrained(cfg.sd_model, subfolder="scheduler")
+                if len(tokenizer) != 49408:  # transformers 5 offline returns a 2-token dummy instead of raising
+                    raise OSError(f"tokenizer has {len(tokenizer)} tokens, expected 49408")
+            except (OSError, ValueError, RuntimeError) as e:
+                raise WSSSError(f"could not load Stable Diffusion {cfg.sd_model!r} ({type(e).__name__}; no network "
+                                f"or model hub?): pass a local diffusers folder with --sd-model PATH (see data.md), "
+                                f"or run offline with --demo / --tiny")
+    parts = [m.to(device).eval().requires_grad_(False) for m in (vae, unet, text_encoder)]
+    return SDParts(*parts[:2], scheduler, tokenizer, parts[2], device)
+
+
+def sd_attention_layers(unet, spec: str) -> list:
+    """Names of the UNet attention processors whose self-attention DiCLIP reads: "up" = every attn1 of the decoder
+    (up_blocks; SD 2.1: up_blocks.{1,2,3}.attentions.{0,1,2}, 9 layers at 16^2, 32^2, 64^2 latent tokens for a
+    512 input [I]); or a comma list of name prefixes (e.g. "up_blocks.3" = the 64^2 layers only)."""
+    names = [n for n in unet.attn_processors if ".attn1." in n]
+    if spec.strip() == "up":
+        chosen = [n for n in names if n.startswith("up_blocks.")]
+    else:
+        prefixes = [p.strip() for p in spec.split(",") if p.strip()]
+        chosen = [n for n in names if any(n.startswith(p) for p in prefixes)]
+    if not chosen:
+        raise WSSSError(f"--sd-layers {spec!r} selects no self-attention (attn1) layer of the UNet; use up, or "
+                        f"prefixes of e.g. {names[-1].rsplit('.attn1', 1)[0]}")
+    return chosen
+
+
+class SDAttentionCapture:
+    """A diffusers attention processor for one self-attention (attn1) layer. It computes the layer's normal output
+    (scaled_dot_product_attention, which never materialises the map) and, on the side, DiCLIP's attention on the
+    CLIP grid [T §IV-B]: q and k (after their projections) are resized bilinearly from the layer's latent grid to
+    the CLIP grid (h, w), then per head softmax(q k^T * scale) on the small grid is averaged over heads and added
+    to `store["sum"]` (B, N, N). So a 4096-token layer costs an N x N map, never 4096 x 4096."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        assert encoder_hidden_states is None and attention_mask is None, "self-attention layers only"
+        assert attn.spatial_norm is None and attn.group_norm is None and hidden_states.ndim == 3, \
+            "SDAttentionCapture supports SD's transformer self-attention (B, L, C) layers"
+        B, L, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, L, H*d)
+        H = attn.heads
+        d = q.shape[-1] // H
+        q, k, v = (t.view(B, L, H, d).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # the layer's real output (B, H, L, d)
+        # --- the side computation: resize q and k (not the map) to the CLIP grid ---
+        lh, lw = self.store["latent"]
+        f = int(round(math.sqrt(lh * lw / L)))  # this layer's downsampling of the latent grid
+        gh, gw = self.store["grid"]
+
+        def to_grid(t):  # (B, H, L, d) -> (B, H, N, d)
+            t = t.transpose(2, 3).reshape(B, H * d, lh // f, lw // f)
+            t = F.interpolate(t.float(), size=(gh, gw), mode="bilinear", align_corners=False)
+            return t.reshape(B, H, d, gh * gw).transpose(2, 3)
+
+        probs = (to_grid(q) @ to_grid(k).transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, N, N)
+        self.store["sum"] = self.store.get("sum", 0) + probs.mean(1)  # head mean [T]
+        self.store["count"] = self.store.get("count", 0) + 1
+        out = out.transpose(1, 2).reshape(B, L, H * d).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def sd_self_attention(sd: SDParts, images, cfg: Config, grid):
+    """DiCLIP's SD attention A_sd (spec §4.1): the CLIP-normalised crops (B, 3, H, W) -> RGB in [0, 1] -> resized to
+    sd_size^2 -> 2x - 1 -> VAE latent mean x scaling factor -> one noising step to t = sd_timestep with noise from a
+    fixed seed (one draw shared by every image, so an image's map does not depend on its batch) -> one UNet pass
+    with the null-prompt embedding. The selected decoder attn1 layers give A_sd (B, N, N) on the CLIP grid (h, w):
+    head mean, then layer mean [I]; rows sum to 1. fp32, no grad; the UNet's processors are restored after."""
+    S, unet = cfg.sd_size, sd.unet
+    if S % sd.factor:
+        raise WSSSError(f"--sd-size {S} is not a multiple of {sd.factor} (the VAE's factor {sd.vae_factor} times "
+                        f"the UNet's {sd.factor // sd.vae_factor}); try {max(1, round(S / sd.factor)) * sd.factor}")
+    gh, gw = grid
+    layers = sd_attention_layers(unet, cfg.sd_layers)
+    stats = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}[cfg.norm]
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in stats)
+    with torch.no_grad(), fp32(images.device):
+        rgb = ((images.float() * std + mean) / 255).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+        x = F.interpolate(rgb, size=(S, S), mode="bilinear", align_corners=False, antialias=True) * 2 - 1
+        z0 = sd.vae.encode(x.to(sd.device)).latent_dist.mean * sd.vae.config.scaling_factor  # (B, 4, S/8, S/8)
+        g = torch.Generator().manual_seed(cfg.seed)  # fixed-seed noise [DS]; the global RNG is not touched
+        noise = torch.randn((1, *z0.shape[1:]), generator=g).to(z0.device).expand_as(z0)
+        t = torch.tensor([cfg.sd_timestep], device=z0.device)
+        zt = sd.scheduler.add_noise(z0, noise, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        store = dict(latent=tuple(z0.shape[-2:]), grid=(gh, gw))
+        original = dict(unet.attn_processors)
+        capture = SDAttentionCapture(store)
+        unet.set_attn_processor({n: (capture if n in layers else p) for n, p in original.items()})
+        try:
+            unet(zt, t.expand(len(zt)), encoder_hidden_states=sd.null_emb.expand(len(zt), -1, -1))
+        finally:
+            unet.set_attn_processor(dict(original))  # set_attn_processor consumes the dict it is given
+    assert store["count"] == len(layers) * 1, "each selected layer runs once"
+    return store["sum"] / store["count"]  # (B, N, N): layer mean, row-stochastic
+
 # ----------------------------------------------------------------------------------------------------
 # CAMs: WeCLIP GradCAM on image-text probabilities, every (image, class) pair in one forward/backward
 # ----------------------------------------------------------------------------------------------------
