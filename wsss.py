@@ -1481,6 +1481,120 @@ def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super
     return result
 
 
+# --- DiCLIP ACR (§IV-C.2, Eqs. 4-6): cluster the SD attention rows, keep reliable same-cluster relations ---
+
+def _kl_to_centroids(rows, neg_ent, cent):
+    """KL(a_i || c_k) = sum_j a log a - sum_j a log c for rows (M, N, D), their sum_j a log a (M, N, 1) and
+    centroids (M, K, D) -> (M, N, K); 0 log 0 = 0, logs of values clamped at 1e-8."""
+    return neg_ent - rows @ cent.clamp_min(1e-8).log().transpose(-1, -2)
+
+
+def kl_kmeans(rows, k: int, iters: int = 10, seed: int = 0, return_all: bool = False):
+    """K-means of probability rows under the KL divergence (DiCLIP Eq. 4 [T], cites [52]; details [I]).
+    rows (..., N, D), each row a distribution (A_sd: D = N) -> assignments (..., N) int64 in [0, k).
+    Assignment m_i = argmin_k KL(a_i || c_k); update c_k = mean of its members (the exact minimiser for this
+    Bregman divergence, so the objective sum_i KL(a_i || c_{m_i}) never rises); probabilities clamped at 1e-8
+    before logs. Init: k-means++ under KL: the first centre is a row, each next centre a row drawn with probability
+    proportional to its KL to the nearest centre chosen so far. The draws are inverse-CDF lookups of k uniforms from
+    `seed`, shared by every map, so a map's clustering does not depend on its batch. An empty cluster is re-seeded
+    with the row farthest (KL) from its centroid. Vectorised over the leading dims; loops only over iterations.
+    return_all: also the centroids (..., k, D) and the objective after each assignment (iters + 1, ...)."""
+    lead, (N, D) = rows.shape[:-2], rows.shape[-2:]
+    a = rows.reshape(-1, N, D).float()
+    M, k = a.shape[0], min(k, N)
+    ar = torch.arange(M, device=a.device)
+    neg_ent = (a * a.clamp_min(1e-8).log()).sum(-1, keepdim=True)  # (M, N, 1), once
+    u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).to(a.device)
+    # k-means++ under KL
+    first = (u[0] * N).long().clamp_max(N - 1).expand(M)
+    cent = a[ar, first][:, None]  # (M, 1, D)
+    for j in range(1, k):
+        d = _kl_to_centroids(a, neg_ent, cent).amin(-1).clamp_min(0) + 1e-12  # (M, N)
+        cdf = d.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u[j] * cdf[:, -1:]).contiguous()).clamp_max(N - 1)[:, 0]  # (M,)
+        cent = torch.cat([cent, a[ar, pick][:, None]], 1)  # (M, j + 1, D)
+    history = []
+    for it in range(iters + 1):
+        kl = _kl_to_centroids(a, neg_ent, cent)  # (M, N, k)
+        m = kl.argmin(-1)  # (M, N)
+        dist = kl.gather(-1, m[..., None])[..., 0]  # (M, N): each row's KL to its centroid
+        history.append(dist.sum(-1))
+        if it == iters:
+            break
+        onehot = F.one_hot(m, k).float()  # (M, N, k)
+        count = onehot.sum(1)  # (M, k)
+        cent = (onehot.transpose(1, 2) @ a) / count.clamp_min(1)[..., None]  # (M, k, D): member means
+        empty = count == 0
+        if empty.any():  # the e-th empty cluster of a map takes that map's e-th farthest row
+            far = dist.argsort(-1, descending=True)  # (M, N)
+            rank = (empty.cumsum(-1) - 1).clamp(0, N - 1)  # (M, k)
+            cent = torch.where(empty[..., None], a[ar[:, None], far.gather(-1, rank)], cent)
+    m = m.reshape(*lead, N)
+    if return_all:
+        return m, cent.reshape(*lead, k, D), torch.stack(history).reshape(iters + 1, *lead)
+    return m
+
+
+def acr_reliable(attn, assign, delta: float):
+    """DiCLIP Eqs. 5-6's reliable affinity: R = onehot(m) onehot(m)^T (R_ij = 1 iff tokens i, j share a cluster,
+    Eq. 5), A_hat = RowNorm(R * A * 1[A > delta]) with the diagonal always kept (a row left empty becomes e_i).
+    attn (B, N, N), assign (B, N) -> (B, N, N) row-stochastic."""
+    R = assign[..., :, None] == assign[..., None, :]  # (B, N, N) bool: Eq. 5
+    keep = R & (attn > delta)
+    eye = torch.eye(attn.shape[-1], dtype=torch.bool, device=attn.device)
+    a_hat = torch.where(keep | eye, attn, torch.zeros_like(attn))
+    s = a_hat.sum(-1, keepdim=True)
+    a_hat = torch.where(s > 0, a_hat / s.clamp_min(1e-30), eye.to(attn.dtype).expand_as(attn))  # all-zero row guard
+    return a_hat
+
+
+def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: str = "left", iters: int = 10,
+               seed: int = 0):
+    """DiCLIP ACR (Eqs. 4-6; Eq. 6's form was lost in the paper text, reconstruction [I], spec §4.2):
+      m = KL-k-means(rows of A_sd)                                  (Eq. 4)
+      R = onehot(m) onehot(m)^T                                     (Eq. 5)
+      A_hat = RowNorm(R * A_sd * 1[A_sd > delta])                   (Eq. 6, reliable same-cluster relations)
+      A^(0) = A_sd,  A^(t) = A_hat A^(t-1),  t = 1..T               (Eq. 6, recursive propagation; "left")
+    Variants (switch `variant`, [I]): "recluster" re-clusters A^(t-1) each round and rebuilds A_hat from it;
+    "right" A^(t) = A^(t-1) A_hat; "sharpen" A^(t) = RowNorm(A^(t-1) * A_hat).
+    a_sd (B, N, N) row-stochastic -> (B, N, N) row-stochastic. rounds = 0 returns a_sd (ACR off)."""
+    if variant not in ACR_VARIANTS:
+        raise WSSSError(f"ACR variant {variant!r} is not one of {', '.join(ACR_VARIANTS)}")
+    a = a_sd.float()
+    if rounds == 0:
+        return a
+    a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
+    for t in range(rounds):
+        if variant == "recluster" and t > 0:  # [I]: cluster the current map, threshold the current map
+            a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
+        if variant in ("left", "recluster"):
+            a = a_hat @ a
+        elif variant == "right":
+            a = a @ a_hat
+        else:  # sharpen
+            a = a * a_hat
+            a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)  # the diagonal of A_hat keeps every row non-zero
+    return a
+
+
+def vce_fusion(attn, a_acr, w: float = 1.0, mode: str = "add"):
+    """How SD attention enters CLIP's attention (DiCLIP Eq. 7 and Table XII; definitions from §V-A.3 [T], details
+    [I]). attn: CLIP's patch-patch softmax probabilities (..., N, N) (e.g. (B, heads, N, N)); a_acr (B, N, N),
+    broadcast over heads by the caller's shape (pass a_acr[:, None] for heads).
+      add   attn + w A_acr, no re-normalisation (the paper's choice; rows then sum to 1 + w)
+      norm  softmax(attn + w A_acr) over the keys ("an additional softmax after adding")
+      scale attn * (w A_acr) ("multiplies CLIP's attention by the SD map")
+      gate  w A_acr where A_acr > its row mean, attn elsewhere ("replacing only the most confident SD activations")"""
+    if mode == "add":
+        return attn + w * a_acr
+    if mode == "norm":
+        return (attn + w * a_acr).softmax(-1)
+    if mode == "scale":
+        return attn * (w * a_acr)
+    if mode == "gate":
+        return torch.where(a_acr > a_acr.mean(-1, keepdim=True), w * a_acr, attn)
+    raise WSSSError(f"VCE fusion {mode!r} is not one of {', '.join(VCE_FUSIONS)}")
+
 # ----------------------------------------------------------------------------------------------------
 # Decoder: the only trained module (WeCLIP §6)
 # ----------------------------------------------------------------------------------------------------
