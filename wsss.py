@@ -251,6 +251,7 @@ class Config:
     cache_image_size: int = 512   # TSA: generated image side [I]
     cache_prompt: str = DICLIP_PROMPT  # TSA: generation prompt, {category} = class name (default: the paper's) [T]
     cache_source: str = "sd"      # TSA: cache images from sd, or synthetic (the demo's stand-in: the toy renderer) [I]
+    cache_dyn_softmax: bool = True  # TSA: Eq. 13 takes softmax(Z)'s fg part (else the raw fg logits) [I]
     lambda_dyn: float = 0.1       # weight of the adapter loss L_dyn (Eq. 15) [T]
     # --- decoder (WeCLIP §6) ---
     dec_dim: int = 256            # decoder width (fuse MLPs and transformer)
@@ -555,6 +556,24 @@ def draw_toy_scene(rng: np.random.Generator, size: int = 64):
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     caption = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(listed)
     return np.clip(image, 0, 255).astype(np.uint8), mask, present, caption
+
+def draw_single_class_scene(rng: np.random.Generator, cls: int, size: int = 64):
+    """One object of class `cls` (1..6), near the centre, on draw_toy_scene's kind of background: the demo's
+    stand-in for DiCLIP's SD-generated single-class images (the "centered, fully visible" prompt).
+    Returns (image uint8 (H, W, 3), mask uint8 (H, W) with ids {0, cls})."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    freq, phase = rng.uniform(0.05, 0.3, 2), rng.uniform(0, 2 * np.pi, 2)
+    texture = 18 * np.sin(freq[0] * xx + phase[0]) * np.cos(freq[1] * yy + phase[1])
+    image = rng.uniform(90, 160) + texture[..., None] + rng.normal(0, 12, (size, size, 3))
+    r = size * rng.uniform(0.2, 0.3)
+    cx, cy = size * (0.5 + rng.uniform(-0.1, 0.1, 2))
+    a = rng.uniform(0, 2 * np.pi)
+    u = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)
+    v = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+    inside = _shape_mask(TOY_SHAPES[cls - 1][1], u, v, r)
+    image[inside] = np.array(TOY_RGB[TOY_SHAPES[cls - 1][0]]) + rng.uniform(-25, 25, 3) \
+        + rng.normal(0, 8, (int(inside.sum()), 3))
+    return np.clip(image, 0, 255).astype(np.uint8), (inside * cls).astype(np.uint8)
 
 
 def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, seed: int = 0) -> Path:
@@ -1594,6 +1613,326 @@ def vce_fusion(attn, a_acr, w: float = 1.0, mode: str = "add"):
     if mode == "gate":
         return torch.where(a_acr > a_acr.mean(-1, keepdim=True), w * a_acr, attn)
     raise WSSSError(f"VCE fusion {mode!r} is not one of {', '.join(VCE_FUSIONS)}")
+
+# ----------------------------------------------------------------------------------------------------
+# Caches: DiCLIP's TSA key-value cache (Eqs. 2, 8-13): static retrieval, the dynamic adapter, the cache build
+# ----------------------------------------------------------------------------------------------------
+
+def cache_activation(x, beta: float):
+    """Tip-Adapter's activation phi(x) = exp(-beta (1 - x)) on cosine similarities (DiCLIP Eq. 2): phi(1) = 1."""
+    return torch.exp(-beta * (1 - x))
+
+
+def static_cache_cam(feats, keys, values, beta: float):
+    """DiCLIP Eq. 2, static retrieval: S = phi(F K^T) V. feats (B, N, D) unit patch features F_v, keys (Nk, D) unit,
+    values (Nk, C+1) (column 0 background) -> S (B, N, C+1), before the fg/bg split."""
+    return cache_activation(feats @ keys.to(feats.dtype).T, beta) @ values.to(feats.dtype)
+
+
+def static_cache_fusion(m_p, S, alpha: float, negative: bool = True):
+    """DiCLIP Eq. 11, the static CAM. With N = per-map min-max over the patch axis:
+      M_f = S[..., 1:],  M_b = S[..., 0]
+      M_s = N(M_f) * (1 - N(M_b))     the background (negative) cache suppresses fg where a patch looks like
+                                      cached background ("multiplying them" [T]; the sign [I])
+      M_st = M_p + alpha N(M_s)
+    negative=False is Table IV's "positive cache only": M_s = N(M_f). m_p (B, N, C), S (B, N, C+1) -> (B, N, C)."""
+    m_s = minmax(S[..., 1:], dims=(-2,))
+    if negative:
+        m_s = m_s * (1 - minmax(S[..., :1], dims=(-2,)))
+    return m_p + alpha * minmax(m_s, dims=(-2,))
+
+
+class CacheAdapter(nn.Module):
+    """DiCLIP's dynamic adapter (Eqs. 12-13): the retrieval of Eq. 2 as a two-layer MLP,
+    Z = phi(F W1^T + b1) W2 + b2, initialised W1 = [K; K_p], W2 = [V; V_p], b1 = b2 = 0 [T], with `n_prompts`
+    class-agnostic key/value prompts: K_p random unit vectors (seeded), V_p = 0 [I]. So at initialisation Z equals
+    static_cache_cam(F, K, V, beta). Trained by L_dyn = CE(upsampled Z, Y_st); beta stays fixed."""
+
+    def __init__(self, keys, values, n_prompts: int = 92, beta: float = 1.0, seed: int = 0):
+        super().__init__()
+        nk, D = keys.shape
+        k_p = F.normalize(torch.randn(n_prompts, D, generator=torch.Generator().manual_seed(seed)), dim=-1)
+        self.beta = float(beta)
+        self.w1 = nn.Linear(D, nk + n_prompts)  # weight (Nk+P, D) = [K; K_p]
+        self.w2 = nn.Linear(nk + n_prompts, values.shape[1])  # weight (C+1, Nk+P) = [V; V_p]^T
+        with torch.no_grad():
+            self.w1.weight.copy_(torch.cat([keys.float().cpu(), k_p]))
+            self.w2.weight.copy_(torch.cat([values.float().cpu(), torch.zeros(n_prompts, values.shape[1])]).T)
+            self.w1.bias.zero_()
+            self.w2.bias.zero_()
+
+    def forward(self, feats):  # (B, N, D) -> Z (B, N, C+1) logits
+        return self.w2(cache_activation(self.w1(feats), self.beta))
+
+
+def dynamic_cam(m_p, Z, alpha: float, softmax: bool = True):
+    """DiCLIP Eq. 13: M_dt = M_p + alpha N(softmax(Z)[..., 1:]) (softmax over the C+1 classes, then the fg part
+    [I]); softmax=False uses the raw fg logits N(Z[..., 1:]). A label-path quantity: Z is detached.
+    m_p (B, N, C), Z (B, N, C+1) -> (B, N, C)."""
+    Z = Z.detach().float()
+    fg = Z.softmax(-1)[..., 1:] if softmax else Z[..., 1:]
+    return m_p + alpha * minmax(fg, dims=(-2,))
+
+
+def patch_coverage(label_map, cls, grid):
+    """Fraction of each patch covered by class cls[b]: (B, H, W) label maps, (B,) class ids -> (B, N) in [0, 1], by
+    area downsampling to the patch grid (h, w) (DiCLIP Eq. 8's m)."""
+    on = (label_map == cls.view(-1, 1, 1).to(label_map.device)).float()[:, None]  # (B, 1, H, W)
+    return F.adaptive_avg_pool2d(on, grid).flatten(1)  # (B, N)
+
+
+def mask_average_pool(feats, masks, lo: float = 0.01, hi: float = 0.99):
+    """DiCLIP Eq. 8, mask average pooling: f_fg = sum_i m_i F_i / sum_i m_i, f_bg the same with 1 - m, both
+    re-L2-normalised [I]. feats (B, N, D), masks (B, N) patch-coverage fractions -> f_fg (B, D), f_bg (B, D),
+    valid (B,) bool: False when the foreground covers < lo or > hi of the image (skipped [I])."""
+    masks = masks.to(feats.dtype)
+    fg = (masks[..., None] * feats).sum(1) / masks.sum(1, keepdim=True).clamp_min(1e-12)
+    bg = ((1 - masks)[..., None] * feats).sum(1) / (1 - masks).sum(1, keepdim=True).clamp_min(1e-12)
+    frac = masks.mean(1)
+    return F.normalize(fg, dim=-1), F.normalize(bg, dim=-1), (frac >= lo) & (frac <= hi)
+
+
+def _kmeans_keys(x, k: int, seed: int, what: str, log=print0):
+    """k unit centroids of the rows of x (n, D) by sklearn KMeans(random_state=seed, n_init=10); fewer rows than k:
+    all rows (unit) with a note."""
+    if x.shape[0] <= k:
+        if x.shape[0] < k:
+            log(f"TSA cache: {what} has only {x.shape[0]} features for {k} keys: using all of them as keys")
+        return F.normalize(x.float(), dim=-1)
+    from sklearn.cluster import KMeans
+    km = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(x.double().cpu().numpy())
+    return F.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=-1)
+
+
+def build_kv_cache(fg_feats_by_class: dict, bg_feats, texts_fg, k_per_class: int, k_bg: int, seed: int = 0,
+                   log=print0) -> dict:
+    """DiCLIP Eqs. 9-10, the key-value cache. fg_feats_by_class {class id 1..C: (n_c, D)} pooled foreground
+    features, bg_feats (n, D) pooled background features of all images, texts_fg (C, D) unit class texts.
+      keys:   per class, K-means with K_c centroids (sklearn, random_state=seed, n_init=10), L2-normalised; one
+              K-means over all background features with K_bg centroids [T*]
+      values: a foreground key of class c: one-hot at column c weighted by cos(key, text_c) (Eq. 10);
+              a background key: e_0 (plain one-hot, "various background semantics")
+    -> dict(keys (Nk, D), values (Nk, C+1), key_class (Nk,) with 0 for background keys)."""
+    C = texts_fg.shape[0]
+    keys, cls = [], []
+    for c in range(1, C + 1):
+        x = fg_feats_by_class.get(c)
+        if x is None or len(x) == 0:
+            log(f"TSA cache: class {c} has no usable foreground feature: it gets no key")
+            continue
+        kc = _kmeans_keys(torch.as_tensor(x), k_per_class, seed, f"class {c}", log)
+        keys.append(kc)
+        cls += [c] * len(kc)
+    kb = _kmeans_keys(torch.as_tensor(bg_feats), k_bg, seed, "the background", log)
+    keys = torch.cat(keys + [kb]) if keys else kb
+    key_class = torch.tensor(cls + [0] * len(kb), dtype=torch.long)
+    values = torch.zeros(len(keys), C + 1)
+    fg = key_class > 0
+    texts = F.normalize(texts_fg.float().cpu(), dim=-1)
+    values[fg, key_class[fg]] = (keys[fg] * texts[key_class[fg] - 1]).sum(-1)  # cos(key, text of its class)
+    values[~fg, 0] = 1.0
+    return dict(keys=keys, values=values, key_class=key_class)
+
+
+# --- the TSA cache build (DiCLIP §III-D offline phase): single-class images -> pseudo masks -> MAP -> K-means ---
+
+TSA_FORMAT = "wsss-diclip-tsa-cache-v1"
+# Fields that shape the cache: the generated images, the features, the pseudo masks, the clustering. A cache whose
+# manifest differs in any of them is never used.
+TSA_KEYS = ("dataset", "tiny", "clip_model", "clip_pretrained", "template", "norm", "crop_size", "seed",
+            "sd_model", "sd_size", "sd_timestep", "sd_layers", "acr_k", "acr_delta", "acr_rounds", "acr_variant",
+            "acr_iters", "vce_layers", "vce_weight", "vce_fusion", "box_threshold", "bg_pow", "par_iters",
+            "cache_per_class", "cache_bg", "cache_images_per_class", "cache_steps", "cache_guidance",
+            "cache_image_size", "cache_prompt", "cache_source")
+TSA_IMAGE_KEYS = ("dataset", "tiny", "sd_model", "cache_steps", "cache_guidance", "cache_image_size",
+                  "cache_prompt", "cache_source")  # what the generated images depend on
+# SD is prompted with plain class names [I] (spec §5.1): the dataset tables' joined names spelled out.
+PLAIN_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
+               "motorbike": "motorbike", "aeroplane": "aeroplane"}
+
+
+def _settings_hash(d: dict) -> str:
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tsa_settings(cfg: Config) -> dict:
+    """The manifest's settings part: every TSA_KEYS field plus the class names (JSON-able)."""
+    s = {k: getattr(cfg, k) for k in TSA_KEYS}
+    s.update(format=TSA_FORMAT, classes=DATASETS[cfg.dataset]["classes"])
+    if cfg.cache_source == "synthetic":  # the stand-in renderer ignores the SD generation settings
+        for k in ("cache_steps", "cache_guidance", "cache_prompt"):
+            s[k] = None
+    return s
+
+
+def tsa_cache_path(cfg: Config) -> Path:
+    return Path(cfg.cache_dir) / "tsa" / f"{cfg.dataset}-{cfg.cache_source}-{_settings_hash(tsa_settings(cfg))}.pt"
+
+
+def tsa_image_dir(cfg: Config) -> Path:
+    key = {k: getattr(cfg, k) for k in TSA_IMAGE_KEYS}
+    return Path(cfg.cache_dir) / "tsa-images" / f"{cfg.dataset}-{cfg.cache_source}-{_settings_hash(key)}"
+
+
+def ensure_writable(folder) -> Path:
+    """Create `folder` and check a file can be written there; else one clear line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise WSSSError(f"cache directory {folder} is not writable ({type(e).__name__}: {e.strerror or e}): pass "
+                        f"--cache-dir DIR (or set WSSS_CACHE) to a writable folder")
+    return folder
+
+
+def _valid_image(path: Path) -> bool:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()  # a truncated PNG fails here
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _atomic_png(rgb: np.ndarray, path: Path):
+    from PIL import Image
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def sd_image_maker(sd: SDParts, cfg: Config):
+    """(class id, class name, seed) -> uint8 (S, S, 3): one image from a diffusers StableDiffusionPipeline assembled
+    from the loaded parts, prompt cfg.cache_prompt, cache_steps steps, guidance cache_guidance, cache_image_size^2."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    S = cfg.cache_image_size
+
+    def make(cls: int, name: str, seed: int) -> np.ndarray:
+        with torch.no_grad(), fp32(sd.device):
+            out = pipe(cfg.cache_prompt.format(category=PLAIN_NAMES.get(name, name)), height=S, width=S,
+                       num_inference_steps=cfg.cache_steps, guidance_scale=cfg.cache_guidance,
+                       generator=torch.Generator().manual_seed(seed), output_type="np").images[0]  # (S, S, 3) in [0,1]
+        return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+    return make
+
+
+def synthetic_image_maker(size: int):
+    """STAND-IN for SD generation (the demo, cache_source=synthetic): the synthetic world's renderer draws one
+    object of the class, centred, on its noisy background. The rest of the cache path is the real one."""
+    return lambda cls, name, seed: draw_single_class_scene(np.random.default_rng([7, seed]), cls, size)[0]
+
+
+def generate_cache_images(image_dir, classes, n_per_class: int, make_image, log=print0) -> list:
+    """Generate n_per_class images per (class id, name) in `classes` with make_image(cls, name, seed = 1000 cls + i)
+    [I], each written atomically as <image_dir>/c<cls>_<i>.png as soon as it is made. Resumable: existing readable
+    files are kept (a truncated one is made again), so an interrupted build continues where it stopped and a
+    re-run makes nothing. -> [(cls, path)] for every image."""
+    image_dir = ensure_writable(image_dir)
+    items = [(c, name, i, image_dir / f"c{c:03d}_{i:04d}.png") for c, name in classes for i in range(n_per_class)]
+    todo = [it for it in items if not _valid_image(it[3])]
+    if todo:
+        log(f"TSA cache: generating {len(todo)} of {len(items)} single-class images into {image_dir}")
+        bar = _progress(todo)
+        for c, name, i, path in bar:
+            _atomic_png(make_image(c, name, 1000 * c + i), path)
+        bar.close()
+    return [(c, path) for c, _, _, path in items]
+
+
+def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_fg, device=None, batch_size: int = 8,
+                    log=print0) -> dict:
+    """DiCLIP's offline phase (§III-D, spec §5): generate cache_images_per_class single-class images per class
+    (resumable), then per batch: crops resized to crop_size and normalised as training crops (B, 3, S, S) ->
+    feature_fn(images) -> F_v (B, N, D) unit features; pseudo_mask_fn(images, class_ids) -> (B, S, S) label maps
+    (DiCLIP: VCE + CAM + CAA + PAR); mask average pooling (Eq. 8; images with < 1 % or > 99 % fg skipped); per-class
+    and background K-means -> {K, V} (Eqs. 9-10). Written atomically with a manifest (settings, counts, image
+    hashes) to tsa_cache_path(cfg); an existing cache with the same settings is loaded instead (no work).
+    -> dict(format, manifest, keys, values, key_class)."""
+    from PIL import Image
+    settings, path = tsa_settings(cfg), tsa_cache_path(cfg)
+    cached = load_tsa_cache(path, settings)
+    if cached is not None:
+        return cached
+    ensure_writable(path.parent)
+    names = DATASETS[cfg.dataset]["classes"]
+    classes = [(c, names[c]) for c in range(1, len(names))]
+    items = generate_cache_images(tsa_image_dir(cfg), classes, cfg.cache_images_per_class, make_image, log)
+    fg_by_class, bg, used, hashes = {}, [], {}, {}
+    S = cfg.crop_size
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        rgbs = [np.asarray(Image.fromarray(load_rgb(p)).resize((S, S), Image.BILINEAR)) for _, p in chunk]
+        images = torch.stack([normalize_image(r, cfg.norm) for r in rgbs])
+        images = images.to(device) if device is not None else images
+        cls = torch.tensor([c for c, _ in chunk], device=images.device)
+        with torch.no_grad():
+            feats = feature_fn(images).float()  # (B, N, D)
+            labels = pseudo_mask_fn(images, cls)  # (B, S, S)
+        N = feats.shape[1]
+        h = math.isqrt(N)
+        if h * h != N:
+            raise WSSSError(f"TSA cache: feature_fn returned {N} tokens, not a square grid")
+        f_fg, f_bg, valid = mask_average_pool(feats, patch_coverage(labels, cls, (h, h)))
+        for j, (c, p) in enumerate(chunk):
+            hashes[p.name] = hashlib.sha1(p.read_bytes()).hexdigest()[:16]
+            if valid[j]:
+                fg_by_class.setdefault(c, []).append(f_fg[j].cpu())
+                bg.append(f_bg[j].cpu())
+                used[c] = used.get(c, 0) + 1
+    skipped = len(items) - sum(used.values())
+    if skipped:
+        log(f"TSA cache: skipped {skipped} of {len(items)} images whose pseudo mask covered < 1 % or > 99 %")
+    if not bg:
+        raise WSSSError("TSA cache: no generated image gave a usable pseudo mask (all < 1 % or > 99 % foreground)")
+    kv = build_kv_cache({c: torch.stack(v) for c, v in fg_by_class.items()}, torch.stack(bg), texts_fg,
+                        cfg.cache_per_class, cfg.cache_bg, seed=0, log=log)
+    manifest = dict(settings=settings, images_per_class={names[c]: used.get(c, 0) for c, _ in classes},
+                    skipped=skipped, num_keys=len(kv["keys"]), image_dir=str(tsa_image_dir(cfg)), image_sha1=hashes)
+    cache = dict(format=TSA_FORMAT, manifest=manifest, **kv)
+    try:
+        atomic_save(cache, path)
+        atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), path.with_suffix(".json"))
+    except OSError as e:
+        raise WSSSError(f"cannot write the TSA cache {path} ({type(e).__name__}: {e}): pass --cache-dir DIR")
+    log(f"TSA cache: {len(kv['keys'])} keys ({int((kv['key_class'] > 0).sum())} foreground) -> {path}")
+    return cache
+
+
+def load_tsa_cache(path, expected: dict):
+    """The TSA cache at `path` if it was built with the `expected` settings (tsa_settings); None if there is no
+    file (build it). A truncated or foreign file, or one built with other settings -> one clear WSSSError (a
+    stale cache is never used silently)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, ...
+        raise WSSSError(f"TSA cache {path} is unreadable ({type(e).__name__}; truncated or not a torch file): "
+                        f"delete it to rebuild")
+    if not isinstance(obj, dict) or obj.get("format") != TSA_FORMAT or not {"manifest", "keys", "values"} <= set(obj):
+        raise WSSSError(f"{path} is not a TSA cache of this program (no {TSA_FORMAT!r} header): delete it or pass "
+                        f"another --cache-dir")
+    got = obj["manifest"].get("settings", {})
+    diff = [k for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {got.get(k)!r} vs now {expected.get(k)!r}" for k in diff[:3])
+        raise WSSSError(f"TSA cache {path} was built with other settings ({shown}{', ...' if len(diff) > 3 else ''})"
+                        f": delete it to rebuild")
+    keys, values = obj["keys"], obj["values"]
+    if keys.ndim != 2 or values.ndim != 2 or len(keys) != len(values) or \
+            values.shape[1] != len(expected.get("classes", [])):
+        raise WSSSError(f"TSA cache {path} is inconsistent (keys {tuple(keys.shape)}, values {tuple(values.shape)}): "
+                        f"delete it to rebuild")
+    return obj
 
 # ----------------------------------------------------------------------------------------------------
 # Decoder: the only trained module (WeCLIP §6)
