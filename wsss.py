@@ -1036,7 +1036,7 @@ def build_sd(cfg: Config, device) -> SDParts:
             text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**TINY_SD_TEXT)), _tiny_sd_tokenizer()
             scheduler = DDIMScheduler(**SD_SCHEDULER)
         else:
-            if _is_path(cfg.sd_model) and not Path(cfg.sd_model).is_dir():
+            if cfg.sd_model.startswith(("/", ".", "~")) and not Path(cfg.sd_model).expanduser().is_dir():
                 raise WSSSError(f"Stable Diffusion folder not found: {cfg.sd_model} (pass --sd-model PATH to a "
                                 f"diffusers folder with vae/, unet/, text_encoder/, tokenizer/, scheduler/)")
             try:
@@ -1574,7 +1574,7 @@ def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: 
       R = onehot(m) onehot(m)^T                                     (Eq. 5)
       A_hat = RowNorm(R * A_sd * 1[A_sd > delta])                   (Eq. 6, reliable same-cluster relations)
       A^(0) = A_sd,  A^(t) = A_hat A^(t-1),  t = 1..T               (Eq. 6, recursive propagation; "left")
-    Variants (switch `variant`, [I]): "recluster" re-clusters A^(t-1) each round and rebuilds A_hat from it;
+    Variants (switch `variant`, [I]): "recluster" re-clusters A^(t-1) each round (new R, A_hat still from A_sd);
     "right" A^(t) = A^(t-1) A_hat; "sharpen" A^(t) = RowNorm(A^(t-1) * A_hat).
     a_sd (B, N, N) row-stochastic -> (B, N, N) row-stochastic. rounds = 0 returns a_sd (ACR off)."""
     if variant not in ACR_VARIANTS:
@@ -1584,8 +1584,8 @@ def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: 
         return a
     a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
     for t in range(rounds):
-        if variant == "recluster" and t > 0:  # [I]: cluster the current map, threshold the current map
-            a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
+        if variant == "recluster" and t > 0:  # [I]: R from clustering the current map; A_hat still masks A_sd
+            a_hat = acr_reliable(a_sd.float(), kl_kmeans(a, k, iters, seed), delta)
         if variant in ("left", "recluster"):
             a = a_hat @ a
         elif variant == "right":
