@@ -1229,6 +1229,16 @@ def test_sd_self_attention_capture_matches_naive_and_restores(tiny_sd):
     assert len(sd.tokenizer) == 49408 and sd.null_emb.shape == (1, 77, 32)
 
 
+def test_tiny_sd_generates_cache_images_deterministically(tiny_sd, tmp_path):
+    cfg, sd = tiny_sd
+    make = wsss.sd_image_maker(sd, dataclasses.replace(cfg, cache_steps=1, cache_image_size=64))
+    items = wsss.generate_cache_images(tmp_path, [(2, "blue square")], 1, make, log=lambda *a: None)
+    assert items == [(2, tmp_path / "c002_0000.png")] and wsss._valid_image(items[0][1])
+    again = make(2, "blue square", 2000)  # seed = 1000 c + i
+    assert again.shape == (64, 64, 3) and again.dtype == np.uint8
+    assert np.array_equal(np.asarray(Image.open(items[0][1])), again), "generation is a function of the seed"
+
+
 def test_offline_stable_diffusion_is_one_clear_line(tmp_path):
     cfg = wsss.make_config(dataset="synthetic", sd_model="stabilityai/stable-diffusion-2-1-base")
     with pytest.raises(wsss.WSSSError) as e:

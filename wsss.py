@@ -1143,7 +1143,7 @@ def sd_self_attention(sd: SDParts, images, cfg: Config, grid):
             unet(zt, t.expand(len(zt)), encoder_hidden_states=sd.null_emb.expand(len(zt), -1, -1))
         finally:
             unet.set_attn_processor(dict(original))  # set_attn_processor consumes the dict it is given
-    assert store["count"] == len(layers) * 1, "each selected layer runs once"
+    assert store["count"] == len(layers), "each selected layer runs once"
     return store["sum"] / store["count"]  # (B, N, N): layer mean, row-stochastic
 
 # ----------------------------------------------------------------------------------------------------
