@@ -996,7 +996,6 @@ def test_kl_kmeans_duplicates_centroids_objective_seed_and_batching():
     # batched equals per-image (the seed's draws are shared by all maps)
     for b in range(3):
         assert torch.equal(wsss.kl_kmeans(A[b:b + 1], 4, iters=6, seed=3)[0], m[b])
-    assert not torch.equal(wsss.kl_kmeans(A, 4, iters=6, seed=4), m) or True  # another seed may coincide
     # empty clusters are re-seeded: k = N on N distinct rows gives N singleton clusters
     assert sorted(wsss.kl_kmeans(A[0, :6], 6, iters=3, seed=0).tolist()) == list(range(6))
 
@@ -1036,7 +1035,7 @@ def test_acr_refine_identities_and_variants():
     a_hat2 = wsss.acr_reliable(A32, wsss.kl_kmeans(a1, k, 10, 0), delta)
     assert_close(wsss.acr_refine(A, k, delta, 2, "recluster"), a_hat2 @ a1, atol=1e-5)
     # large T: rows of one cluster become identical ("overly rigid")
-    out = wsss.acr_refine(A, k, 0.0, 300, "left")
+    out = wsss.acr_refine(A, k, 0.0, 80, "left")
     for b in range(2):
         for c in m[b].unique():
             rows = out[b][m[b] == c]
@@ -1107,7 +1106,8 @@ def test_cache_adapter_starts_at_static_retrieval_and_trains_only_itself():
     m_p = torch.rand(2, 5, 2, generator=g)
     want = m_p + 0.5 * wsss.minmax(Z.detach().softmax(-1)[..., 1:], dims=(-2,))
     out = wsss.dynamic_cam(m_p, Z, 0.5)
-    assert_close(out, want) and not out.requires_grad
+    assert_close(out, want)
+    assert not out.requires_grad
     assert_close(wsss.dynamic_cam(m_p, Z, 0.5, softmax=False), m_p + 0.5 * wsss.minmax(Z.detach()[..., 1:], dims=(-2,)))
 
 
@@ -1143,7 +1143,8 @@ def test_mask_average_pool_and_kv_cache_layout(capsys):
     for r in range(15):
         nz = V[r].nonzero().flatten().tolist()
         if kc[r] > 0:
-            assert nz == [kc[r].item()] and V[r, kc[r]].item() == pytest.approx(float(K[r] @ texts[kc[r] - 1]), abs=1e-6)
+            assert nz == [kc[r].item()]
+            assert V[r, kc[r]].item() == pytest.approx(float(K[r] @ texts[kc[r] - 1]), abs=1e-6)
         else:
             assert V[r].tolist() == [1.0, 0, 0, 0]
     assert_close(K[8:10], fg_by[3], atol=1e-6)  # too few: the features themselves
@@ -1189,7 +1190,8 @@ def test_sd_self_attention_capture_matches_naive_and_restores(tiny_sd):
         noise = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed))
         ab = sd.scheduler.alphas_cumprod[cfg.sd_timestep]
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
-        ref_out = unet(zt, torch.tensor([cfg.sd_timestep] * 2), encoder_hidden_states=sd.null_emb.expand(2, -1, -1)).sample
+        tt, null = torch.tensor([cfg.sd_timestep] * 2), sd.null_emb.expand(2, -1, -1)
+        ref_out = unet(zt, tt, encoder_hidden_states=null).sample
     for h in hooks:
         h.remove()
     maps = []
@@ -1213,7 +1215,7 @@ def test_sd_self_attention_capture_matches_naive_and_restores(tiny_sd):
                              for n, p in dict(unet.attn_processors).items()})
     try:
         with torch.no_grad():
-            out = unet(zt, torch.tensor([cfg.sd_timestep] * 2), encoder_hidden_states=sd.null_emb.expand(2, -1, -1)).sample
+            out = unet(zt, tt, encoder_hidden_states=null).sample
     finally:
         unet.set_attn_processor(dict(before))
     assert_close(out, ref_out, atol=1e-5, what="UNet output with the capture")
@@ -1222,7 +1224,8 @@ def test_sd_self_attention_capture_matches_naive_and_restores(tiny_sd):
     # a layer subset; bad sizes and layer names are one line
     A3 = wsss.sd_self_attention(sd, images, dataclasses.replace(cfg, sd_layers="up_blocks.2"), grid)
     assert_close(A3, torch.stack(maps[2:]).mean(0), atol=1e-5)
-    for bad, msg in ((dict(sd_size=60), "--sd-size 60 is not a multiple of 32"), (dict(sd_layers="mid_x"), "--sd-layers")):
+    for bad, msg in ((dict(sd_size=60), "--sd-size 60 is not a multiple of 32"),
+                     (dict(sd_layers="mid_x"), "--sd-layers")):
         with pytest.raises(wsss.WSSSError, match=msg) as e:
             wsss.sd_self_attention(sd, images, dataclasses.replace(cfg, **bad), grid)
         assert "\n" not in str(e.value)
@@ -1340,14 +1343,16 @@ def test_tsa_cache_build_resumes_reruns_free_and_checks_manifest(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(wsss.WSSSError, match="not writable") as e:
-        wsss.build_tsa_cache(_tsa_cfg(blocker / "sub"), counting, feature_fn, pseudo_mask_fn, texts, log=lambda *a: None)
+        wsss.build_tsa_cache(_tsa_cfg(blocker / "sub"), counting, feature_fn, pseudo_mask_fn, texts,
+                             log=lambda *a: None)
     assert "\n" not in str(e.value) and "--cache-dir" in str(e.value)
 
 
 def test_diclip_config_fields_and_errors():
     cfg = wsss.make_config()
     assert (cfg.sd_size, cfg.sd_timestep, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.cache_per_class,
-            cfg.cache_bg, cfg.cache_prompts, cfg.cache_alpha, cfg.lambda_dyn) == (512, 100, 9, 5e-4, 3, 10, 20, 92, 0.5, 0.1)
+            cfg.cache_bg, cfg.cache_prompts, cfg.cache_alpha, cfg.lambda_dyn) == \
+        (512, 100, 9, 5e-4, 3, 10, 20, 92, 0.5, 0.1)
     assert wsss.make_config(dataset="coco").cache_per_class == 5
     assert "{category}" in cfg.cache_prompt and wsss._FIELD_HELP["cache_prompt"]
     for bad, msg in ((dict(acr_variant="up"), "--acr-variant"), (dict(vce_fusion="mul"), "--vce-fusion"),

@@ -172,6 +172,7 @@ DICLIP_PROMPT = ("a realistic photograph of a fully visible, entire {category} w
                  "image, with a clear and distinct background, high color contrast, and the {category} not occupying "
                  "the entire frame, ensuring it is completely visible without cropping.")
 
+
 @dataclass
 class Config:
     # --- run ---
@@ -227,10 +228,10 @@ class Config:
     sbe_gate: str = "ge2"         # apply L_b when |C_p| >= 2 (ge2), == 1 (eq1), always (all), never (off)
     lambda_b: float = 0.0         # weight of the boundary Dice loss L_b (CD-CLIP 0.6)
     # --- DiCLIP (TIP 2026) ---
-    sd_model: str = "stabilityai/stable-diffusion-2-1-base"  # Stable Diffusion (diffusers hub id or local folder) [T: SD 2.1; I: -base]
+    sd_model: str = "stabilityai/stable-diffusion-2-1-base"  # SD: diffusers hub id or local folder [T: 2.1; I: -base]
     sd_size: int = 512            # SD input side for the attention pass; a multiple of the VAE x UNet factor [I]
     sd_timestep: int = 100        # noising step t of the single UNet pass (DiffSegmenter) [I]
-    sd_layers: str = "up"         # SD self-attention layers: up (every up-block attn1) or comma list of name prefixes [I]
+    sd_layers: str = "up"         # SD attn1 layers: up (all up-block attn1) or comma list of name prefixes [I]
     acr_k: int = 9                # ACR: KL k-means clusters K (Eq. 4) [T]
     acr_delta: float = 5e-4       # ACR: reliability threshold delta on A_sd (Eq. 6) [T]
     acr_rounds: int = 3           # ACR: refinement rounds T (Eq. 6; 0 = ACR off) [T]
@@ -399,7 +400,8 @@ def validate_config(cfg: Config):
     if cfg.cda_tau <= 0:
         raise WSSSError(f"--cda-tau must be > 0, got {cfg.cda_tau}")
     # DiCLIP
-    for name, allowed in dict(acr_variant=ACR_VARIANTS, vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic")).items():
+    diclip_choices = dict(acr_variant=ACR_VARIANTS, vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"))
+    for name, allowed in diclip_choices.items():
         if getattr(cfg, name) not in allowed:
             raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     for name, low in (("sd_size", 8), ("sd_timestep", 0), ("acr_k", 1), ("acr_rounds", 0), ("acr_iters", 0),
