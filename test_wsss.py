@@ -1337,3 +1337,418 @@ def test_cli_excel_demo_resume_eval_and_cams(excel_run, cache_dir, tmp_path):
     assert r5.returncode == 0 and "(step 4)" in r5.stdout, r5.stderr[-2000:]
     r6 = run_cli("train", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--tse-keep", "0")
     assert r6.returncode == 2 and r6.stderr.count("\n") == 1 and "--tse-keep" in r6.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiCLIP pieces: SD attention capture, ACR (KL k-means), static/dynamic cache retrieval, the TSA cache build
+# ---------------------------------------------------------------------------------------------------
+
+def _row_stochastic(B, N, seed=0, temp=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (temp * torch.randn(B, N, N, generator=g, dtype=torch.float64)).softmax(-1)
+
+
+def _kl_objective(rows, m, cent):
+    """sum_i KL(a_i || c_{m_i}) by a naive loop (float64)."""
+    total = 0.0
+    for i in range(rows.shape[0]):
+        a, c = rows[i].double(), cent[m[i]].double().clamp_min(1e-8)
+        total += float((a * (a.clamp_min(1e-8).log() - c.log())).sum())
+    return total
+
+
+def test_kl_kmeans_duplicates_centroids_objective_seed_and_batching():
+    # three well-separated prototypes, each row duplicated several times: duplicates must share a cluster
+    g = torch.Generator().manual_seed(1)
+    protos = (6 * torch.randn(3, 12, generator=g)).softmax(-1)
+    idx = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 2, 2, 1])
+    rows = protos[idx]
+    m = wsss.kl_kmeans(rows, 3, iters=5, seed=0)
+    for p in range(3):
+        assert len(set(m[idx == p].tolist())) == 1, "duplicates of a row end in one cluster"
+    assert len(set(m.tolist())) == 3
+    # centroids are member means (each a distribution); the objective never rises; deterministic in the seed
+    A = _row_stochastic(3, 20, seed=2).float()
+    m, cent, hist = wsss.kl_kmeans(A, 4, iters=6, seed=3, return_all=True)
+    assert m.dtype == torch.int64 and m.shape == (3, 20) and hist.shape == (7, 3)
+    assert (hist[1:] <= hist[:-1] + 1e-5).all(), f"objective rose: {hist.T}"
+    m2, cent2, _ = wsss.kl_kmeans(A, 4, iters=6, seed=3, return_all=True)
+    assert torch.equal(m, m2) and torch.equal(cent, cent2)
+    for b in range(3):  # the returned centroids were updated from the previous assignment; refit once by hand
+        assert_close(cent[b].sum(-1), torch.ones(4), atol=1e-5, what="centroid sums")
+        assert hist[-1, b].item() == pytest.approx(_kl_objective(A[b], m[b], cent[b]), rel=1e-4, abs=1e-5)
+    m1, c1, _ = wsss.kl_kmeans(A, 4, iters=1, seed=3, return_all=True)
+    m0, _, _ = wsss.kl_kmeans(A, 4, iters=0, seed=3, return_all=True)
+    for b in range(3):  # one Lloyd update = the mean of the init assignment's members
+        for j in range(4):
+            members = A[b][m0[b] == j]
+            if len(members):
+                assert_close(c1[b, j], members.mean(0), atol=1e-6, what="centroid = member mean")
+    # batched equals per-image (the seed's draws are shared by all maps)
+    for b in range(3):
+        assert torch.equal(wsss.kl_kmeans(A[b:b + 1], 4, iters=6, seed=3)[0], m[b])
+    # empty clusters are re-seeded: k = N on N distinct rows gives N singleton clusters
+    assert sorted(wsss.kl_kmeans(A[0, :6], 6, iters=3, seed=0).tolist()) == list(range(6))
+
+
+def test_acr_refine_identities_and_variants():
+    A = _row_stochastic(2, 16, seed=5)
+    assert torch.equal(wsss.acr_refine(A, rounds=0), A.float())  # T = 0: A_sd
+    for variant in wsss.ACR_VARIANTS:
+        out = wsss.acr_refine(A, k=3, delta=0.01, rounds=2, variant=variant)
+        assert out.shape == A.shape and (out >= 0).all()
+        assert_close(out.sum(-1), torch.ones(2, 16), atol=1e-5, what=f"{variant} rows")
+    # one cluster, delta = 0: A_hat = A_sd, so A^(T) = A_sd^(T+1) (left and right alike)
+    for T in (1, 3):
+        for variant in ("left", "right", "recluster"):
+            assert_close(wsss.acr_refine(A, k=1, delta=0.0, rounds=T, variant=variant),
+                         torch.linalg.matrix_power(A, T + 1), atol=1e-5, what=f"{variant} T={T}")
+    # A_hat by hand from the clustering: same-cluster entries above delta and the diagonal, row-normalised
+    k, delta = 3, 0.02
+    m = wsss.kl_kmeans(A.float(), k, 10, 0)
+    A32 = A.float()
+    a_hat = torch.zeros_like(A32)
+    for b in range(2):
+        for i in range(16):
+            for j in range(16):
+                if i == j or (m[b, i] == m[b, j] and A32[b, i, j] > delta):
+                    a_hat[b, i, j] = A32[b, i, j]
+            a_hat[b, i] /= a_hat[b, i].sum()
+    assert_close(wsss.acr_reliable(A32, m, delta), a_hat, atol=1e-6, what="A_hat")
+    assert_close(wsss.acr_refine(A, k, delta, 1, "left"), a_hat @ A32, atol=1e-5, what="left")
+    assert_close(wsss.acr_refine(A, k, delta, 1, "right"), A32 @ a_hat, atol=1e-5, what="right")
+    sharp = A32 * a_hat
+    assert_close(wsss.acr_refine(A, k, delta, 1, "sharpen"), sharp / sharp.sum(-1, keepdim=True), atol=1e-5)
+    assert (wsss.acr_refine(A, k, delta, 3, "sharpen")[a_hat == 0] == 0).all()  # support stays inside R
+    left2 = a_hat @ (a_hat @ A32)
+    assert_close(wsss.acr_refine(A, k, delta, 2, "left"), left2, atol=1e-5)
+    a1 = a_hat @ A32  # recluster: round 2 clusters A^(1) (R changes), A_hat still masks A_sd
+    a_hat2 = wsss.acr_reliable(A32, wsss.kl_kmeans(a1, k, 10, 0), delta)
+    assert_close(wsss.acr_refine(A, k, delta, 2, "recluster"), a_hat2 @ a1, atol=1e-5)
+    # large T: rows of one cluster become identical ("overly rigid")
+    out = wsss.acr_refine(A, k, 0.0, 80, "left")
+    for b in range(2):
+        for c in m[b].unique():
+            rows = out[b][m[b] == c]
+            assert_close(rows, rows[:1].expand_as(rows), atol=1e-4, what="same-cluster rows")
+    # an all-zero row of A_hat (nothing above delta, zero diagonal) becomes e_i
+    Z = torch.full((1, 3, 3), 0.5)
+    Z[0, 0] = torch.tensor([0.0, 0.5, 0.5])
+    assert_close(wsss.acr_reliable(Z, torch.tensor([[0, 1, 1]]), 0.1)[0, 0], torch.tensor([1.0, 0, 0]))
+
+
+def test_vce_fusion_modes_hand_computed():
+    attn = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]])
+    sd = torch.tensor([[[0.6, 0.2, 0.2], [0.0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]]])
+    assert_close(wsss.vce_fusion(attn, sd, 1.0, "add").sum(-1), torch.full((1, 3), 2.0))  # rows sum to 1 + w
+    assert_close(wsss.vce_fusion(attn, sd, 0.5, "add"), attn + 0.5 * sd)
+    assert_close(wsss.vce_fusion(attn, sd, 1.0, "norm"), (attn + sd).softmax(-1))
+    assert_close(wsss.vce_fusion(attn, sd, 1.0, "scale"), attn * sd)
+    gate = wsss.vce_fusion(attn, sd, 1.0, "gate")  # SD where SD > its row mean (1/3), CLIP elsewhere
+    assert_close(gate, torch.tensor([[[0.6, 0.3, 0.2], [0.1, 0.5, 0.5], [0.3, 0.3, 0.4]]]))
+
+
+def test_cache_activation_static_retrieval_and_fusion():
+    beta = 2.5
+    assert wsss.cache_activation(torch.tensor(1.0), beta).item() == 1.0
+    assert wsss.cache_activation(torch.tensor(0.0), beta).item() == pytest.approx(math.exp(-beta))
+    g = torch.Generator().manual_seed(0)
+    feats = F.normalize(torch.randn(2, 5, 8, generator=g), dim=-1)
+    keys = F.normalize(torch.randn(7, 8, generator=g), dim=-1)
+    values = torch.rand(7, 4, generator=g)
+    S = wsss.static_cache_cam(feats, keys, values, beta)
+    naive = torch.zeros(2, 5, 4)
+    for b in range(2):
+        for n in range(5):
+            for kk in range(7):
+                naive[b, n] += math.exp(-beta * (1 - float(feats[b, n] @ keys[kk]))) * values[kk]
+    assert_close(S, naive, atol=1e-5, what="Eq. 2")
+    # Eq. 11 by hand on one image, 3 patches, 2 classes
+    S1 = torch.tensor([[[1.0, 0.0, 2.0], [3.0, 1.0, 4.0], [2.0, 2.0, 0.0]]])  # columns: bg, c1, c2
+    m_p = torch.tensor([[[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]])
+    nb = torch.tensor([0.0, 1.0, 0.5])  # N(M_b) over patches
+    nf = torch.tensor([[0.0, 0.5], [0.5, 1.0], [1.0, 0.0]])  # N(M_f) per class over patches
+    ms = nf * (1 - nb[:, None])  # [[0, .5], [0, 0], [.5, 0]]
+    want = m_p + 0.5 * torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])  # N(M_s)
+    assert_close(wsss.static_cache_fusion(m_p, S1, 0.5), want, atol=1e-5, what="M_st")
+    assert_close(ms.max(0).values, torch.tensor([0.5, 0.5]))
+    want_pos = m_p + 0.5 * nf  # positive cache only (Table IV): no background factor
+    assert_close(wsss.static_cache_fusion(m_p, S1, 0.5, negative=False), want_pos, atol=1e-5)
+
+
+def test_cache_adapter_starts_at_static_retrieval_and_trains_only_itself():
+    g = torch.Generator().manual_seed(3)
+    keys = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    values = torch.rand(6, 3, generator=g)
+    feats = F.normalize(torch.randn(2, 5, 8, generator=g), dim=-1)
+    ad = wsss.CacheAdapter(keys, values, n_prompts=4, beta=1.5, seed=0)
+    assert_close(ad(feats), wsss.static_cache_cam(feats, keys, values, 1.5), atol=1e-6, what="init = static")
+    assert_close(ad.w1.weight[6:].norm(dim=-1), torch.ones(4), what="prompt keys are unit")
+    assert (ad.w2.weight[:, 6:] == 0).all()
+    assert torch.equal(wsss.CacheAdapter(keys, values, 4, 1.5, 0).w1.weight, ad.w1.weight)  # seeded
+    names = {n for n, _ in ad.named_parameters()}
+    assert names == {"w1.weight", "w1.bias", "w2.weight", "w2.bias"}
+    f = feats.clone().requires_grad_(False)
+    Z = ad(f)
+    F.cross_entropy(Z.reshape(-1, 3), torch.tensor([0, 1, 2, 0, 1] * 2)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ad.parameters())
+    assert not keys.requires_grad and not values.requires_grad and f.grad is None
+    # Eq. 13: M_p + alpha N(softmax(Z)_fg), no gradient through Z; raw-logit switch
+    m_p = torch.rand(2, 5, 2, generator=g)
+    want = m_p + 0.5 * wsss.minmax(Z.detach().softmax(-1)[..., 1:], dims=(-2,))
+    out = wsss.dynamic_cam(m_p, Z, 0.5)
+    assert_close(out, want)
+    assert not out.requires_grad
+    assert_close(wsss.dynamic_cam(m_p, Z, 0.5, softmax=False), m_p + 0.5 * wsss.minmax(Z.detach()[..., 1:], dims=(-2,)))
+
+
+def test_mask_average_pool_and_kv_cache_layout(capsys):
+    g = torch.Generator().manual_seed(4)
+    feats = F.normalize(torch.randn(3, 16, 8, generator=g), dim=-1)
+    one = torch.zeros(3, 16)
+    one[0, 5] = 1.0
+    one[1] = 1.0
+    one[2, :8] = 0.5
+    fg, bg, valid = wsss.mask_average_pool(feats, one)
+    assert_close(fg[0], feats[0, 5], atol=1e-6, what="one patch")
+    assert_close(bg[0], F.normalize(feats[0].sum(0) - feats[0, 5], dim=0), atol=1e-6)
+    assert_close(fg[1], F.normalize(feats[1].mean(0), dim=0), atol=1e-6, what="all ones")
+    assert_close(fg[2], F.normalize(feats[2, :8].mean(0), dim=0), atol=1e-6, what="fractions")
+    assert_close(bg[2], F.normalize(0.5 * feats[2, :8].sum(0) + feats[2, 8:].sum(0), dim=0), atol=1e-6)
+    assert valid.tolist() == [True, False, True]  # 1/16 >= 1 %, all-ones > 99 %
+    # patch coverage by area: a 4x4 label map on a 2x2 grid
+    lab = torch.tensor([[[1, 1, 0, 0], [1, 0, 0, 0], [2, 2, 1, 1], [2, 2, 1, 1]]])
+    assert_close(wsss.patch_coverage(lab, torch.tensor([1]), (2, 2)), torch.tensor([[0.75, 0.0, 0.0, 1.0]]))
+    # the cache: 3 classes, class 3 has fewer features than K_c
+    texts = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    fg_by = {1: F.normalize(torch.randn(12, 8, generator=g), dim=-1),
+             2: F.normalize(torch.randn(9, 8, generator=g), dim=-1),
+             3: F.normalize(torch.randn(2, 8, generator=g), dim=-1)}
+    bgf = F.normalize(torch.randn(20, 8, generator=g), dim=-1)
+    kv = wsss.build_kv_cache(fg_by, bgf, texts, k_per_class=4, k_bg=5, seed=0)
+    assert "class 3 has only 2 features for 4 keys" in capsys.readouterr().out
+    K, V, kc = kv["keys"], kv["values"], kv["key_class"]
+    assert K.shape == (4 + 4 + 2 + 5, 8) and V.shape == (15, 4)
+    assert kc.tolist() == [1] * 4 + [2] * 4 + [3] * 2 + [0] * 5
+    assert_close(K.norm(dim=-1), torch.ones(15), atol=1e-6, what="unit keys")
+    for r in range(15):
+        nz = V[r].nonzero().flatten().tolist()
+        if kc[r] > 0:
+            assert nz == [kc[r].item()]
+            assert V[r, kc[r]].item() == pytest.approx(float(K[r] @ texts[kc[r] - 1]), abs=1e-6)
+        else:
+            assert V[r].tolist() == [1.0, 0, 0, 0]
+    assert_close(K[8:10], fg_by[3], atol=1e-6)  # too few: the features themselves
+    from sklearn.cluster import KMeans  # independent oracle for one class's keys
+    ref = KMeans(n_clusters=4, random_state=0, n_init=10).fit(fg_by[1].double().numpy()).cluster_centers_
+    assert_close(K[:4], F.normalize(torch.from_numpy(ref).float(), dim=-1), atol=1e-5)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    cfg = wsss.make_config(dataset="synthetic", tiny=True, sd_size=64)
+    return cfg, wsss.build_sd(cfg, CPU)
+
+
+def test_sd_self_attention_capture_matches_naive_and_restores(tiny_sd):
+    cfg, sd = tiny_sd
+    unet = sd.unet
+    before = dict(unet.attn_processors)
+    images = wsss.normalize_image(np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8),
+                                  cfg.norm)[None].repeat(2, 1, 1, 1)
+    images[1] = images[1].flip(-1)
+    grid = (4, 4)
+    rng_state = torch.get_rng_state()
+    A = wsss.sd_self_attention(sd, images, cfg, grid)
+    assert torch.equal(torch.get_rng_state(), rng_state), "the global RNG is not touched"
+    assert A.shape == (2, 16, 16) and (A > 0).all()
+    assert_close(A.sum(-1), torch.ones(2, 16), atol=1e-5, what="row-stochastic")
+    assert all(type(unet.attn_processors[n]) is type(p) for n, p in before.items()), "processors restored"
+    assert all(unet.attn_processors[n] is p for n, p in before.items())
+    # naive oracle: forward hooks grab the projected q and k of every up-block attn1; resize q/k, full softmax
+    layers = [n[:-len(".processor")] for n in wsss.sd_attention_layers(unet, "up")]
+    assert len(layers) == 4 and all(n.startswith("up_blocks.") for n in layers)
+    got, hooks = {}, []
+    for n in layers:
+        mod = unet.get_submodule(n)
+        hooks.append(mod.to_q.register_forward_hook(lambda m, i, o, n=n: got.__setitem__((n, "q"), o)))
+        hooks.append(mod.to_k.register_forward_hook(lambda m, i, o, n=n: got.__setitem__((n, "k"), o)))
+    stats = (torch.tensor(wsss.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(wsss.IMAGENET_STD).view(1, 3, 1, 1))
+    x = F.interpolate((images * stats[1] + stats[0]) / 255, size=(64, 64), mode="bilinear", align_corners=False,
+                      antialias=True) * 2 - 1
+    with torch.no_grad():
+        z0 = sd.vae.encode(x).latent_dist.mean * sd.vae.config.scaling_factor
+        noise = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed))
+        ab = sd.scheduler.alphas_cumprod[cfg.sd_timestep]
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        tt, null = torch.tensor([cfg.sd_timestep] * 2), sd.null_emb.expand(2, -1, -1)
+        ref_out = unet(zt, tt, encoder_hidden_states=null).sample
+    for h in hooks:
+        h.remove()
+    maps = []
+    for n in layers:
+        heads = unet.get_submodule(n).heads
+        q, k = got[(n, "q")], got[(n, "k")]  # (B, L, H*d)
+        side = int(math.isqrt(q.shape[1]))
+        full = []
+        for t in (q, k):
+            t = t.transpose(1, 2).reshape(2, -1, side, side)
+            full.append(F.interpolate(t, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2))
+        d = q.shape[-1] // heads
+        per_head = [(full[0][..., h * d:(h + 1) * d] @ full[1][..., h * d:(h + 1) * d].transpose(1, 2) / math.sqrt(d))
+                    .softmax(-1) for h in range(heads)]
+        maps.append(torch.stack(per_head).mean(0))
+    assert_close(A, torch.stack(maps).mean(0), atol=1e-5, what="naive capture")
+    # the capturing processor leaves the UNet's output unchanged
+    store = dict(latent=(8, 8), grid=grid)
+    cap = wsss.SDAttentionCapture(store)
+    unet.set_attn_processor({n: (cap if n in wsss.sd_attention_layers(unet, "up") else p)
+                             for n, p in dict(unet.attn_processors).items()})
+    try:
+        with torch.no_grad():
+            out = unet(zt, tt, encoder_hidden_states=null).sample
+    finally:
+        unet.set_attn_processor(dict(before))
+    assert_close(out, ref_out, atol=1e-5, what="UNet output with the capture")
+    # one image alone gives its own map (noise shared, not drawn per batch position)
+    assert_close(wsss.sd_self_attention(sd, images[1:], cfg, grid)[0], A[1], atol=1e-5)
+    # a layer subset; bad sizes and layer names are one line
+    A3 = wsss.sd_self_attention(sd, images, dataclasses.replace(cfg, sd_layers="up_blocks.2"), grid)
+    assert_close(A3, torch.stack(maps[2:]).mean(0), atol=1e-5)
+    for bad, msg in ((dict(sd_size=60), "--sd-size 60 is not a multiple of 32"),
+                     (dict(sd_layers="mid_x"), "--sd-layers")):
+        with pytest.raises(wsss.WSSSError, match=msg) as e:
+            wsss.sd_self_attention(sd, images, dataclasses.replace(cfg, **bad), grid)
+        assert "\n" not in str(e.value)
+    assert len(sd.tokenizer) == 49408 and sd.null_emb.shape == (1, 77, 32)
+
+
+def test_tiny_sd_generates_cache_images_deterministically(tiny_sd, tmp_path):
+    cfg, sd = tiny_sd
+    make = wsss.sd_image_maker(sd, dataclasses.replace(cfg, cache_steps=1, cache_image_size=64))
+    items = wsss.generate_cache_images(tmp_path, [(2, "blue square")], 1, make, log=lambda *a: None)
+    assert items == [(2, tmp_path / "c002_0000.png")] and wsss._valid_image(items[0][1])
+    again = make(2, "blue square", 2000)  # seed = 1000 c + i
+    assert again.shape == (64, 64, 3) and again.dtype == np.uint8
+    assert np.array_equal(np.asarray(Image.open(items[0][1])), again), "generation is a function of the seed"
+
+
+def test_offline_stable_diffusion_is_one_clear_line(tmp_path):
+    cfg = wsss.make_config(dataset="synthetic", sd_model="stabilityai/stable-diffusion-2-1-base")
+    with pytest.raises(wsss.WSSSError) as e:
+        wsss.build_sd(cfg, CPU)
+    msg = str(e.value)
+    if "could not load" not in msg:
+        pytest.skip("real SD weights are cached here")
+    assert "--sd-model PATH" in msg and "stable-diffusion-2-1-base" in msg and "\n" not in msg
+    with pytest.raises(wsss.WSSSError, match="Stable Diffusion folder not found"):
+        wsss.build_sd(dataclasses.replace(cfg, sd_model=str(tmp_path / "nope")), CPU)
+
+
+def test_single_class_scene_and_toy_scene_unchanged():
+    for c in range(1, 7):
+        img, mask = wsss.draw_single_class_scene(np.random.default_rng(c), c, 64)
+        assert img.shape == (64, 64, 3) and set(np.unique(mask).tolist()) == {0, c}
+        assert 0.03 < (mask > 0).mean() < 0.5
+    img, mask, present, _ = wsss.draw_toy_scene(np.random.default_rng([0, 0]), 64)  # existing seeds keep their scene
+    assert present == sorted(int(c) for c in np.unique(mask) if c)
+
+
+def _tsa_cfg(cache_dir, **kw):
+    base = dict(dataset="synthetic", tiny=True, cache_dir=str(cache_dir), cache_source="synthetic",
+                cache_images_per_class=3, cache_per_class=2, cache_bg=3, crop_size=32, num_workers=0)
+    base.update(kw)
+    return wsss.make_config(**base)
+
+
+def _tsa_callbacks():
+    """Stand-ins for the lead's VCE features and CAM+CAA+PAR masks: 4x4 grid of unit features from pooled pixels
+    (plus a constant channel), a pseudo mask = pixels far from the image's median colour."""
+    def feature_fn(images):
+        x = F.adaptive_avg_pool2d(images, (4, 4)).flatten(2).transpose(1, 2)  # (B, 16, 3)
+        return F.normalize(torch.cat([x, torch.ones_like(x[..., :1])], -1), dim=-1)
+
+    def pseudo_mask_fn(images, cls):
+        d = (images - images.flatten(2).median(-1).values[..., None, None]).abs().sum(1)  # (B, H, W)
+        return torch.where(d > 1.5, cls.view(-1, 1, 1), torch.zeros_like(cls).view(-1, 1, 1))
+    return feature_fn, pseudo_mask_fn
+
+
+def test_tsa_cache_build_resumes_reruns_free_and_checks_manifest(tmp_path):
+    cfg = _tsa_cfg(tmp_path / "c")
+    calls = []
+    base = wsss.synthetic_image_maker(32)
+
+    def counting(cls, name, seed):
+        calls.append((cls, seed))
+        if len(calls) == 5 and interrupt[0]:
+            raise KeyboardInterrupt  # the build dies after 4 images
+        return base(cls, name, seed)
+    interrupt = [True]
+    feature_fn, pseudo_mask_fn = _tsa_callbacks()
+    texts = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with pytest.raises(KeyboardInterrupt):
+        wsss.build_tsa_cache(cfg, counting, feature_fn, pseudo_mask_fn, texts, log=lambda *a: None)
+    folder = wsss.tsa_image_dir(cfg)
+    assert len(list(folder.glob("c*.png"))) == 4 and not list(folder.glob(".*tmp*"))
+    interrupt[0] = False
+    calls.clear()
+    cache = wsss.build_tsa_cache(cfg, counting, feature_fn, pseudo_mask_fn, texts, log=lambda *a: None)
+    assert len(calls) == 18 - 4, "resumed: only the missing images are made"
+    assert calls[0] == (2, 2001) and (1, 1000) not in calls  # seed = 1000 c + i
+    keys, values = cache["keys"], cache["values"]
+    assert values.shape[1] == 7 and keys.shape[1] == 4
+    man = cache["manifest"]
+    assert man["settings"]["cache_source"] == "synthetic" and len(man["image_sha1"]) == 18
+    json.dumps(man)  # JSON-able
+    path = wsss.tsa_cache_path(cfg)
+    assert path.is_file() and json.loads(path.with_suffix(".json").read_text())["num_keys"] == len(keys)
+    # a re-run does no work (no image, no feature call)
+    calls.clear()
+    boom = lambda *a: (_ for _ in ()).throw(AssertionError("no work expected"))
+    again = wsss.build_tsa_cache(cfg, counting, boom, boom, texts, log=lambda *a: None)
+    assert calls == [] and torch.equal(again["keys"], keys)
+    # a truncated image is made again (and only that one)
+    victim = folder / "c003_0001.png"
+    victim.write_bytes(victim.read_bytes()[:60])
+    assert not wsss._valid_image(victim)
+    items = wsss.generate_cache_images(folder, [(c, n) for c, n in enumerate(wsss.SYNTH_CLASSES) if c], 3, counting,
+                                       log=lambda *a: None)
+    assert calls == [(3, 3001)] and wsss._valid_image(victim) and len(items) == 18
+    # other settings -> another file (rebuilt); a file at this path with other settings / truncated / foreign: one line
+    assert wsss.tsa_cache_path(dataclasses.replace(cfg, cache_per_class=3)) != path
+    assert wsss.load_tsa_cache(tmp_path / "none.pt", wsss.tsa_settings(cfg)) is None
+    other = wsss.tsa_settings(dataclasses.replace(cfg, clip_pretrained="other.pt"))
+    with pytest.raises(wsss.WSSSError, match="built with other settings .*clip_pretrained") as e:
+        wsss.load_tsa_cache(path, other)
+    assert "\n" not in str(e.value)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(wsss.WSSSError, match="unreadable"):
+        wsss.load_tsa_cache(trunc, wsss.tsa_settings(cfg))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(wsss.WSSSError, match="not a TSA cache"):
+        wsss.load_tsa_cache(foreign, wsss.tsa_settings(cfg))
+    # an unwritable cache directory is one line
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(wsss.WSSSError, match="not writable") as e:
+        wsss.build_tsa_cache(_tsa_cfg(blocker / "sub"), counting, feature_fn, pseudo_mask_fn, texts,
+                             log=lambda *a: None)
+    assert "\n" not in str(e.value) and "--cache-dir" in str(e.value)
+
+
+def test_diclip_config_fields_and_errors():
+    cfg = wsss.make_config()
+    assert (cfg.sd_size, cfg.sd_timestep, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.cache_per_class,
+            cfg.cache_bg, cfg.cache_prompts, cfg.cache_alpha, cfg.lambda_dyn) == \
+        (512, 100, 9, 5e-4, 3, 10, 20, 92, 0.5, 0.1)
+    assert wsss.make_config(dataset="coco").cache_per_class == 5
+    assert "{category}" in cfg.cache_prompt and wsss._FIELD_HELP["cache_prompt"]
+    for bad, msg in ((dict(acr_variant="up"), "--acr-variant"), (dict(vce_fusion="mul"), "--vce-fusion"),
+                     (dict(cache_source="web"), "--cache-source"), (dict(acr_k=0), "--acr-k"),
+                     (dict(cache_beta=0.0), "--cache-beta"), (dict(cache_prompt="a photo"), "{category}"),
+                     (dict(sd_timestep=1000), "--sd-timestep"), (dict(acr_delta=float("nan")), "--acr-delta")):
+        with pytest.raises(wsss.WSSSError, match=msg):
+            wsss.make_config(**bad)

@@ -143,7 +143,8 @@ DATASETS = {
                  # COCO in VOC-style layout: list entries "train/COCO_train2014_<id>", masks "train/<id>.png"
                  mask_strip=r"COCO_(?:train|val)2014_",
                  defaults=dict(train_split="train", val_split="val", max_steps=80000, superclasses=12,
-                               box_threshold=0.7, rfm_dynamic_after=40000, rfm_dynamic_layers=10, eval_every=0)),
+                               box_threshold=0.7, rfm_dynamic_after=40000, rfm_dynamic_layers=10, eval_every=0,
+                               cache_per_class=5)),
     "synthetic": dict(classes=SYNTH_CLASSES, prompts=SYNTH_CLASSES[1:],
                       bg_prompts=["grey noise", "texture", "empty background", "grain", "speckles"],
                       superclasses=SYNTH_SUPER, mask_strip="",
@@ -168,11 +169,19 @@ METHODS = {
                             warmup_steps=200, eval_flip_at_1=True)),
 }
 REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
+ACR_VARIANTS = ("left", "recluster", "right", "sharpen")  # DiCLIP Eq. 6 readings (spec §4.2)
+VCE_FUSIONS = ("add", "norm", "scale", "gate")  # DiCLIP Table XII: SD attention into CLIP attention
 
 # --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
 DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
             warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240, eval_long_side=64,
             cam_logit_scale=0.0)  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
+
+
+# DiCLIP §III-D's prompt for the single-class images of the TSA cache ({category}: the plain class name).
+DICLIP_PROMPT = ("a realistic photograph of a fully visible, entire {category} with natural colors, centered in the "
+                 "image, with a clear and distinct background, high color contrast, and the {category} not occupying "
+                 "the entire frame, ensuring it is completely visible without cropping.")
 
 
 @dataclass
@@ -250,6 +259,33 @@ class Config:
     cp_area_floor: float = 0.001  # a class is "predicted" if it covers >= this fraction of pixels [I]
     sbe_gate: str = "ge2"         # apply L_b when |C_p| >= 2 (ge2), == 1 (eq1), always (all), never (off)
     lambda_b: float = 0.0         # weight of the boundary Dice loss L_b (CD-CLIP 0.6)
+    # --- DiCLIP (TIP 2026) ---
+    sd_model: str = "stabilityai/stable-diffusion-2-1-base"  # SD: diffusers hub id or local folder [T: 2.1; I: -base]
+    sd_size: int = 512            # SD input side for the attention pass; a multiple of the VAE x UNet factor [I]
+    sd_timestep: int = 100        # noising step t of the single UNet pass (DiffSegmenter) [I]
+    sd_layers: str = "up"         # SD attn1 layers: up (all up-block attn1) or comma list of name prefixes [I]
+    acr_k: int = 9                # ACR: KL k-means clusters K (Eq. 4) [T]
+    acr_delta: float = 5e-4       # ACR: reliability threshold delta on A_sd (Eq. 6) [T]
+    acr_rounds: int = 3           # ACR: refinement rounds T (Eq. 6; 0 = ACR off) [T]
+    acr_variant: str = "left"     # ACR Eq. 6 reading: left (A_hat A) | recluster | right (A A_hat) | sharpen [I]
+    acr_iters: int = 10           # ACR: Lloyd iterations of the KL k-means [I]
+    vce_layers: int = 3           # VCE: calibrated last L CLIP blocks (Eq. 7) [T]
+    vce_weight: float = 1.0       # VCE: weight w of A_acr added to CLIP's attention (Eq. 7) [T]
+    vce_fusion: str = "add"       # VCE: SD-into-CLIP attention fusion (Table XII): add | norm | scale | gate [T]
+    cache_beta: float = 1.0       # TSA: sharpness beta of phi(x) = exp(-beta (1 - x)) (Eq. 2) [I: Tip-Adapter]
+    cache_alpha: float = 0.5      # TSA: cache weight alpha in M_st / M_dt (Eqs. 11, 13) [T]
+    cache_negative: bool = True   # TSA: refine M_f by the background (negative) cache, Table IV "+N.C." [T]
+    cache_per_class: int = 10     # TSA: foreground keys K_c per class (VOC 10, COCO 5) [T, L]
+    cache_bg: int = 20            # TSA: background keys K_bg (one K-means over all images) [T*]
+    cache_prompts: int = 92       # TSA: learnable key/value prompts of the adapter (Eq. 12) [T]
+    cache_images_per_class: int = 50  # TSA: generated single-class images per class [T*]
+    cache_steps: int = 50         # TSA: SD sampling steps per generated image [I]
+    cache_guidance: float = 7.5   # TSA: classifier-free guidance scale of the generation [I]
+    cache_image_size: int = 512   # TSA: generated image side [I]
+    cache_prompt: str = DICLIP_PROMPT  # TSA: generation prompt, {category} = class name (default: the paper's) [T]
+    cache_source: str = "sd"      # TSA: cache images from sd, or synthetic (the demo's stand-in: the toy renderer) [I]
+    cache_dyn_softmax: bool = True  # TSA: Eq. 13 takes softmax(Z)'s fg part (else the raw fg logits) [I]
+    lambda_dyn: float = 0.1       # weight of the adapter loss L_dyn (Eq. 15) [T]
     # --- decoder (WeCLIP §6) ---
     dec_dim: int = 256            # decoder width (fuse MLPs and transformer)
     dec_layers: int = 3           # decoder transformer blocks
@@ -412,6 +448,27 @@ def validate_config(cfg: Config):
         raise WSSSError("--lvc needs --relation cos (the bias is softmax of ExCEL's relation R)")
     if cfg.lvc and cfg.cam != "text":
         raise WSSSError("--lvc calibrates the patch-text CAM: it needs --cam text")
+    # DiCLIP
+    diclip_choices = dict(acr_variant=ACR_VARIANTS, vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"))
+    for name, allowed in diclip_choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    for name, low in (("sd_size", 8), ("sd_timestep", 0), ("acr_k", 1), ("acr_rounds", 0), ("acr_iters", 0),
+                      ("vce_layers", 1), ("cache_per_class", 1), ("cache_bg", 1), ("cache_prompts", 0),
+                      ("cache_images_per_class", 1), ("cache_steps", 1), ("cache_image_size", 8)):
+        if getattr(cfg, name) < low:
+            raise WSSSError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.sd_timestep >= 1000:
+        raise WSSSError(f"--sd-timestep must be < 1000 (the scheduler's training steps), got {cfg.sd_timestep}")
+    for name in ("acr_delta", "vce_weight", "cache_alpha", "lambda_dyn", "cache_guidance"):
+        if not getattr(cfg, name) >= 0:  # also refuses NaN
+            raise WSSSError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.cache_beta > 0:
+        raise WSSSError(f"--cache-beta must be > 0, got {cfg.cache_beta}")
+    if "{category}" not in cfg.cache_prompt:
+        raise WSSSError("--cache-prompt must contain {category} (replaced by each class name)")
+    if not cfg.sd_layers.strip():
+        raise WSSSError("--sd-layers is empty: use up, or a comma list of UNet attention-layer name prefixes")
 
 
 # Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
@@ -552,6 +609,24 @@ def draw_toy_scene(rng: np.random.Generator, size: int = 64):
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     caption = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(listed)
     return np.clip(image, 0, 255).astype(np.uint8), mask, present, caption
+
+def draw_single_class_scene(rng: np.random.Generator, cls: int, size: int = 64):
+    """One object of class `cls` (1..6), near the centre, on draw_toy_scene's kind of background: the demo's
+    stand-in for DiCLIP's SD-generated single-class images (the "centered, fully visible" prompt).
+    Returns (image uint8 (H, W, 3), mask uint8 (H, W) with ids {0, cls})."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    freq, phase = rng.uniform(0.05, 0.3, 2), rng.uniform(0, 2 * np.pi, 2)
+    texture = 18 * np.sin(freq[0] * xx + phase[0]) * np.cos(freq[1] * yy + phase[1])
+    image = rng.uniform(90, 160) + texture[..., None] + rng.normal(0, 12, (size, size, 3))
+    r = size * rng.uniform(0.2, 0.3)
+    cx, cy = size * (0.5 + rng.uniform(-0.1, 0.1, 2))
+    a = rng.uniform(0, 2 * np.pi)
+    u = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)
+    v = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+    inside = _shape_mask(TOY_SHAPES[cls - 1][1], u, v, r)
+    image[inside] = np.array(TOY_RGB[TOY_SHAPES[cls - 1][0]]) + rng.uniform(-25, 25, 3) \
+        + rng.normal(0, 8, (int(inside.sum()), 3))
+    return np.clip(image, 0, 255).astype(np.uint8), (inside * cls).astype(np.uint8)
 
 
 def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, seed: int = 0) -> Path:
@@ -1232,6 +1307,176 @@ class Frozen:
             self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
 
 
+# --- Stable Diffusion (DiCLIP §4.1): frozen VAE + UNet + text encoder; self-attention of the UNet decoder ---
+
+# The tiny pipeline of --tiny: the same diffusers/transformers classes as SD 2.1, small. The VAE keeps SD's
+# downsampling factor 8 (four encoder blocks); the UNet has SD's layout of cross-attention down/up blocks, so its
+# decoder (up_blocks.1 and .2) holds attn1 self-attention layers at two resolutions.
+TINY_SD_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True)
+TINY_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                   layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.18215)
+TINY_SD_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=77, projection_dim=32)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD's DDIM settings
+
+
+def _tiny_sd_tokenizer():
+    """A transformers CLIPTokenizer rebuilt from open_clip's bundled BPE (the vocabulary SD's tokenizer uses), pad
+    "!" as SD 2.x. transformers 5 needs the vocab=/merges= keywords (vocab_file= silently builds 2 tokens)."""
+    import open_clip
+    from transformers import CLIPTokenizer
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    merges = [m for m, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, pad_token="!", bos_token="<start_of_text>",
+                         eos_token="<end_of_text>", unk_token="<end_of_text>", model_max_length=77)
+
+
+class SDParts:
+    """The frozen Stable Diffusion parts DiCLIP uses, plus the null-prompt text embedding (computed once)."""
+
+    def __init__(self, vae, unet, scheduler, tokenizer, text_encoder, device):
+        self.vae, self.unet, self.scheduler = vae, unet, scheduler
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        # the UNet halves the latent (len(down_blocks) - 1) times, the VAE 2^(len(blocks) - 1) times
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.factor = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.null_emb = self.encode_prompt([""])  # (1, 77, Dt): SD's unconditional embedding, "null prompt" [T]
+
+    def encode_prompt(self, prompts):
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        with torch.no_grad():
+            return self.text_encoder(ids)[0].float()  # (P, 77, Dt) last hidden state, as SD conditions on
+
+
+def build_sd(cfg: Config, device) -> SDParts:
+    """Frozen Stable Diffusion for DiCLIP: VAE (AutoencoderKL), UNet (UNet2DConditionModel), DDIM scheduler with the
+    model's own noise schedule, CLIP tokenizer + text encoder. --tiny: the TINY_SD_* architecture, random weights
+    seeded by cfg.seed (global RNG untouched); otherwise --sd-model (hub id or a local diffusers folder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        if cfg.tiny:
+            vae, unet = AutoencoderKL(**TINY_SD_VAE), UNet2DConditionModel(**TINY_SD_UNET)
+            text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**TINY_SD_TEXT)), _tiny_sd_tokenizer()
+            scheduler = DDIMScheduler(**SD_SCHEDULER)
+        else:
+            if cfg.sd_model.startswith(("/", ".", "~")) and not Path(cfg.sd_model).expanduser().is_dir():
+                raise WSSSError(f"Stable Diffusion folder not found: {cfg.sd_model} (pass --sd-model PATH to a "
+                                f"diffusers folder with vae/, unet/, text_encoder/, tokenizer/, scheduler/)")
+            try:
+                vae = AutoencoderKL.from_pretrained(cfg.sd_model, subfolder="vae")
+                unet = UNet2DConditionModel.from_pretrained(cfg.sd_model, subfolder="unet")
+                text_encoder = CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder")
+                tokenizer = CLIPTokenizer.from_pretrained(cfg.sd_model, subfolder="tokenizer")
+                scheduler = DDIMScheduler.from_pretrained(cfg.sd_model, subfolder="scheduler")
+                if len(tokenizer) != 49408:  # transformers 5 offline returns a 2-token dummy instead of raising
+                    raise OSError(f"tokenizer has {len(tokenizer)} tokens, expected 49408")
+            except (OSError, ValueError, RuntimeError) as e:
+                raise WSSSError(f"could not load Stable Diffusion {cfg.sd_model!r} ({type(e).__name__}; no network "
+                                f"or model hub?): pass a local diffusers folder with --sd-model PATH (see data.md), "
+                                f"or run offline with --demo / --tiny")
+    parts = [m.to(device).eval().requires_grad_(False) for m in (vae, unet, text_encoder)]
+    return SDParts(*parts[:2], scheduler, tokenizer, parts[2], device)
+
+
+def sd_attention_layers(unet, spec: str) -> list:
+    """Names of the UNet attention processors whose self-attention DiCLIP reads: "up" = every attn1 of the decoder
+    (up_blocks; SD 2.1: up_blocks.{1,2,3}.attentions.{0,1,2}, 9 layers at 16^2, 32^2, 64^2 latent tokens for a
+    512 input [I]); or a comma list of name prefixes (e.g. "up_blocks.3" = the 64^2 layers only)."""
+    names = [n for n in unet.attn_processors if ".attn1." in n]
+    if spec.strip() == "up":
+        chosen = [n for n in names if n.startswith("up_blocks.")]
+    else:
+        prefixes = [p.strip() for p in spec.split(",") if p.strip()]
+        chosen = [n for n in names if any(n.startswith(p) for p in prefixes)]
+    if not chosen:
+        raise WSSSError(f"--sd-layers {spec!r} selects no self-attention (attn1) layer of the UNet; use up, or "
+                        f"prefixes of e.g. {names[-1].rsplit('.attn1', 1)[0]}")
+    return chosen
+
+
+class SDAttentionCapture:
+    """A diffusers attention processor for one self-attention (attn1) layer. It computes the layer's normal output
+    (scaled_dot_product_attention, which never materialises the map) and, on the side, DiCLIP's attention on the
+    CLIP grid [T §IV-B]: q and k (after their projections) are resized bilinearly from the layer's latent grid to
+    the CLIP grid (h, w), then per head softmax(q k^T * scale) on the small grid is averaged over heads and added
+    to `store["sum"]` (B, N, N). So a 4096-token layer costs an N x N map, never 4096 x 4096."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        assert encoder_hidden_states is None and attention_mask is None, "self-attention layers only"
+        assert attn.spatial_norm is None and attn.group_norm is None and hidden_states.ndim == 3, \
+            "SDAttentionCapture supports SD's transformer self-attention (B, L, C) layers"
+        B, L, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, L, H*d)
+        H = attn.heads
+        d = q.shape[-1] // H
+        q, k, v = (t.view(B, L, H, d).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # the layer's real output (B, H, L, d)
+        # --- the side computation: resize q and k (not the map) to the CLIP grid ---
+        lh, lw = self.store["latent"]
+        f = int(round(math.sqrt(lh * lw / L)))  # this layer's downsampling of the latent grid
+        gh, gw = self.store["grid"]
+
+        def to_grid(t):  # (B, H, L, d) -> (B, H, N, d)
+            t = t.transpose(2, 3).reshape(B, H * d, lh // f, lw // f)
+            t = F.interpolate(t.float(), size=(gh, gw), mode="bilinear", align_corners=False)
+            return t.reshape(B, H, d, gh * gw).transpose(2, 3)
+
+        probs = (to_grid(q) @ to_grid(k).transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, N, N)
+        self.store["sum"] = self.store.get("sum", 0) + probs.mean(1)  # head mean [T]
+        self.store["count"] = self.store.get("count", 0) + 1
+        out = out.transpose(1, 2).reshape(B, L, H * d).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def sd_self_attention(sd: SDParts, images, cfg: Config, grid):
+    """DiCLIP's SD attention A_sd (spec §4.1): the CLIP-normalised crops (B, 3, H, W) -> RGB in [0, 1] -> resized to
+    sd_size^2 -> 2x - 1 -> VAE latent mean x scaling factor -> one noising step to t = sd_timestep with noise from a
+    fixed seed (one draw shared by every image, so an image's map does not depend on its batch) -> one UNet pass
+    with the null-prompt embedding. The selected decoder attn1 layers give A_sd (B, N, N) on the CLIP grid (h, w):
+    head mean, then layer mean [I]; rows sum to 1. fp32, no grad; the UNet's processors are restored after."""
+    S, unet = cfg.sd_size, sd.unet
+    if S % sd.factor:
+        raise WSSSError(f"--sd-size {S} is not a multiple of {sd.factor} (the VAE's factor {sd.vae_factor} times "
+                        f"the UNet's {sd.factor // sd.vae_factor}); try {max(1, round(S / sd.factor)) * sd.factor}")
+    gh, gw = grid
+    layers = sd_attention_layers(unet, cfg.sd_layers)
+    stats = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}[cfg.norm]
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in stats)
+    with torch.no_grad(), fp32(images.device):
+        rgb = ((images.float() * std + mean) / 255).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+        x = F.interpolate(rgb, size=(S, S), mode="bilinear", align_corners=False, antialias=True) * 2 - 1
+        z0 = sd.vae.encode(x.to(sd.device)).latent_dist.mean * sd.vae.config.scaling_factor  # (B, 4, S/8, S/8)
+        g = torch.Generator().manual_seed(cfg.seed)  # fixed-seed noise [DS]; the global RNG is not touched
+        noise = torch.randn((1, *z0.shape[1:]), generator=g).to(z0.device).expand_as(z0)
+        t = torch.tensor([cfg.sd_timestep], device=z0.device)
+        zt = sd.scheduler.add_noise(z0, noise, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        store = dict(latent=tuple(z0.shape[-2:]), grid=(gh, gw))
+        original = dict(unet.attn_processors)
+        capture = SDAttentionCapture(store)
+        unet.set_attn_processor({n: (capture if n in layers else p) for n, p in original.items()})
+        try:
+            unet(zt, t.expand(len(zt)), encoder_hidden_states=sd.null_emb.expand(len(zt), -1, -1))
+        finally:
+            unet.set_attn_processor(dict(original))  # set_attn_processor consumes the dict it is given
+    assert store["count"] == len(layers), "each selected layer runs once"
+    return store["sum"] / store["count"]  # (B, N, N): layer mean, row-stochastic
+
 # ----------------------------------------------------------------------------------------------------
 # CAMs: WeCLIP GradCAM on image-text probabilities, every (image, class) pair in one forward/backward
 # ----------------------------------------------------------------------------------------------------
@@ -1641,6 +1886,440 @@ def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super
         result.update(rows=rows, cams=cams, refined=refined)
     return result
 
+
+# --- DiCLIP ACR (§IV-C.2, Eqs. 4-6): cluster the SD attention rows, keep reliable same-cluster relations ---
+
+def _kl_to_centroids(rows, neg_ent, cent):
+    """KL(a_i || c_k) = sum_j a log a - sum_j a log c for rows (M, N, D), their sum_j a log a (M, N, 1) and
+    centroids (M, K, D) -> (M, N, K); 0 log 0 = 0, logs of values clamped at 1e-8."""
+    return neg_ent - rows @ cent.clamp_min(1e-8).log().transpose(-1, -2)
+
+
+def kl_kmeans(rows, k: int, iters: int = 10, seed: int = 0, return_all: bool = False):
+    """K-means of probability rows under the KL divergence (DiCLIP Eq. 4 [T], cites [52]; details [I]).
+    rows (..., N, D), each row a distribution (A_sd: D = N) -> assignments (..., N) int64 in [0, k).
+    Assignment m_i = argmin_k KL(a_i || c_k); update c_k = mean of its members (the exact minimiser for this
+    Bregman divergence, so the objective sum_i KL(a_i || c_{m_i}) never rises); probabilities clamped at 1e-8
+    before logs. Init: k-means++ under KL: the first centre is a row, each next centre a row drawn with probability
+    proportional to its KL to the nearest centre chosen so far. The draws are inverse-CDF lookups of k uniforms from
+    `seed`, shared by every map, so a map's clustering does not depend on its batch. An empty cluster is re-seeded
+    with the row farthest (KL) from its centroid. Vectorised over the leading dims; loops only over iterations.
+    return_all: also the centroids (..., k, D) and the objective after each assignment (iters + 1, ...)."""
+    lead, (N, D) = rows.shape[:-2], rows.shape[-2:]
+    a = rows.reshape(-1, N, D).float()
+    M, k = a.shape[0], min(k, N)
+    ar = torch.arange(M, device=a.device)
+    neg_ent = (a * a.clamp_min(1e-8).log()).sum(-1, keepdim=True)  # (M, N, 1), once
+    u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).to(a.device)
+    # k-means++ under KL
+    first = (u[0] * N).long().clamp_max(N - 1).expand(M)
+    cent = a[ar, first][:, None]  # (M, 1, D)
+    for j in range(1, k):
+        d = _kl_to_centroids(a, neg_ent, cent).amin(-1).clamp_min(0) + 1e-12  # (M, N)
+        cdf = d.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u[j] * cdf[:, -1:]).contiguous()).clamp_max(N - 1)[:, 0]  # (M,)
+        cent = torch.cat([cent, a[ar, pick][:, None]], 1)  # (M, j + 1, D)
+    history = []
+    for it in range(iters + 1):
+        kl = _kl_to_centroids(a, neg_ent, cent)  # (M, N, k)
+        m = kl.argmin(-1)  # (M, N)
+        dist = kl.gather(-1, m[..., None])[..., 0]  # (M, N): each row's KL to its centroid
+        history.append(dist.sum(-1))
+        if it == iters:
+            break
+        onehot = F.one_hot(m, k).float()  # (M, N, k)
+        count = onehot.sum(1)  # (M, k)
+        cent = (onehot.transpose(1, 2) @ a) / count.clamp_min(1)[..., None]  # (M, k, D): member means
+        empty = count == 0
+        if empty.any():  # the e-th empty cluster of a map takes that map's e-th farthest row
+            far = dist.argsort(-1, descending=True)  # (M, N)
+            rank = (empty.cumsum(-1) - 1).clamp(0, N - 1)  # (M, k)
+            cent = torch.where(empty[..., None], a[ar[:, None], far.gather(-1, rank)], cent)
+    m = m.reshape(*lead, N)
+    if return_all:
+        return m, cent.reshape(*lead, k, D), torch.stack(history).reshape(iters + 1, *lead)
+    return m
+
+
+def acr_reliable(attn, assign, delta: float):
+    """DiCLIP Eqs. 5-6's reliable affinity: R = onehot(m) onehot(m)^T (R_ij = 1 iff tokens i, j share a cluster,
+    Eq. 5), A_hat = RowNorm(R * A * 1[A > delta]) with the diagonal always kept (a row left empty becomes e_i).
+    attn (B, N, N), assign (B, N) -> (B, N, N) row-stochastic."""
+    R = assign[..., :, None] == assign[..., None, :]  # (B, N, N) bool: Eq. 5
+    keep = R & (attn > delta)
+    eye = torch.eye(attn.shape[-1], dtype=torch.bool, device=attn.device)
+    a_hat = torch.where(keep | eye, attn, torch.zeros_like(attn))
+    s = a_hat.sum(-1, keepdim=True)
+    a_hat = torch.where(s > 0, a_hat / s.clamp_min(1e-30), eye.to(attn.dtype).expand_as(attn))  # all-zero row guard
+    return a_hat
+
+
+def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: str = "left", iters: int = 10,
+               seed: int = 0):
+    """DiCLIP ACR (Eqs. 4-6; Eq. 6's form was lost in the paper text, reconstruction [I], spec §4.2):
+      m = KL-k-means(rows of A_sd)                                  (Eq. 4)
+      R = onehot(m) onehot(m)^T                                     (Eq. 5)
+      A_hat = RowNorm(R * A_sd * 1[A_sd > delta])                   (Eq. 6, reliable same-cluster relations)
+      A^(0) = A_sd,  A^(t) = A_hat A^(t-1),  t = 1..T               (Eq. 6, recursive propagation; "left")
+    Variants (switch `variant`, [I]): "recluster" re-clusters A^(t-1) each round (new R, A_hat still from A_sd);
+    "right" A^(t) = A^(t-1) A_hat; "sharpen" A^(t) = RowNorm(A^(t-1) * A_hat).
+    a_sd (B, N, N) row-stochastic -> (B, N, N) row-stochastic. rounds = 0 returns a_sd (ACR off)."""
+    if variant not in ACR_VARIANTS:
+        raise WSSSError(f"ACR variant {variant!r} is not one of {', '.join(ACR_VARIANTS)}")
+    a = a_sd.float()
+    if rounds == 0:
+        return a
+    a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
+    for t in range(rounds):
+        if variant == "recluster" and t > 0:  # [I]: R from clustering the current map; A_hat still masks A_sd
+            a_hat = acr_reliable(a_sd.float(), kl_kmeans(a, k, iters, seed), delta)
+        if variant in ("left", "recluster"):
+            a = a_hat @ a
+        elif variant == "right":
+            a = a @ a_hat
+        else:  # sharpen
+            a = a * a_hat
+            a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)  # the diagonal of A_hat keeps every row non-zero
+    return a
+
+
+def vce_fusion(attn, a_acr, w: float = 1.0, mode: str = "add"):
+    """How SD attention enters CLIP's attention (DiCLIP Eq. 7 and Table XII; definitions from §V-A.3 [T], details
+    [I]). attn: CLIP's patch-patch softmax probabilities (..., N, N) (e.g. (B, heads, N, N)); a_acr (B, N, N),
+    broadcast over heads by the caller's shape (pass a_acr[:, None] for heads).
+      add   attn + w A_acr, no re-normalisation (the paper's choice; rows then sum to 1 + w)
+      norm  softmax(attn + w A_acr) over the keys ("an additional softmax after adding")
+      scale attn * (w A_acr) ("multiplies CLIP's attention by the SD map")
+      gate  w A_acr where A_acr > its row mean, attn elsewhere ("replacing only the most confident SD activations")"""
+    if mode == "add":
+        return attn + w * a_acr
+    if mode == "norm":
+        return (attn + w * a_acr).softmax(-1)
+    if mode == "scale":
+        return attn * (w * a_acr)
+    if mode == "gate":
+        return torch.where(a_acr > a_acr.mean(-1, keepdim=True), w * a_acr, attn)
+    raise WSSSError(f"VCE fusion {mode!r} is not one of {', '.join(VCE_FUSIONS)}")
+
+# ----------------------------------------------------------------------------------------------------
+# Caches: DiCLIP's TSA key-value cache (Eqs. 2, 8-13): static retrieval, the dynamic adapter, the cache build
+# ----------------------------------------------------------------------------------------------------
+
+def cache_activation(x, beta: float):
+    """Tip-Adapter's activation phi(x) = exp(-beta (1 - x)) on cosine similarities (DiCLIP Eq. 2): phi(1) = 1."""
+    return torch.exp(-beta * (1 - x))
+
+
+def static_cache_cam(feats, keys, values, beta: float):
+    """DiCLIP Eq. 2, static retrieval: S = phi(F K^T) V. feats (B, N, D) unit patch features F_v, keys (Nk, D) unit,
+    values (Nk, C+1) (column 0 background) -> S (B, N, C+1), before the fg/bg split."""
+    return cache_activation(feats @ keys.to(feats.dtype).T, beta) @ values.to(feats.dtype)
+
+
+def static_cache_fusion(m_p, S, alpha: float, negative: bool = True):
+    """DiCLIP Eq. 11, the static CAM. With N = per-map min-max over the patch axis:
+      M_f = S[..., 1:],  M_b = S[..., 0]
+      M_s = N(M_f) * (1 - N(M_b))     the background (negative) cache suppresses fg where a patch looks like
+                                      cached background ("multiplying them" [T]; the sign [I])
+      M_st = M_p + alpha N(M_s)
+    negative=False is Table IV's "positive cache only": M_s = N(M_f). m_p (B, N, C), S (B, N, C+1) -> (B, N, C)."""
+    m_s = minmax(S[..., 1:], dims=(-2,))
+    if negative:
+        m_s = m_s * (1 - minmax(S[..., :1], dims=(-2,)))
+    return m_p + alpha * minmax(m_s, dims=(-2,))
+
+
+class CacheAdapter(nn.Module):
+    """DiCLIP's dynamic adapter (Eqs. 12-13): the retrieval of Eq. 2 as a two-layer MLP,
+    Z = phi(F W1^T + b1) W2 + b2, initialised W1 = [K; K_p], W2 = [V; V_p], b1 = b2 = 0 [T], with `n_prompts`
+    class-agnostic key/value prompts: K_p random unit vectors (seeded), V_p = 0 [I]. So at initialisation Z equals
+    static_cache_cam(F, K, V, beta). Trained by L_dyn = CE(upsampled Z, Y_st); beta stays fixed."""
+
+    def __init__(self, keys, values, n_prompts: int = 92, beta: float = 1.0, seed: int = 0):
+        super().__init__()
+        nk, D = keys.shape
+        k_p = F.normalize(torch.randn(n_prompts, D, generator=torch.Generator().manual_seed(seed)), dim=-1)
+        self.beta = float(beta)
+        self.w1 = nn.Linear(D, nk + n_prompts)  # weight (Nk+P, D) = [K; K_p]
+        self.w2 = nn.Linear(nk + n_prompts, values.shape[1])  # weight (C+1, Nk+P) = [V; V_p]^T
+        with torch.no_grad():
+            self.w1.weight.copy_(torch.cat([keys.float().cpu(), k_p]))
+            self.w2.weight.copy_(torch.cat([values.float().cpu(), torch.zeros(n_prompts, values.shape[1])]).T)
+            self.w1.bias.zero_()
+            self.w2.bias.zero_()
+
+    def forward(self, feats):  # (B, N, D) -> Z (B, N, C+1) logits
+        return self.w2(cache_activation(self.w1(feats), self.beta))
+
+
+def dynamic_cam(m_p, Z, alpha: float, softmax: bool = True):
+    """DiCLIP Eq. 13: M_dt = M_p + alpha N(softmax(Z)[..., 1:]) (softmax over the C+1 classes, then the fg part
+    [I]); softmax=False uses the raw fg logits N(Z[..., 1:]). A label-path quantity: Z is detached.
+    m_p (B, N, C), Z (B, N, C+1) -> (B, N, C)."""
+    Z = Z.detach().float()
+    fg = Z.softmax(-1)[..., 1:] if softmax else Z[..., 1:]
+    return m_p + alpha * minmax(fg, dims=(-2,))
+
+
+def patch_coverage(label_map, cls, grid):
+    """Fraction of each patch covered by class cls[b]: (B, H, W) label maps, (B,) class ids -> (B, N) in [0, 1], by
+    area downsampling to the patch grid (h, w) (DiCLIP Eq. 8's m)."""
+    on = (label_map == cls.view(-1, 1, 1).to(label_map.device)).float()[:, None]  # (B, 1, H, W)
+    return F.adaptive_avg_pool2d(on, grid).flatten(1)  # (B, N)
+
+
+def mask_average_pool(feats, masks, lo: float = 0.01, hi: float = 0.99):
+    """DiCLIP Eq. 8, mask average pooling: f_fg = sum_i m_i F_i / sum_i m_i, f_bg the same with 1 - m, both
+    re-L2-normalised [I]. feats (B, N, D), masks (B, N) patch-coverage fractions -> f_fg (B, D), f_bg (B, D),
+    valid (B,) bool: False when the foreground covers < lo or > hi of the image (skipped [I])."""
+    masks = masks.to(feats.dtype)
+    fg = (masks[..., None] * feats).sum(1) / masks.sum(1, keepdim=True).clamp_min(1e-12)
+    bg = ((1 - masks)[..., None] * feats).sum(1) / (1 - masks).sum(1, keepdim=True).clamp_min(1e-12)
+    frac = masks.mean(1)
+    return F.normalize(fg, dim=-1), F.normalize(bg, dim=-1), (frac >= lo) & (frac <= hi)
+
+
+def _kmeans_keys(x, k: int, seed: int, what: str, log=print0):
+    """k unit centroids of the rows of x (n, D) by sklearn KMeans(random_state=seed, n_init=10); fewer rows than k:
+    all rows (unit) with a note."""
+    if x.shape[0] <= k:
+        if x.shape[0] < k:
+            log(f"TSA cache: {what} has only {x.shape[0]} features for {k} keys: using all of them as keys")
+        return F.normalize(x.float(), dim=-1)
+    from sklearn.cluster import KMeans
+    km = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(x.double().cpu().numpy())
+    return F.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=-1)
+
+
+def build_kv_cache(fg_feats_by_class: dict, bg_feats, texts_fg, k_per_class: int, k_bg: int, seed: int = 0,
+                   log=print0) -> dict:
+    """DiCLIP Eqs. 9-10, the key-value cache. fg_feats_by_class {class id 1..C: (n_c, D)} pooled foreground
+    features, bg_feats (n, D) pooled background features of all images, texts_fg (C, D) unit class texts.
+      keys:   per class, K-means with K_c centroids (sklearn, random_state=seed, n_init=10), L2-normalised; one
+              K-means over all background features with K_bg centroids [T*]
+      values: a foreground key of class c: one-hot at column c weighted by cos(key, text_c) (Eq. 10);
+              a background key: e_0 (plain one-hot, "various background semantics")
+    -> dict(keys (Nk, D), values (Nk, C+1), key_class (Nk,) with 0 for background keys)."""
+    C = texts_fg.shape[0]
+    keys, cls = [], []
+    for c in range(1, C + 1):
+        x = fg_feats_by_class.get(c)
+        if x is None or len(x) == 0:
+            log(f"TSA cache: class {c} has no usable foreground feature: it gets no key")
+            continue
+        kc = _kmeans_keys(torch.as_tensor(x), k_per_class, seed, f"class {c}", log)
+        keys.append(kc)
+        cls += [c] * len(kc)
+    kb = _kmeans_keys(torch.as_tensor(bg_feats), k_bg, seed, "the background", log)
+    keys = torch.cat(keys + [kb]) if keys else kb
+    key_class = torch.tensor(cls + [0] * len(kb), dtype=torch.long)
+    values = torch.zeros(len(keys), C + 1)
+    fg = key_class > 0
+    texts = F.normalize(texts_fg.float().cpu(), dim=-1)
+    values[fg, key_class[fg]] = (keys[fg] * texts[key_class[fg] - 1]).sum(-1)  # cos(key, text of its class)
+    values[~fg, 0] = 1.0
+    return dict(keys=keys, values=values, key_class=key_class)
+
+
+# --- the TSA cache build (DiCLIP §III-D offline phase): single-class images -> pseudo masks -> MAP -> K-means ---
+
+TSA_FORMAT = "wsss-diclip-tsa-cache-v1"
+# Fields that shape the cache: the generated images, the features, the pseudo masks, the clustering. A cache whose
+# manifest differs in any of them is never used.
+TSA_KEYS = ("dataset", "tiny", "clip_model", "clip_pretrained", "template", "norm", "crop_size", "seed",
+            "sd_model", "sd_size", "sd_timestep", "sd_layers", "acr_k", "acr_delta", "acr_rounds", "acr_variant",
+            "acr_iters", "vce_layers", "vce_weight", "vce_fusion", "box_threshold", "bg_pow", "par_iters",
+            "cache_per_class", "cache_bg", "cache_images_per_class", "cache_steps", "cache_guidance",
+            "cache_image_size", "cache_prompt", "cache_source")
+TSA_IMAGE_KEYS = ("dataset", "tiny", "sd_model", "cache_steps", "cache_guidance", "cache_image_size",
+                  "cache_prompt", "cache_source")  # what the generated images depend on
+# SD is prompted with plain class names [I] (spec §5.1): the dataset tables' joined names spelled out.
+PLAIN_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
+               "motorbike": "motorbike", "aeroplane": "aeroplane"}
+
+
+def _settings_hash(d: dict) -> str:
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tsa_settings(cfg: Config) -> dict:
+    """The manifest's settings part: every TSA_KEYS field plus the class names (JSON-able)."""
+    s = {k: getattr(cfg, k) for k in TSA_KEYS}
+    s.update(format=TSA_FORMAT, classes=DATASETS[cfg.dataset]["classes"])
+    if cfg.cache_source == "synthetic":  # the stand-in renderer ignores the SD generation settings
+        for k in ("cache_steps", "cache_guidance", "cache_prompt"):
+            s[k] = None
+    return s
+
+
+def tsa_cache_path(cfg: Config) -> Path:
+    return Path(cfg.cache_dir) / "tsa" / f"{cfg.dataset}-{cfg.cache_source}-{_settings_hash(tsa_settings(cfg))}.pt"
+
+
+def tsa_image_dir(cfg: Config) -> Path:
+    key = {k: getattr(cfg, k) for k in TSA_IMAGE_KEYS}
+    return Path(cfg.cache_dir) / "tsa-images" / f"{cfg.dataset}-{cfg.cache_source}-{_settings_hash(key)}"
+
+
+def ensure_writable(folder) -> Path:
+    """Create `folder` and check a file can be written there; else one clear line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise WSSSError(f"cache directory {folder} is not writable ({type(e).__name__}: {e.strerror or e}): pass "
+                        f"--cache-dir DIR (or set WSSS_CACHE) to a writable folder")
+    return folder
+
+
+def _valid_image(path: Path) -> bool:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()  # a truncated PNG fails here
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _atomic_png(rgb: np.ndarray, path: Path):
+    from PIL import Image
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def sd_image_maker(sd: SDParts, cfg: Config):
+    """(class id, class name, seed) -> uint8 (S, S, 3): one image from a diffusers StableDiffusionPipeline assembled
+    from the loaded parts, prompt cfg.cache_prompt, cache_steps steps, guidance cache_guidance, cache_image_size^2."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    S = cfg.cache_image_size
+
+    def make(cls: int, name: str, seed: int) -> np.ndarray:
+        with torch.no_grad(), fp32(sd.device):
+            out = pipe(cfg.cache_prompt.format(category=PLAIN_NAMES.get(name, name)), height=S, width=S,
+                       num_inference_steps=cfg.cache_steps, guidance_scale=cfg.cache_guidance,
+                       generator=torch.Generator().manual_seed(seed), output_type="np").images[0]  # (S, S, 3) in [0,1]
+        return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+    return make
+
+
+def synthetic_image_maker(size: int):
+    """STAND-IN for SD generation (the demo, cache_source=synthetic): the synthetic world's renderer draws one
+    object of the class, centred, on its noisy background. The rest of the cache path is the real one."""
+    return lambda cls, name, seed: draw_single_class_scene(np.random.default_rng([7, seed]), cls, size)[0]
+
+
+def generate_cache_images(image_dir, classes, n_per_class: int, make_image, log=print0) -> list:
+    """Generate n_per_class images per (class id, name) in `classes` with make_image(cls, name, seed = 1000 cls + i)
+    [I], each written atomically as <image_dir>/c<cls>_<i>.png as soon as it is made. Resumable: existing readable
+    files are kept (a truncated one is made again), so an interrupted build continues where it stopped and a
+    re-run makes nothing. -> [(cls, path)] for every image."""
+    image_dir = ensure_writable(image_dir)
+    items = [(c, name, i, image_dir / f"c{c:03d}_{i:04d}.png") for c, name in classes for i in range(n_per_class)]
+    todo = [it for it in items if not _valid_image(it[3])]
+    if todo:
+        log(f"TSA cache: generating {len(todo)} of {len(items)} single-class images into {image_dir}")
+        bar = _progress(todo)
+        for c, name, i, path in bar:
+            _atomic_png(make_image(c, name, 1000 * c + i), path)
+        bar.close()
+    return [(c, path) for c, _, _, path in items]
+
+
+def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_fg, device=None, batch_size: int = 8,
+                    log=print0) -> dict:
+    """DiCLIP's offline phase (§III-D, spec §5): generate cache_images_per_class single-class images per class
+    (resumable), then per batch: crops resized to crop_size and normalised as training crops (B, 3, S, S) ->
+    feature_fn(images) -> F_v (B, N, D) unit features; pseudo_mask_fn(images, class_ids) -> (B, S, S) label maps
+    (DiCLIP: VCE + CAM + CAA + PAR); mask average pooling (Eq. 8; images with < 1 % or > 99 % fg skipped); per-class
+    and background K-means -> {K, V} (Eqs. 9-10). Written atomically with a manifest (settings, counts, image
+    hashes) to tsa_cache_path(cfg); an existing cache with the same settings is loaded instead (no work).
+    -> dict(format, manifest, keys, values, key_class)."""
+    from PIL import Image
+    settings, path = tsa_settings(cfg), tsa_cache_path(cfg)
+    cached = load_tsa_cache(path, settings)
+    if cached is not None:
+        return cached
+    ensure_writable(path.parent)
+    names = DATASETS[cfg.dataset]["classes"]
+    classes = [(c, names[c]) for c in range(1, len(names))]
+    items = generate_cache_images(tsa_image_dir(cfg), classes, cfg.cache_images_per_class, make_image, log)
+    fg_by_class, bg, used, hashes = {}, [], {}, {}
+    S = cfg.crop_size
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        rgbs = [np.asarray(Image.fromarray(load_rgb(p)).resize((S, S), Image.BILINEAR)) for _, p in chunk]
+        images = torch.stack([normalize_image(r, cfg.norm) for r in rgbs])
+        images = images.to(device) if device is not None else images
+        cls = torch.tensor([c for c, _ in chunk], device=images.device)
+        with torch.no_grad():
+            feats = feature_fn(images).float()  # (B, N, D)
+            labels = pseudo_mask_fn(images, cls)  # (B, S, S)
+        N = feats.shape[1]
+        h = math.isqrt(N)
+        if h * h != N:
+            raise WSSSError(f"TSA cache: feature_fn returned {N} tokens, not a square grid")
+        f_fg, f_bg, valid = mask_average_pool(feats, patch_coverage(labels, cls, (h, h)))
+        for j, (c, p) in enumerate(chunk):
+            hashes[p.name] = hashlib.sha1(p.read_bytes()).hexdigest()[:16]
+            if valid[j]:
+                fg_by_class.setdefault(c, []).append(f_fg[j].cpu())
+                bg.append(f_bg[j].cpu())
+                used[c] = used.get(c, 0) + 1
+    skipped = len(items) - sum(used.values())
+    if skipped:
+        log(f"TSA cache: skipped {skipped} of {len(items)} images whose pseudo mask covered < 1 % or > 99 %")
+    if not bg:
+        raise WSSSError("TSA cache: no generated image gave a usable pseudo mask (all < 1 % or > 99 % foreground)")
+    kv = build_kv_cache({c: torch.stack(v) for c, v in fg_by_class.items()}, torch.stack(bg), texts_fg,
+                        cfg.cache_per_class, cfg.cache_bg, seed=0, log=log)
+    manifest = dict(settings=settings, images_per_class={names[c]: used.get(c, 0) for c, _ in classes},
+                    skipped=skipped, num_keys=len(kv["keys"]), image_dir=str(tsa_image_dir(cfg)), image_sha1=hashes)
+    cache = dict(format=TSA_FORMAT, manifest=manifest, **kv)
+    try:
+        atomic_save(cache, path)
+        atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), path.with_suffix(".json"))
+    except OSError as e:
+        raise WSSSError(f"cannot write the TSA cache {path} ({type(e).__name__}: {e}): pass --cache-dir DIR")
+    log(f"TSA cache: {len(kv['keys'])} keys ({int((kv['key_class'] > 0).sum())} foreground) -> {path}")
+    return cache
+
+
+def load_tsa_cache(path, expected: dict):
+    """The TSA cache at `path` if it was built with the `expected` settings (tsa_settings); None if there is no
+    file (build it). A truncated or foreign file, or one built with other settings -> one clear WSSSError (a
+    stale cache is never used silently)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, ...
+        raise WSSSError(f"TSA cache {path} is unreadable ({type(e).__name__}; truncated or not a torch file): "
+                        f"delete it to rebuild")
+    if not isinstance(obj, dict) or obj.get("format") != TSA_FORMAT or not {"manifest", "keys", "values"} <= set(obj):
+        raise WSSSError(f"{path} is not a TSA cache of this program (no {TSA_FORMAT!r} header): delete it or pass "
+                        f"another --cache-dir")
+    got = obj["manifest"].get("settings", {})
+    diff = [k for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {got.get(k)!r} vs now {expected.get(k)!r}" for k in diff[:3])
+        raise WSSSError(f"TSA cache {path} was built with other settings ({shown}{', ...' if len(diff) > 3 else ''})"
+                        f": delete it to rebuild")
+    keys, values = obj["keys"], obj["values"]
+    if keys.ndim != 2 or values.ndim != 2 or len(keys) != len(values) or \
+            values.shape[1] != len(expected.get("classes", [])):
+        raise WSSSError(f"TSA cache {path} is inconsistent (keys {tuple(keys.shape)}, values {tuple(values.shape)}): "
+                        f"delete it to rebuild")
+    return obj
 
 # ----------------------------------------------------------------------------------------------------
 # Decoder: the only trained module (WeCLIP §6)
