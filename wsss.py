@@ -167,6 +167,23 @@ METHODS = {
                   crf_pos_xy=1.0, crf_pos_w=3.0, crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0,
                   coco=dict(box_threshold=0.88, rfm_dynamic_after=30000, aff_self_after=0, max_steps=100000,
                             warmup_steps=200, eval_flip_at_1=True)),
+    # DiCLIP (no public code; run from ExCEL's code base): ACR-refined SD attention added to the standard q-k map
+    # of the last 3 calibrated blocks (VCE) -> patch-text CAM M_p; TSA cache: M_st = M_p + 0.5 N(static
+    # retrieval) -> Y_st trains the adapter (L_dyn), M_dt = M_p + 0.5 N(adapter) -> Y_dt trains the decoder on the
+    # RAW CLIP features; CAA + PAR as ExCEL. Schedule from the logs [L]; gating at 47 % of training and the self-
+    # target switch at 80 % are ExCEL's proportions [I]. lr: decoder 2e-3 (2e-4 x10 group), adapter 2e-4 [I].
+    "diclip": dict(cam="text", svc_attn="qk", svc_heads="sum", tse="off", lvc=False, vce=True, tsa="dynamic",
+                   relation="cos", refine="rfm", attn_layers=6, rfm_dynamic_layers=6, rfm_dynamic_after=9300,
+                   box_threshold=0.79, val_box_threshold=0.75, lambda_aff=0.1, aff_self_after=16000, lambda_b=0.0,
+                   lr=2e-3, adapter_lr=2e-4, warmup_steps=50, max_steps=20000, seed=0, eval_resize="square",
+                   eval_long_side=320, eval_scales=(0.7, 1.0, 1.2, 1.5), eval_flip_at_1=True,
+                   crf_pos_xy=1.0, crf_pos_w=3.0, crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0,
+                   coco=dict(max_steps=100000, lr=1e-3, adapter_lr=1e-4, warmup_steps=200, rfm_dynamic_after=47000,
+                             aff_self_after=0, cache_per_class=5),
+                   # the synthetic world: cache images from its renderer (a labelled stand-in for SD generation),
+                   # SD's attention pass at the images' own 64 px, a cache sized to 6 classes x 10 images [I]
+                   synthetic=dict(cache_source="synthetic", cache_images_per_class=10, cache_image_size=64,
+                                  sd_size=64, cache_per_class=4, cache_bg=8)),
 }
 REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
 ACR_VARIANTS = ("left", "recluster", "right", "sharpen")  # DiCLIP Eq. 6 readings (spec §4.2)
@@ -286,6 +303,9 @@ class Config:
     cache_source: str = "sd"      # TSA: cache images from sd, or synthetic (the demo's stand-in: the toy renderer) [I]
     cache_dyn_softmax: bool = True  # TSA: Eq. 13 takes softmax(Z)'s fg part (else the raw fg logits) [I]
     lambda_dyn: float = 0.1       # weight of the adapter loss L_dyn (Eq. 15) [T]
+    vce: bool = False             # DiCLIP VCE: ACR-refined SD self-attention added in the calibrated path (Eq. 7)
+    tsa: str = "off"              # DiCLIP TSA cache: off | static (M_st, Eq. 11) | dynamic (adapter: Y_dt, Eqs. 12-13)
+    adapter_lr: float = 0.0       # lr of the cache adapter; 0: --lr (DiCLIP: base 2e-4 vs the decoder's 2e-3 [I])
     # --- decoder (WeCLIP §6) ---
     dec_dim: int = 256            # decoder width (fuse MLPs and transformer)
     dec_layers: int = 3           # decoder transformer blocks
@@ -424,7 +444,8 @@ def validate_config(cfg: Config):
                    amp=("auto", "bf16", "fp16", "off"), cda_minmax=("patch", "text"), cam=("gradcam", "text"),
                    cam_sim=("surgery", "cosine"), svc_attn=("intra", "qk"), svc_heads=("sum", "mean"),
                    svc_norm=("tokens", "channels"), caa_attn_mix=("upstream", "mean"), tse=("on", "off"),
-                   relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"))
+                   relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"),
+                   tsa=("off", "static", "dynamic"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
@@ -448,6 +469,10 @@ def validate_config(cfg: Config):
         raise WSSSError("--lvc needs --relation cos (the bias is softmax of ExCEL's relation R)")
     if cfg.lvc and cfg.cam != "text":
         raise WSSSError("--lvc calibrates the patch-text CAM: it needs --cam text")
+    if (cfg.vce or cfg.tsa != "off") and cfg.cam != "text":
+        raise WSSSError("--vce and --tsa act on the patch-text CAM: they need --cam text")
+    if cfg.adapter_lr < 0 or cfg.adapter_lr != cfg.adapter_lr:
+        raise WSSSError(f"--adapter-lr must be >= 0, got {cfg.adapter_lr}")
     # DiCLIP
     diclip_choices = dict(acr_variant=ACR_VARIANTS, vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"))
     for name, allowed in diclip_choices.items():
@@ -473,11 +498,11 @@ def validate_config(cfg: Config):
 
 # Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
 MODEL_KEYS = ("dataset", "clip_model", "tiny", "dec_dim", "dec_layers", "dec_heads", "dec_mlp", "cam", "relation",
-              "lvc_alpha", "lvc_beta", "lvc_mean")
+              "lvc_alpha", "lvc_beta", "lvc_mean", "tsa", "cache_prompts")
 # ... and the run: `--resume` also refuses these (max_steps may change, to extend a run).
 RESUME_KEYS = MODEL_KEYS + ("method", "refine", "superclasses", "crop_size", "batch_size", "seed", "lr",
                             "lambda_aff", "lambda_b", "sbe_gate", "lvc", "tse", "svc_layers", "svc_attn",
-                            "cam_sim", "aff_self_after")
+                            "cam_sim", "aff_self_after", "vce", "tsa", "adapter_lr", "lambda_dyn")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1026,6 +1051,10 @@ def run_dual_block(blk, x, calib: dict):
     a0 = ((q @ k.transpose(-1, -2)) * scale).softmax(-1)  # (B, H, L, L): CLIP's own map
     y_ori = F.linear((a0 @ v).transpose(1, 2).reshape(B, L, D), attn.out_proj.weight, attn.out_proj.bias)
     amap = svc_attention(q, k, v, scale) if calib.get("attn", "intra") == "intra" else a0
+    if calib.get("bias") is not None:  # DiCLIP Eq. 7: the SD map joins each head's patch-patch block (vce_fusion)
+        amap = amap.clone()
+        amap[..., 1:, 1:] = vce_fusion(amap[..., 1:, 1:], calib["bias"][:, None].to(amap.dtype),
+                                       calib.get("weight", 1.0), calib.get("fusion", "add"))
     abar = amap.sum(1) if calib.get("heads", "sum") == "sum" else amap.mean(1)  # (B, L, L)
     y_new = blk.ls_1(F.linear(abar @ v_all, attn.out_proj.weight, attn.out_proj.bias))  # (B, L, D)
     u = blk.ls_1(F.linear(v_all, attn.out_proj.weight))  # (B, L, D): LayerScale is linear too
@@ -1055,9 +1084,36 @@ def attn_blocks_needed(cfg: Config, num_blocks: int) -> int:
     return min(n, num_blocks) - (0 if cfg.cam == "text" else 1)
 
 
-def calib_spec(cfg: Config):
-    """The calibrated path a method asks of clip_image_forward (None: GradCAM methods, no calibrated path)."""
-    return dict(n=cfg.svc_layers, attn=cfg.svc_attn, heads=cfg.svc_heads) if cfg.cam == "text" else None
+def calib_spec(cfg: Config, bias=None):
+    """The calibrated path a method asks of clip_image_forward (None: GradCAM methods, no calibrated path):
+    ExCEL's SVC in the last svc_layers blocks; DiCLIP's VCE in the last vce_layers blocks with `bias` (its
+    ACR attention) fused into each head's map inside the blocks."""
+    if cfg.cam != "text":
+        return None
+    n = cfg.vce_layers if cfg.vce else cfg.svc_layers
+    return dict(n=n, attn=cfg.svc_attn, heads=cfg.svc_heads, bias=bias, weight=cfg.vce_weight, fusion=cfg.vce_fusion)
+
+
+def frozen_pass(frozen, images, cfg: Config, n_attn: int = None) -> dict:
+    """The frozen pass of one batch for any method: [DiCLIP: SD self-attention -> ACR ->] CLIP with the method's
+    calibrated path. fp32 and no gradient whatever the training autocast."""
+    n_attn = attn_blocks_needed(cfg, frozen.num_blocks) if n_attn is None else n_attn
+    with torch.no_grad(), fp32(images.device):
+        bias = None
+        if cfg.vce:  # DiCLIP VCE: A_acr from the SD UNet's decoder self-attention, on the CLIP grid
+            grid = (images.shape[-2] // frozen.patch, images.shape[-1] // frozen.patch)
+            bias = vce_attention(frozen, images, cfg, grid)
+        out = clip_image_forward(frozen.clip, images, n_attn, calib=calib_spec(cfg, bias))
+        out["a_acr"] = bias
+    return out
+
+
+def vce_attention(frozen, images, cfg: Config, grid):
+    """DiCLIP §4.1-4.2: A_sd of the crops (sd_self_attention), refined by ACR (acr_rounds = 0: A_sd itself)."""
+    a_sd = sd_self_attention(frozen.sd, images, cfg, grid)
+    if not cfg.acr_rounds:
+        return a_sd
+    return acr_refine(a_sd, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.acr_variant, cfg.acr_iters, seed=0)
 
 
 def encode_texts(clip, tokenizer, names, template: str, device):
@@ -1305,6 +1361,9 @@ class Frozen:
                 self.attr_centroids, self.attr_flags = attribute_bank(self.clip, self.tokenizer, cfg, device)
                 fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
             self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
+        need_sd = cfg.vce or (cfg.tsa != "off" and cfg.cache_source == "sd")
+        self.sd = build_sd(cfg, device) if need_sd else None  # DiCLIP: frozen Stable Diffusion
+        self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" else None  # DiCLIP: {K, V}
 
 
 # --- Stable Diffusion (DiCLIP §4.1): frozen VAE + UNet + text encoder; self-attention of the UNet decoder ---
@@ -1837,19 +1896,20 @@ def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
 
 def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S=None, dynamic=False,
                        with_super=None, use_par=True, size=None, keep_cams=False, bias=None,
-                       bias_weight: float = 1.0) -> dict:
+                       bias_weight: float = 1.0, Z=None) -> dict:
     """The whole label path of one batch: the initial CAMs of every (image, class) [and super-class] row
     (GradCAM in one pass, or the patch-text CAM of the calibrated tokens, with `bias` added to their
     patch-patch attention: ExCEL's dynamic CAM), the method's propagation matrix, box masks where the mode
     uses them, pseudo-labels Y (B, H, W) and, for CD-CLIP's SBE, super-class pseudo-labels Y_s (B, H, W) from
-    DINO prototype CAMs."""
+    DINO prototype CAMs. DiCLIP (tsa): Y from M_st = M_p + alpha N(static retrieval) (tsa static), or Y from
+    M_dt = M_p + alpha N(softmax(Z) fg) and Y_st from M_st (tsa dynamic; Z: the adapter's logits (B, N, C+1))."""
     with fp32(images.device):  # the label path is fp32 whatever the training autocast (see compute_losses)
         return _make_pseudo_labels(frozen, out, images.float(), labels, cfg, S, dynamic, with_super, use_par,
-                                   size, keep_cams, bias, bias_weight)
+                                   size, keep_cams, bias, bias_weight, Z)
 
 
 def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super, use_par, size, keep_cams, bias,
-                        bias_weight):
+                        bias_weight, Z=None):
     with_super = cfg.lambda_b > 0 if with_super is None else with_super
     # 1. initial CAMs M_init, one row per (image, present class) [and (image, present super-class)]
     rows = cam_rows(labels, frozen, with_super=with_super)
@@ -1859,8 +1919,17 @@ def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super
             torch.cat([out["attn"].float(), attn_last[:, None]], 1)  # (B, n_attn + 1, N, N): the last blocks
     else:  # ExCEL / DiCLIP: the patch-text CAM of the calibrated tokens; no gradient at all
         tokens = calibrated_tokens(frozen.clip.visual, out, bias, bias_weight, cfg.svc_norm)  # (B, 1+N, E)
-        cam_all = patch_text_cam(tokens, frozen.cam_texts, frozen.num_fg, cfg.cam_sim)  # (B, N, C)
+        cam_all = patch_text_cam(tokens, frozen.cam_texts, frozen.num_fg, cfg.cam_sim)  # (B, N, C): M_p
         h, w = out["grid"]
+        if cfg.tsa != "off":  # DiCLIP TSA: the cache refines M_p (Eq. 11), the adapter too (Eq. 13)
+            feats = cache_features(tokens)
+            m_st = static_cache_fusion(cam_all, static_cache_cam(feats, frozen.tsa["keys"], frozen.tsa["values"],
+                                                                 cfg.cache_beta), cfg.cache_alpha, cfg.cache_negative)
+            if cfg.tsa == "dynamic" and Z is not None:
+                cam_st = m_st[rows["img"], :, rows["cls"] - 1].view(-1, h, w)
+                cam_all = dynamic_cam(cam_all, Z, cfg.cache_alpha, cfg.cache_dyn_softmax)  # M_dt
+            else:
+                cam_all = m_st
         cams = cam_all[rows["img"], :, rows["cls"] - 1].view(-1, h, w)  # (R, h, w)
         attn_all = caa_maps(out, cfg) if out["attn"] is not None else None  # (B, n_attn, N, N)
         patch_emb = F.normalize(tokens[:, 1:], dim=-1)
@@ -1874,14 +1943,20 @@ def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super
     box = box_mask(cams[c], cfg.box_threshold, cfg.box_exclusive_edge) if use_box else None
     refined = refine_cams(cams[c], rows["img"][c], A, box)
     groups = [(refined, rows["img"][c], rows["cls"][c])]
+    dual = cfg.cam == "text" and cfg.tsa == "dynamic" and Z is not None
+    if dual:  # DiCLIP: Y_st (the adapter's target) from M_st, through the same CAA and one shared PAR
+        box_st = box_mask(cam_st, cfg.box_threshold, cfg.box_exclusive_edge) if use_box else None
+        groups.append((refine_cams(cam_st, rows["img"], A, box_st), rows["img"], rows["cls"]))
     if with_super:  # SBE: super-class GradCAMs -> CAP prototypes on DINO tokens -> prototype CAMs
         s = rows["is_super"]
         cams_s = minmax(refine_cams(cams[s], rows["img"][s], A)) if cfg.sbe_refine else cams[s]
         dino_feat = dino_features(frozen.dino, images, cfg.norm)
         groups.append((cap_prototype_cams(cams_s, rows["img"][s], dino_feat, cfg.cap_threshold), rows["img"][s],
                        rows["cls"][s]))
-    labels = cams_to_labels(groups, images, cfg, use_par, size)  # Y and Y_s share one PAR
+    labels = cams_to_labels(groups, images, cfg, use_par, size)  # Y and Y_s (or Y_st) share one PAR
     result = dict(Y=labels[0], Y_s=labels[1]) if with_super else dict(Y=labels[0])
+    if dual:
+        result["Y_st"] = labels[1]
     if keep_cams:
         result.update(rows=rows, cams=cams, refined=refined)
     return result
@@ -2293,6 +2368,39 @@ def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_f
     return cache
 
 
+def cache_features(tokens):
+    """The features DiCLIP's cache stores and queries: the calibrated patch tokens, L2-normalised per token, so that
+    phi(F K^T) acts on cosines [I] (ExCEL's token-axis normalisation is kept for the CAM only). (B, 1+N, E) ->
+    (B, N, E); keys and queries use the same function."""
+    return F.normalize(tokens[:, 1:].float(), dim=-1)
+
+
+def ensure_tsa_cache(frozen, cfg: Config, device) -> dict:
+    """DiCLIP's {K, V}: loaded from the cache folder, or built there (resumable, see build_tsa_cache) with the real
+    label path: features = VCE-calibrated tokens, pseudo mask = patch-text CAM -> CAA -> PAR of the image's one
+    class (no cache involved: tsa off)."""
+    plain = dataclasses.replace(cfg, tsa="off")
+
+    def feature_fn(images):
+        out = frozen_pass(frozen, images, plain)
+        return cache_features(calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm))
+
+    def pseudo_mask_fn(images, cls):
+        labels = F.one_hot(cls - 1, frozen.num_fg).float()
+        return make_pseudo_labels(frozen, frozen_pass(frozen, images, plain), images, labels, plain)["Y"]
+
+    if cfg.cache_source == "synthetic":
+        if cfg.dataset != "synthetic":
+            raise WSSSError("--cache-source synthetic draws the synthetic world's shapes: use it with "
+                            "--dataset synthetic (real datasets need --cache-source sd)")
+        make_image = synthetic_image_maker(cfg.cache_image_size)
+    else:
+        make_image = sd_image_maker(frozen.sd, cfg)
+    cache = build_tsa_cache(cfg, make_image, feature_fn, pseudo_mask_fn, frozen.cam_texts[: frozen.num_fg], device)
+    return dict(keys=cache["keys"].float().to(device), values=cache["values"].float().to(device),
+                manifest=cache["manifest"])
+
+
 def load_tsa_cache(path, expected: dict):
     """The TSA cache at `path` if it was built with the `expected` settings (tsa_settings); None if there is no
     file (build it). A truncated or foreign file, or one built with other settings -> one clear WSSSError (a
@@ -2378,6 +2486,7 @@ class SegDecoder(nn.Module):
                  dropout=0.1, relation: str = "dot", alpha: float = 3.0, beta: float = 1.0, rel_mean: str = "batch"):
         super().__init__()
         self.relation, self.alpha, self.beta, self.rel_mean = relation, alpha, beta, rel_mean
+        self.cache_adapter = None  # DiCLIP: a CacheAdapter, trained beside the decoder (see build_decoder)
         self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
                                   for _ in range(n_feats))
         self.fuse = nn.Conv2d(n_feats * dim, dim, 1)
@@ -2385,9 +2494,9 @@ class SegDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp) for _ in range(layers))
         self.classifier = nn.Conv2d(dim, num_classes, 1)
 
-    def forward(self, feats, grid, return_relation: bool = False):
+    def forward(self, feats, grid, return_relation: bool = False, cache_feats=None):
         """feats: list of (B, N, D) patch tokens; grid (h, w) -> logits (B, K, h, w), S (B, N, N)
-        [and R (B, N, N), S = sigmoid(R)]."""
+        [and R (B, N, N), S = sigmoid(R)] [and, given cache_feats (B, N, E), the cache adapter's Z (B, N, C+1)]."""
         (h, w), B = grid, feats[0].shape[0]
         x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], -1)  # (B, N, n*dim)
         x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, n*dim, h, w)
@@ -2403,6 +2512,8 @@ class SegDecoder(nn.Module):
                 fn = f.flatten(2).float()  # (B, dim, N)
                 R = fn.transpose(1, 2) @ fn  # (B, N, N)
             S = torch.sigmoid(R)
+        if cache_feats is not None:
+            return logits, S, R, self.cache_adapter(cache_feats)
         return (logits, S, R) if return_relation else (logits, S)
 
 
@@ -2410,8 +2521,21 @@ def build_decoder(cfg: Config, frozen: Frozen):
     """WeCLIP/CD-CLIP: on blocks 1..L-1 (the last block's tokens are GradCAM's). ExCEL: on all L blocks."""
     width = frozen.clip.visual.conv1.out_channels
     n_feats = frozen.num_blocks if cfg.cam == "text" else frozen.num_blocks - 1
-    return SegDecoder(width, n_feats, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, cfg.dec_mlp,
-                      cfg.dec_dropout, cfg.relation, cfg.lvc_alpha, cfg.lvc_beta, cfg.lvc_mean)
+    dec = SegDecoder(width, n_feats, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, cfg.dec_mlp,
+                     cfg.dec_dropout, cfg.relation, cfg.lvc_alpha, cfg.lvc_beta, cfg.lvc_mean)
+    if cfg.tsa == "dynamic":  # DiCLIP's adapter, initialised from the cache (Eq. 12)
+        dec.cache_adapter = CacheAdapter(frozen.tsa["keys"], frozen.tsa["values"], cfg.cache_prompts, cfg.cache_beta,
+                                         seed=cfg.seed)
+    return dec
+
+
+def head_outputs(model, out: dict, frozen, cfg: Config):
+    """The trained head on one frozen pass: (logits, S, R, Z or None). DiCLIP's adapter reads the calibrated
+    tokens (cache_features); everything else reads the original path's per-block tokens."""
+    if cfg.tsa == "dynamic":
+        tokens = calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm)
+        return model(out["feats"], out["grid"], return_relation=True, cache_feats=cache_features(tokens))
+    return (*model(out["feats"], out["grid"], return_relation=True), None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2712,16 +2836,17 @@ def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None) -> 
     size = image.shape[-2:]
     x = test_resize(image, cfg)
     bias = None
+    Z = None
     with torch.no_grad(), fp32(x.device):
-        out = clip_image_forward(frozen.clip, x, attn_blocks_needed(cfg, frozen.num_blocks), calib=calib_spec(cfg))
+        out = frozen_pass(frozen, x, cfg)
         S = R = None
         if decoder is not None:
-            _, S, R = decoder(out["feats"], out["grid"], return_relation=True)
+            _, S, R, Z = head_outputs(decoder, out, frozen, cfg)
             bias = lvc_bias(R) if cfg.lvc else None
             if cfg.val_box_threshold:
                 cfg = dataclasses.replace(cfg, box_threshold=cfg.val_box_threshold)
     res = make_pseudo_labels(frozen, out, x, labels, cfg, S=S, dynamic=decoder is not None, with_super=False,
-                             size=size, keep_cams=True, bias=bias)
+                             size=size, keep_cams=True, bias=bias, Z=Z)
     rows, c = res["rows"], ~res["rows"]["is_super"]
     img, cls = rows["img"][c], rows["cls"][c]
     heat = F.interpolate(minmax(res["refined"]).amax(0)[None, None], size=size, mode="bilinear",
@@ -2741,6 +2866,17 @@ def lr_at(step: int, cfg: Config) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (1 - (1 - step / cfg.warmup_steps) * (1 - cfg.warmup_ratio))
     return cfg.lr * (1 - step / cfg.max_steps) ** cfg.poly_power
+
+
+def param_groups(decoder, cfg: Config) -> list:
+    """AdamW groups: the decoder (and ExCEL's adapter, its fuse head) at lr; DiCLIP's cache adapter at adapter_lr
+    (`lr_scale` is the group's share of the scheduled lr)."""
+    adapter = list(decoder.cache_adapter.parameters()) if decoder.cache_adapter is not None else []
+    ids = {id(p) for p in adapter}
+    groups = [dict(params=[p for p in decoder.parameters() if id(p) not in ids], lr_scale=1.0)]
+    if adapter:
+        groups.append(dict(params=adapter, lr_scale=(cfg.adapter_lr or cfg.lr) / cfg.lr))
+    return groups
 
 
 def rng_state() -> dict:
@@ -2800,17 +2936,22 @@ def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int
     L = L_seg + lambda_aff L_aff (WeCLIP; ExCEL's L_div) + lambda_b L_b (CD-CLIP). Returns (loss, float parts,
     labels). Under AMP only the decoder runs in reduced precision: the frozen pass and the label path run in
     fp32 with autocast disabled (in bf16 CDA's refined maps collapse to a few dozen levels), as upstream."""
-    with fp32(images.device):
-        out = clip_image_forward(frozen.clip, images, attn_blocks_needed(cfg, frozen.num_blocks),
-                                 calib=calib_spec(cfg))
-    logits, S, R = model(out["feats"], out["grid"], return_relation=True)
+    out = frozen_pass(frozen, images, cfg)  # fp32, no grad ([DiCLIP: SD attention, ACR,] CLIP's two paths)
+    logits, S, R, Z = head_outputs(model, out, frozen, cfg)
     # the label path sees the decoder only through a detached S (and R): pseudo-labels never carry gradient
     dynamic = step >= cfg.rfm_dynamic_after  # WeCLIP counts every forward call, validation too [upstream bug fixed]
     # ExCEL's dynamic CAM (LVC) from the same switch step: softmax(R) biases the calibrated path
     bias = lvc_bias(R.detach().float()) if cfg.lvc and dynamic else None
-    pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic, bias=bias)
+    pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic, bias=bias,
+                            Z=None if Z is None else Z.detach())
     loss_seg = balanced_ce_loss(logits.float(), pl["Y"])
     loss, parts = loss_seg, dict(seg=loss_seg.item())
+    if Z is not None and cfg.lambda_dyn > 0:  # DiCLIP L_dyn = CE(upsampled Z, Y_st): the adapter learns from M_st
+        h, w = out["grid"]
+        z = Z.float().transpose(1, 2).reshape(Z.shape[0], -1, h, w)  # (B, C+1, h, w)
+        z = F.interpolate(z, size=pl["Y_st"].shape[-2:], mode="bilinear", align_corners=False)
+        loss_dyn = F.cross_entropy(z, pl["Y_st"], ignore_index=IGNORE)
+        loss, parts["dyn"] = loss + cfg.lambda_dyn * loss_dyn, loss_dyn.item()
     if cfg.lambda_aff > 0:
         target = pl["Y"]
         if cfg.aff_self_after and step >= cfg.aff_self_after:  # ExCEL VOC: the model's own prediction from 24k
@@ -2837,7 +2978,7 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
     val_set = SegDataset(cfg, cfg.val_split, train=False)
     frozen = frozen or Frozen(cfg, device)
     decoder = build_decoder(cfg, frozen).to(device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    optimizer = torch.optim.AdamW(param_groups(decoder, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     start, best = 0, float("nan")
@@ -2876,7 +3017,7 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
         # ---- algorithm ----
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         with ctx:
@@ -3258,7 +3399,22 @@ def cmd_pretrain_toy(cfg: Config):
     return pretrain_toy(cfg, path)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cams": cmd_cams, "synth": cmd_synth,
+def cmd_cache(cfg: Config):
+    """DiCLIP's TSA cache: generate the single-class images (resumable), pseudo-mask them with the method's own
+    label path, pool, cluster, write {K, V} with a manifest. A re-run with the same settings does no work."""
+    if cfg.tsa == "off":
+        raise WSSSError("`cache` builds DiCLIP's TSA key-value cache: use --method diclip (or --tsa static|dynamic)")
+    device = get_device(cfg)
+    if cfg.demo:
+        prepare_demo(cfg)
+    frozen = Frozen(cfg, device, need_dino=False)
+    m = frozen.tsa["manifest"]
+    print0(f"TSA cache ready: {m['num_keys']} keys from {sum(m['images_per_class'].values())} images "
+           f"({m['skipped']} skipped) -> {tsa_cache_path(cfg)}")
+    return frozen.tsa
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cams": cmd_cams, "cache": cmd_cache, "synth": cmd_synth,
             "pretrain-toy": cmd_pretrain_toy, "bench": bench}
 
 
