@@ -1752,3 +1752,105 @@ def test_diclip_config_fields_and_errors():
                      (dict(sd_timestep=1000), "--sd-timestep"), (dict(acr_delta=float("nan")), "--acr-delta")):
         with pytest.raises(wsss.WSSSError, match=msg):
             wsss.make_config(**bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiCLIP through the shared pipeline: VCE in the dual path, the TSA cache in the label path, the adapter's loss
+# ---------------------------------------------------------------------------------------------------
+
+def test_vce_bias_inside_the_blocks_equals_the_linear_bias_and_w0_is_plain():
+    clip = tiny_clip(seed=5)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(7)
+    a_acr = torch.rand(2, 16, 16, generator=g).softmax(-1)
+    plain = wsss.clip_image_forward(clip, images, 3, calib=dict(n=2, attn="qk", heads="sum"))
+    base = wsss.calibrated_tokens(clip.visual, plain, None, 1.0)
+    for w in (1.0, 0.5):
+        inblock = wsss.clip_image_forward(clip, images, 3, calib=dict(n=2, attn="qk", heads="sum", bias=a_acr,
+                                                                       weight=w, fusion="add"))
+        got = wsss.calibrated_tokens(clip.visual, inblock, None, 1.0)
+        assert_close(got, wsss.calibrated_tokens(clip.visual, plain, a_acr, w), atol=2e-5)  # Eq. 7 is linear
+        ref, _, maps = reference_dual_path(clip, images, 2, "qk", "sum", a_acr, w)
+        assert_close(got, ref, atol=2e-5)
+        assert_close(maps[-1][:, 1:].sum(-1), torch.full((2, 16), 4 * (1 + w)))  # patch rows: H (1 + w)
+        assert torch.equal(inblock["x_last"], plain["x_last"])  # the original path never sees the bias
+    zero = wsss.clip_image_forward(clip, images, 3, calib=dict(n=2, attn="qk", heads="sum", bias=a_acr, weight=0.0))
+    assert torch.equal(wsss.calibrated_tokens(clip.visual, zero), base)  # w = 0: the plain dual path, bit for bit
+    norm = wsss.clip_image_forward(clip, images, 3, calib=dict(n=2, attn="qk", heads="sum", bias=a_acr,
+                                                                fusion="norm"))
+    assert not torch.allclose(wsss.calibrated_tokens(clip.visual, norm), base)  # Table XII's other fusions act
+
+
+@pytest.fixture(scope="session")
+def diclip_frozen(synth_root, cache_dir):
+    cfg = synth_cfg(synth_root, cache_dir, method="diclip", cache_images_per_class=4, cache_per_class=2, cache_bg=3,
+                    cache_prompts=5)
+    return cfg, wsss.Frozen(cfg, CPU)
+
+
+def test_diclip_step_labels_losses_and_groups(diclip_frozen, synth_root, cache_dir):
+    cfg, frozen = diclip_frozen
+    assert frozen.sd is not None and frozen.tsa["keys"].shape[1] == frozen.cam_texts.shape[1]
+    ds = wsss.SegDataset(cfg, "train", train=True)
+    items = [ds[i] for i in range(4)]
+    images, labels = torch.stack([b["image"] for b in items]), torch.stack([b["label"] for b in items])
+    torch.manual_seed(0)
+    dec = wsss.build_decoder(cfg, frozen).eval()
+    loss, parts, pl = wsss.compute_losses(dec, frozen, images, labels, cfg, step=0)
+    assert abs(loss.item() - (parts["seg"] + 0.1 * parts["aff"] + 0.1 * parts["dyn"])) < 1e-5  # Eq. 15
+    # Y_st is exactly the static-cache pseudo-label (tsa static), Y the one of M_dt from the adapter's Z
+    out = wsss.frozen_pass(frozen, images, cfg)
+    static = wsss.make_pseudo_labels(frozen, out, images, labels, dataclasses.replace(cfg, tsa="static"))
+    assert torch.equal(static["Y"], pl["Y_st"])
+    _, S, R, Z = wsss.head_outputs(dec, out, frozen, cfg)
+    tokens = wsss.calibrated_tokens(frozen.clip.visual, out)
+    m_p = wsss.patch_text_cam(tokens, frozen.cam_texts, frozen.num_fg)
+    assert_close(Z, wsss.static_cache_cam(wsss.cache_features(tokens), frozen.tsa["keys"], frozen.tsa["values"],
+                                          cfg.cache_beta), atol=1e-5)  # the adapter starts as the static cache
+    assert torch.equal(pl["Y"], wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, Z=Z)["Y"])
+    off = wsss.make_pseudo_labels(frozen, out, images, labels, dataclasses.replace(cfg, tsa="off"), keep_cams=True)
+    rows = off["rows"]
+    assert_close(off["cams"], m_p[rows["img"], :, rows["cls"] - 1].view_as(off["cams"]))  # M_p = Eq. 1 on F_v
+    assert not torch.equal(off["Y"], pl["Y"]) or not torch.equal(static["Y"], pl["Y"])
+    # the adapter trains at adapter_lr (2e-4) beside the decoder's 2e-3
+    groups = wsss.param_groups(dec, cfg)
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.1]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in dec.cache_adapter.parameters()}
+    # under a bf16 autocast the label path stays fp32: Y_st (no trained output involved) is identical
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, pl_bf = wsss.compute_losses(dec, frozen, images, labels, cfg, step=0)
+    assert torch.equal(pl_bf["Y_st"], pl["Y_st"])
+
+
+@pytest.mark.parametrize("switch", [dict(vce=False), dict(acr_rounds=0), dict(vce_weight=0.5), dict(vce_fusion="gate"),
+                                    dict(cache_alpha=1.0), dict(cache_negative=False), dict(cache_beta=5.5)])
+def test_diclip_ablation_switches_change_the_labels(diclip_frozen, switch):
+    cfg, frozen = diclip_frozen
+    val = wsss.SegDataset(cfg, "val", train=False)
+    items = [val[i] for i in range(4)]
+    images, labels = torch.stack([b["image"] for b in items]), torch.stack([b["label"] for b in items])
+    res = []
+    for c in (dataclasses.replace(cfg, tsa="static"), dataclasses.replace(cfg, tsa="static", **switch)):
+        out = wsss.frozen_pass(frozen, images, c)
+        res.append(wsss.make_pseudo_labels(frozen, out, images, labels, c, keep_cams=True))
+    assert not torch.equal(res[0]["cams"], res[1]["cams"])
+
+
+def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path):
+    small = ["--cache-images-per-class", "3", "--cache-per-class", "2", "--cache-bg", "3"]
+    r = run_cli("cache", "--method", "diclip", *DEMO_FLAGS, *small, "--cache-dir", cache_dir)
+    assert r.returncode == 0 and "TSA cache ready" in r.stdout, r.stderr[-3000:]
+    r2 = run_cli("cache", "--method", "diclip", *DEMO_FLAGS, *small, "--cache-dir", cache_dir)
+    assert r2.returncode == 0 and "generating" not in r2.stdout  # a re-run does no work
+    r3 = run_cli("cams", "--method", "diclip", *DEMO_FLAGS, *small, "--cache-dir", cache_dir, "--cam-split", "val")
+    assert r3.returncode == 0 and "training-free" in r3.stdout, r3.stderr[-3000:]
+    r4 = run_cli("compare", *DEMO_FLAGS, *small, "--cache-dir", cache_dir, "--out-dir", tmp_path, "--max-steps", 2,
+                 "--compare-methods", "weclip,diclip", timeout=600)
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    table = r4.stdout[r4.stdout.index("compare on"):]
+    assert "weclip" in table and "diclip" in table and "ms/step" in table
+    for m in ("weclip", "diclip"):
+        last = read_metrics(tmp_path / m / "metrics.jsonl")[-1]
+        assert set(last["val"]) >= {"cam", "refined", "refined+PAR", "decoder"}
+    r5 = run_cli("cache", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir)
+    assert r5.returncode == 2 and "TSA" in r5.stderr and r5.stderr.count("\n") == 1

@@ -349,6 +349,8 @@ class Config:
     cam_split: str = "train"      # `cams`: split whose pseudo-labels are scored (the papers' "M": VOC train)
     bench_repeats: int = 3        # `bench`: timed repeats per stage (median reported, after one warm-up)
     max_images: int = 0           # evaluate / measure on at most this many images (0: all)
+    eval_cams: bool = False       # the final evaluation also scores the pseudo-labels (always on with --demo)
+    compare_methods: str = "weclip,cdclip,excel,diclip"  # `compare`: the methods run side by side
     # --- synthetic world / toy CLIP (for --demo) ---
     num_images: int = 200         # `synth`: number of train images (val gets a quarter)
     image_size: int = 64          # `synth`: image side
@@ -2205,7 +2207,9 @@ TSA_KEYS = ("dataset", "tiny", "clip_model", "clip_pretrained", "template", "nor
             "sd_model", "sd_size", "sd_timestep", "sd_layers", "acr_k", "acr_delta", "acr_rounds", "acr_variant",
             "acr_iters", "vce_layers", "vce_weight", "vce_fusion", "box_threshold", "bg_pow", "par_iters",
             "cache_per_class", "cache_bg", "cache_images_per_class", "cache_steps", "cache_guidance",
-            "cache_image_size", "cache_prompt", "cache_source")
+            "cache_image_size", "cache_prompt", "cache_source", "vce", "svc_attn", "svc_heads", "svc_norm", "cam_sim",
+            "tse", "tse_keep", "tse_lambda", "tse_clusters", "attr_bank", "descriptions", "refine", "attn_layers",
+            "caa_attn_mix", "box_exclusive_edge", "power", "par_dilations", "par_w1", "par_w2")
 TSA_IMAGE_KEYS = ("dataset", "tiny", "sd_model", "cache_steps", "cache_guidance", "cache_image_size",
                   "cache_prompt", "cache_source")  # what the generated images depend on
 # SD is prompted with plain class names [I] (spec §5.1): the dataset tables' joined names spelled out.
@@ -3058,7 +3062,9 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
     bar.close()
     if cfg.demo and not cfg.save_vis:
         cfg.save_vis = str(out_dir / "vis")
-    results = evaluate(decoder, frozen, val_set, cfg, device, cams=cfg.demo)
+    results = evaluate(decoder, frozen, val_set, cfg, device, cams=cfg.demo or cfg.eval_cams)
+    if cfg.eval_cams and not cfg.demo:
+        results = {k: results[k] for k in ("cam", "refined", "refined+PAR", "decoder")}
     if cfg.demo:  # raw CAM | refined | +PAR | decoder, then the two baselines, side by side
         results = {k: results[k] for k in ("cam", "refined", "refined+PAR", "decoder")}
         results.update(demo_baselines(cfg, val_set, device))
@@ -3414,8 +3420,55 @@ def cmd_cache(cfg: Config):
     return frozen.tsa
 
 
+def cmd_compare(cfg: Config, argv=()):
+    """One table for all four methods on the same data, seed and schedule: each method trains in its own process
+    (`train` with the same flags, so each keeps its preset and its memory is its own) and the table gathers,
+    per method, the pseudo-label mIoU (raw CAM, refined, +PAR) and the decoder's mIoU on val_split, the mean time
+    per training step and the peak memory (the process's max RSS, or CUDA's peak)."""
+    import subprocess
+    methods = [m.strip() for m in cfg.compare_methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise WSSSError(f"--compare-methods has unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    flags, skip = [], False  # the user's flags minus the ones compare sets per method (same seed and schedule)
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.split("=")[0] in ("--method", "--out-dir", "--compare-methods", "--seed", "--max-steps"):
+            skip = "=" not in a
+            continue
+        flags.append(a)
+    base = Path(cfg.out_dir).parent / "compare" if "out_dir" not in getattr(cfg, "_given", ()) else Path(cfg.out_dir)
+    rows = {}
+    for m in methods:
+        out = base / m
+        cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--method", m, "--out-dir", str(out),
+               "--eval-cams", "--seed", str(cfg.seed), "--max-steps", str(cfg.max_steps), *flags]
+        print0(f"compare: {m} ...")
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise WSSSError(f"compare: {m} failed: {_one_line(Exception(err or 'no message'))}")
+        lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        val = lines[-1]["val"]
+        ms = [ln["ms_per_step"] for ln in lines if "ms_per_step" in ln]
+        rows[m] = dict(val, ms=float(np.mean(ms)) if ms else float("nan"), peak=usage.ru_maxrss / 1024,
+                       wall=time.time() - t0)
+    cols = ("cam", "refined", "refined+PAR", "decoder")
+    lines = [f"{'method':<8}" + "".join(f"{c:>13}" for c in cols) + f"{'ms/step':>10}{'peak MiB':>10}{'wall s':>8}"]
+    for m, r in rows.items():
+        lines.append(f"{m:<8}" + "".join(f"{100 * r[c]:13.1f}" if c in r else f"{'-':>13}" for c in cols)
+                     + f"{r['ms']:10.0f}{r['peak']:10.0f}{r['wall']:8.0f}")
+    print0(f"compare on {cfg.dataset} {cfg.val_split} (mIoU %; pseudo-labels from the image labels, decoder "
+           f"multi-scale; same data, seed and schedule):\n" + "\n".join(lines))
+    return rows
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cams": cmd_cams, "cache": cmd_cache, "synth": cmd_synth,
-            "pretrain-toy": cmd_pretrain_toy, "bench": bench}
+            "pretrain-toy": cmd_pretrain_toy, "bench": bench, "compare": cmd_compare}
 
 
 def _one_line(e: Exception) -> str:
@@ -3436,7 +3489,7 @@ def main(argv=None) -> int:
         return 2
     try:
         cfg = parse_config(argv, command)
-        COMMANDS[command](cfg)
+        COMMANDS[command](cfg, argv) if command == "compare" else COMMANDS[command](cfg)
     except WSSSError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
