@@ -1415,6 +1415,17 @@ class SDParts:
             return self.text_encoder(ids)[0].float()  # (P, 77, Dt) last hidden state, as SD conditions on
 
 
+# Stable Diffusion 2.1-base's architecture (its published configs), for `--sd-model random`.
+SD21_UNET = dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, use_linear_projection=True,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD21_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                 num_attention_heads=16, hidden_act="gelu", projection_dim=512, max_position_embeddings=77)
+
+
 def build_sd(cfg: Config, device) -> SDParts:
     """Frozen Stable Diffusion for DiCLIP: VAE (AutoencoderKL), UNet (UNet2DConditionModel), DDIM scheduler with the
     model's own noise schedule, CLIP tokenizer + text encoder. --tiny: the TINY_SD_* architecture, random weights
@@ -1426,6 +1437,10 @@ def build_sd(cfg: Config, device) -> SDParts:
         if cfg.tiny:
             vae, unet = AutoencoderKL(**TINY_SD_VAE), UNet2DConditionModel(**TINY_SD_UNET)
             text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**TINY_SD_TEXT)), _tiny_sd_tokenizer()
+            scheduler = DDIMScheduler(**SD_SCHEDULER)
+        elif cfg.sd_model == "random":  # SD 2.1-base's architecture with random weights (bench, shape checks)
+            vae, unet = AutoencoderKL(**SD21_VAE), UNet2DConditionModel(**SD21_UNET)
+            text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**SD21_TEXT)), _tiny_sd_tokenizer()
             scheduler = DDIMScheduler(**SD_SCHEDULER)
         else:
             if cfg.sd_model.startswith(("/", ".", "~")) and not Path(cfg.sd_model).expanduser().is_dir():
@@ -3242,9 +3257,13 @@ def bench(cfg: Config) -> dict:
             frozen.clip.visual.ln_post(y[:, 1:]).mean(1) @ frozen.clip.visual.proj
             if frozen.dino is not None:
                 dino_features(frozen.dino, images, cfg.norm)
+            if frozen.sd is not None and cfg.vce:  # DiCLIP's frozen pass includes SD's UNet pass
+                sd_self_attention(frozen.sd, images, cfg, (s // frozen.patch, s // frozen.patch))
 
     n_attn = attn_blocks_needed(cfg, frozen.num_blocks)
-    calib = calib_spec(cfg)
+    grid = (s // frozen.patch, s // frozen.patch)
+    a_acr = vce_attention(frozen, images, cfg, grid) if cfg.vce else None  # DiCLIP: SD attention -> ACR
+    calib = calib_spec(cfg, a_acr)
     out = clip_image_forward(frozen.clip, images, n_attn, calib=calib)
     rows = cam_rows(labels, frozen, with_super=cfg.lambda_b > 0)
     c = ~rows["is_super"]
@@ -3283,7 +3302,8 @@ def bench(cfg: Config) -> dict:
         loss.backward()
         optimizer.step()
 
-    stages = {f"frozen forward (CLIP{' + DINOv2' if frozen.dino is not None else ''})": frozen_forward}
+    extra = " + DINOv2" if frozen.dino is not None else " + SD UNet pass" if cfg.vce else ""
+    stages = {f"frozen forward (CLIP{extra})": frozen_forward}
     if cfg.cam == "gradcam":
         stages.update({
             f"CLIP blocks 1..L-1, {n_attn} attention maps": lambda: clip_image_forward(frozen.clip, images, n_attn),
@@ -3293,8 +3313,19 @@ def bench(cfg: Config) -> dict:
                         dict({k: v[r:r + 1] for k, v in rows.items()}, img=rows["img"][:1] * 0))
                 for r in range(len(rows["img"]))]})
     else:
+        if cfg.vce:
+            a_sd = sd_self_attention(frozen.sd, images, cfg, grid)
+            stages[f"SD self-attention (VAE, one UNet pass at {cfg.sd_size}, q/k to the CLIP grid)"] = \
+                lambda: sd_self_attention(frozen.sd, images, cfg, grid)
+            stages[f"ACR (KL k-means K={cfg.acr_k}, T={cfg.acr_rounds})"] = lambda: acr_refine(
+                a_sd, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.acr_variant, cfg.acr_iters)
         stages[f"CLIP dual path: {out['n_calib']} calibrated blocks, {n_attn} attention maps"] = \
             lambda: clip_image_forward(frozen.clip, images, n_attn, calib=calib)
+        if cfg.tsa != "off":
+            feats_c = cache_features(calibrated_tokens(frozen.clip.visual, out))
+            stages[f"TSA retrieval ({len(frozen.tsa['keys'])} keys) + M_st"] = lambda: static_cache_fusion(
+                cams.new_zeros(B, feats_c.shape[1], frozen.num_fg), static_cache_cam(
+                    feats_c, frozen.tsa["keys"], frozen.tsa["values"], cfg.cache_beta), cfg.cache_alpha)
         if cfg.tse == "on":
             fg = frozen.texts[: frozen.num_fg]
             stages["TSE retrieval (once, at start-up)"] = \
