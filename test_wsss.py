@@ -1854,3 +1854,25 @@ def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path):
         assert set(last["val"]) >= {"cam", "refined", "refined+PAR", "decoder"}
     r5 = run_cli("cache", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir)
     assert r5.returncode == 2 and "TSA" in r5.stderr and r5.stderr.count("\n") == 1
+
+
+def test_planted_signal_diclip_cache_pseudo_labels(synth_root, cache_dir, tmp_path):
+    # the planted CLIP through DiCLIP's label path with its cache: the TSA cache is built from the planted
+    # features of stand-in single-class images (the real image -> pseudo mask -> pooling -> K-means path), and
+    # the static-cache pseudo-labels are at least as good as the plain patch-text ones (VCE off: a random SD's
+    # attention has nothing to add to a planted model)
+    base = dict(method="diclip", tse="off", vce=False, cache_images_per_class=3, cache_per_class=2, cache_bg=3)
+    cfg = synth_cfg(synth_root, tmp_path, tsa="off", **base)
+    frozen = planted_frozen(cfg)
+    C, Ns = frozen.num_fg, frozen.num_super
+    frozen.cam_texts = torch.cat([frozen.texts[:C], frozen.texts[C + Ns:]])
+    val = wsss.SegDataset(cfg, "val", train=False)
+    plain = wsss.evaluate(None, frozen, val, cfg, CPU, cams=True)
+    cfg_st = dataclasses.replace(cfg, tsa="static")
+    frozen.tsa = wsss.ensure_tsa_cache(frozen, cfg_st, CPU)
+    keys, values = frozen.tsa["keys"], frozen.tsa["values"]
+    fg = values[:, 1:].argmax(1)[values[:, 1:].amax(1) > 0]  # each foreground key's class
+    assert len(fg) == 2 * C and torch.equal(fg.sort().values, torch.arange(C).repeat_interleave(2))
+    static = wsss.evaluate(None, frozen, val, cfg_st, CPU, cams=True)
+    assert static["refined+PAR"]["miou"] >= 0.8 and static["cam"]["miou"] >= plain["cam"]["miou"] - 0.02, \
+        (plain["cam"]["miou"], static["cam"]["miou"], static["refined+PAR"]["miou"])
