@@ -1625,7 +1625,7 @@ def test_sd_self_attention_capture_matches_naive_and_restores(tiny_sd):
 
 def test_tiny_sd_generates_cache_images_deterministically(tiny_sd, tmp_path):
     cfg, sd = tiny_sd
-    make = wsss.sd_image_maker(sd, dataclasses.replace(cfg, cache_steps=1, cache_image_size=64))
+    make = wsss.sd_image_maker(sd, dataclasses.replace(cfg, cache_steps=1, cache_guidance=1.0, cache_image_size=64))
     items = wsss.generate_cache_images(tmp_path, [(2, "blue square")], 1, make, log=lambda *a: None)
     assert items == [(2, tmp_path / "c002_0000.png")] and wsss._valid_image(items[0][1])
     again = make(2, "blue square", 2000)  # seed = 1000 c + i
