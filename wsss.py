@@ -1707,7 +1707,11 @@ def box_mask(cam, threshold: float, exclusive_edge: bool = False):
     last row and column are never boxed); by default full boxes [upstream bug fixed].
     cam (..., h, w) in [0, 1] -> bool (..., h, w)."""
     shape, (h, w) = cam.shape, cam.shape[-2:]
-    s = (cam.reshape(-1, h, w) * 255).to(torch.uint8).long()  # (M, h, w), truncation as numpy's astype
+    cam = cam.reshape(-1, h, w)
+    # DiCLIP's M_st = M_p + alpha N(M_s) reaches 1 + alpha: such a map is scaled to max 1 first, or uint8 would
+    # wrap around (the threshold is relative to the max, so [0, 1] maps are unchanged) [I]
+    cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1.0)
+    s = (cam * 255).to(torch.uint8).long()  # (M, h, w), truncation as numpy's astype
     thr = (threshold * s.amax((1, 2), keepdim=True).double()).floor().long()
     ids = connected_components(s > thr)  # (M, h, w)
     M, big = ids.shape[0], h * w + 1
