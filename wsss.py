@@ -685,6 +685,20 @@ def agree(failure: BaseException = None, stop: bool = False) -> bool:
     return stop
 
 
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 while the other DDP ranks wait (demo assets, the run folder; a cache build): a failure
+    there is reported by rank 0 and the others stop quietly (agree) instead of timing out at a barrier.
+    Returns fn's result on rank 0, None on the others."""
+    result, failure = None, None
+    if dist_info()[0] == 0:
+        try:
+            result = fn(*args)
+        except Exception as e:
+            failure = e
+    agree(failure)
+    return result
+
+
 class RunInterrupted(Exception):
     """Ctrl-C ended a run: `step` is the step of the checkpoint `ckpt` to continue from (None: nothing saved);
     `finished`: training was complete (Ctrl-C hit the final evaluation). main prints one line, exit 130."""
@@ -981,6 +995,7 @@ class SegDataset:
                 raise WSSSError(f"image {image} is {size[0]}x{size[1]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
             labels[n] = [int(c) for c in np.unique(mask) if 0 < c < K]
         try:
+            clean_stale_temps(path.parent)
             atomic_write_text(json.dumps(labels), path)
         except WSSSError:
             pass  # a read-only cache only costs a re-scan next time
@@ -2124,14 +2139,8 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
     folder (rank 0 locks it and applies the overwrite policy, every rank hears the outcome) and Ctrl-C
     (GracefulStop in the loop; elsewhere KeyboardInterrupt) -> RunInterrupted, which main reports."""
     setup_distributed(cfg)
-    lock, failure, stop = None, None, GracefulStop()
-    if dist_info()[0] == 0:
-        try:
-            lock = claim_run_folder(cfg)
-        except Exception as e:
-            failure = e
+    lock, stop = on_rank0(claim_run_folder, cfg), GracefulStop()
     try:
-        agree(failure)
         return _train(cfg, frozen, stop)
     except KeyboardInterrupt:  # while building or in the final evaluation: nothing half-done to save
         step, path = stop.saved or (None, None)
@@ -2148,6 +2157,7 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     ckpt = load_checkpoint(cfg.resume, cfg, RESUME_KEYS) if cfg.resume else None  # refused before any work
     if ckpt is not None:
         check_resume(ckpt, cfg)
+        stop.saved = (int(ckpt["step"]), cfg.resume)
     seed_everything(cfg.seed)  # same decoder initialisation on every rank (DDP also broadcasts it)
     if cfg.demo:
         prepare_demo(cfg)
@@ -2168,7 +2178,6 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
         start, best = ckpt["step"], ckpt.get("best_miou", best)
         set_rng_state(ckpt["rng"])
         print0(f"resumed from {cfg.resume} at step {start}")
-        stop.saved = (start, cfg.resume)
         if rank == 0:
             trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", start)
     model = decoder if world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -2367,28 +2376,25 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
 def prepare_demo(cfg: Config):
     """--demo assets, made on first use and then reused from cache_dir: the synthetic dataset and the
     pre-trained toy CLIP. Rank 0 makes them; other DDP ranks wait."""
-    rank = dist_info()[0]
-    root = Path(cfg.data_root)
-    failure = None
-    if rank == 0:
-        try:
-            if not (root / ".complete").is_file():
-                print0(f"demo: writing the synthetic dataset ({cfg.demo_images} train images) to {root}")
-                make_synthetic_dataset(make_dir(root, "demo data"), cfg.demo_images, 64, seed=0)
-                atomic_write_text("ok\n", root / ".complete")
-            toy = Path(cfg.clip_pretrained)
-            if _is_path(cfg.clip_pretrained):
-                cached = toy == toy_clip_path(cfg)  # ours, under --cache-dir: validated, rebuilt when corrupt
-                clean_stale_temps(toy.parent)
-                if (load_cache(toy, read_toy_clip) is None) if cached else not toy.is_file():
-                    print0(f"demo: pre-training the toy CLIP ({cfg.toy_steps} steps; cached for next time)")
-                    pretrain_toy(cfg, cfg.clip_pretrained)
-        except Exception as e:  # the other ranks wait below: they must hear of it (agree), not time out
-            failure = e
-    agree(failure)  # also the barrier: rank 0 has made the assets
+    on_rank0(_demo_assets, cfg)
     print0("demo: CLIP is the toy CLIP pre-trained on the synthetic world" + (
         "; DINOv2 is a tiny random-weight model (so SBE's prototypes carry no real boundary knowledge here)"
         if cfg.lambda_b > 0 else ""))
+
+
+def _demo_assets(cfg: Config):
+    root = Path(cfg.data_root)
+    if not (root / ".complete").is_file():
+        print0(f"demo: writing the synthetic dataset ({cfg.demo_images} train images) to {root}")
+        make_synthetic_dataset(make_dir(root, "demo data"), cfg.demo_images, 64, seed=0)
+        atomic_write_text("ok\n", root / ".complete")
+    toy = Path(cfg.clip_pretrained)
+    if _is_path(cfg.clip_pretrained):
+        cached = toy == toy_clip_path(cfg)  # ours, under --cache-dir: validated, rebuilt when corrupt
+        clean_stale_temps(toy.parent)
+        if (load_cache(toy, read_toy_clip) is None) if cached else not toy.is_file():
+            print0(f"demo: pre-training the toy CLIP ({cfg.toy_steps} steps; cached for next time)")
+            pretrain_toy(cfg, cfg.clip_pretrained)
 
 
 def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
