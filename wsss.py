@@ -716,20 +716,20 @@ class GracefulStop:
     (step, path) of the latest checkpoint this run can be continued from."""
 
     def __init__(self):
-        self.requested, self.saved, self._previous = False, None, None
+        self.requested, self.saved, self._installed, self._previous = False, None, False, None
 
     def install(self):
-        if self._previous is None and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            self._previous, self._installed = signal.signal(signal.SIGINT, self._handler), True
         return self
 
     def _handler(self, signum, frame):
         self.requested = True
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
 
 
 def _ignore_sigint(_worker_id):
