@@ -1254,6 +1254,11 @@ class Frozen:
         info = DATASETS[cfg.dataset]
         self.cfg, self.device = cfg, device
         self.clip, self.tokenizer = build_clip(cfg, device)
+        patch = self.clip.visual.conv1.kernel_size[0]
+        if clip_patch_size(cfg) is None and min(cfg.crop_size, cfg.eval_long_side) < patch:
+            # validate_config checks this up front when the model name gives the patch size
+            raise WSSSError(f"--crop-size {cfg.crop_size} / --eval-long-side {cfg.eval_long_side}: smaller than "
+                            f"one CLIP patch ({patch} px for {cfg.clip_model})")
         supers = info["superclasses"][cfg.superclasses]
         self.num_fg, self.num_super = len(info["classes"]) - 1, len(supers)
         # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
@@ -1267,10 +1272,6 @@ class Frozen:
         self.dino = build_dino(cfg, device) if need_dino else None
         self.patch = self.clip.visual.conv1.kernel_size[0]
         self.num_blocks = len(self.clip.visual.transformer.resblocks)
-        if clip_patch_size(cfg) is None and min(cfg.crop_size, cfg.eval_long_side) < self.patch:
-            # validate_config checks this up front when the model name gives the patch size
-            raise WSSSError(f"--crop-size {cfg.crop_size} / --eval-long-side {cfg.eval_long_side}: smaller than "
-                            f"one CLIP patch ({self.patch} px for {cfg.clip_model})")
 
 
 # ----------------------------------------------------------------------------------------------------
