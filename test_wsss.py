@@ -9,6 +9,10 @@ import dataclasses
 import json
 import math
 import os
+import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +86,41 @@ def test_config_presets_and_cli_types():
                      (dict(cda_tau=0.0), "--cda-tau")):
         with pytest.raises(wsss.WSSSError, match=msg):
             wsss.make_config(**bad)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"), (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0"), (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "-0.001"], "--lr must be > 0"), (["--lr", "0"], r"--lr must be > 0 \(0 would train nothing\), got 0.0"),
+    (["--eval-scales", "1,0"], "--eval-scales must be > 0"), (["--dec-heads", "3"], "--dec-dim 256 must be "
+                                                              "divisible by --dec-heads 3"),
+    (["--crop-size", "8"], r"--crop-size 8 is smaller than one CLIP patch \(16 px for ViT-B-16\)"),
+    (["--tiny", "--crop-size", "4"], r"smaller than one CLIP patch \(8 px for the toy CLIP\); use >= 8"),
+    (["--eval-long-side", "10"], "--eval-long-side 10 is smaller than one CLIP patch"),
+    (["--seed", "-1"], "--seed must be >= 0"), (["--device", "mps"], "--device mps is not supported.*--device cpu"),
+    (["--device", "gpu0"], r"--device 'gpu0' is not a device \(auto \| cpu \| cuda \| cuda:N\)"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"), (["--toy-batch", "1"], "--toy-batch must be >= 2"),
+    (["--image-size", "0"], "--image-size must be >= 16"), (["--max-images", "-1"], "--max-images must be >= 0"),
+    (["--bench-repeats", "0"], "--bench-repeats must be >= 1"), (["--beta2", "1"], r"--beta2 must be in \[0, 1\)"),
+    (["--warmup-ratio", "2"], r"--warmup-ratio must be in \[0, 1\]"), (["--dec-dropout", "inf"], "finite"),
+    (["--template", "a photo"], r"--template 'a photo' must contain \{\} once"),
+    (["--par-dilations", "1,2.5"], "--par-dilations must be integers"),
+    (["--out-dir", "FILE/run"], "--out-dir .*/FILE/run: .*/FILE is a file, not a folder"),
+    (["--cache-dir", "FILE"], "--cache-dir .*FILE is a file, not a folder"),
+    (["--save-vis", "FILE/vis"], "--save-vis .*FILE is a file, not a folder"),
+])
+def test_every_flag_is_validated_up_front(flags, message, tmp_path):
+    (tmp_path / "FILE").write_text("a regular file where a folder should be\n")
+    flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
+    with pytest.raises(wsss.WSSSError, match=message) as e:
+        wsss.parse_config(flags)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bad_flag_is_one_line_and_exit_2_before_any_work(capsys):
+    assert wsss.main(["train", "--demo", "--log-every", "0"]) == 2  # --demo would otherwise build data and models
+    captured = capsys.readouterr()
+    assert captured.err == "error: --log-every must be >= 1, got 0\n" and captured.out == ""
 
 
 def test_every_config_field_has_help_text():
@@ -235,6 +274,106 @@ def test_images_without_foreground_are_skipped_with_a_count(tmp_path, cache_dir,
     ds = wsss.SegDataset(cfg, "train", train=True)
     assert len(ds) == 1 and "skipped 1 train images with no foreground class" in capsys.readouterr().out
     assert len(wsss.SegDataset(cfg, "train", train=False)) == 2  # evaluation keeps them
+
+
+def test_corrupt_label_cache_is_rebuilt(tmp_path, capsys):
+    mask = np.zeros((20, 24), np.uint8)
+    mask[2:6, 2:6] = 3
+    _write_voc(tmp_path / "data", {"a": Image.new("RGB", (24, 20)), "b": Image.new("RGB", (24, 20))},
+               {"a": mask, "b": mask * 2})
+    cfg = wsss.make_config(dataset="voc", data_root=str(tmp_path / "data"), train_split="train",
+                           cache_dir=str(tmp_path / "cache"))
+    assert wsss.SegDataset(cfg, "train", train=True).labels == [[3], [6]]
+    [cache] = (tmp_path / "cache" / "labels").glob("*.json")
+    good = cache.read_bytes()
+    for bad in (good[: len(good) // 2], b"", os.urandom(64), b'{"other": [1]}', b"[1, 2]", b'{"a": [99], "b": [6]}'):
+        cache.write_bytes(bad)  # truncated, zero bytes, random bytes, another file, a list, a class out of range
+        assert wsss.SegDataset(cfg, "train", train=True).labels == [[3], [6]]
+        assert capsys.readouterr().out == f"cache {cache} is corrupt; rebuilding\n"
+        assert cache.read_bytes() == good
+
+
+def test_corrupt_toy_clip_cache_is_rebuilt(tmp_path, capsys):
+    cfg = wsss.make_config(demo=True, demo_images=4, toy_steps=1, toy_batch=4, cache_dir=str(tmp_path))
+    path = Path(cfg.clip_pretrained)  # the --demo cache entry, here filled with random weights (no pre-training)
+    clip, _ = wsss.build_clip(dataclasses.replace(cfg, clip_pretrained="random"), CPU)
+    wsss.atomic_save({"model": clip.state_dict(), "toy_clip": wsss.TOY_CLIP, "steps": 1}, path)
+    assert path.parent == tmp_path and wsss.read_toy_clip(path) is not None
+    good = path.read_bytes()
+    other = tmp_path / "other.pt"
+    torch.save({"model": {"weight": torch.zeros(3)}, "toy_clip": wsss.TOY_CLIP}, other)  # a foreign state dict
+    state = torch.load(path, weights_only=True)
+    state["model"]["logit_scale"] = torch.tensor(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")  # the right keys, non-finite weights
+    for bad in (b"", os.urandom(256), good[: len(good) // 3], other.read_bytes(), (tmp_path / "nan.pt").read_bytes()):
+        path.write_bytes(bad)
+        assert wsss.load_cache(path, wsss.read_toy_clip) is None and not path.exists()
+        assert capsys.readouterr().out == f"cache {path} is corrupt; rebuilding\n"
+    path.write_bytes(good[:1000])  # what the user meets: the next --demo run says so and pre-trains again
+    wsss.prepare_demo(cfg)
+    out = capsys.readouterr().out
+    assert f"cache {path} is corrupt; rebuilding" in out and "demo: pre-training the toy CLIP" in out
+    assert wsss.read_toy_clip(path) is not None
+    wsss.build_clip(dataclasses.replace(cfg, tiny=True), CPU)  # and it loads
+
+
+def test_edited_masks_invalidate_the_label_cache(tmp_path, capsys):
+    fg = np.zeros((8, 8), np.uint8)
+    fg[2:6, 2:6] = 4
+    names = [f"im{i:03d}" for i in range(70)]
+    _write_voc(tmp_path, {n: Image.new("RGB", (8, 8)) for n in names}, {n: fg for n in names})
+    cfg = wsss.make_config(dataset="voc", data_root=str(tmp_path), train_split="train",
+                           cache_dir=str(tmp_path / "cache"))
+    assert len(wsss.SegDataset(cfg, "train", train=True)) == 70
+    last = tmp_path / "SegmentationClassAug" / "im069.png"  # beyond the 64 masks the old cache key looked at
+    for new_mask, expected_len, expected_label in ((fg * 0, 69, None), (fg // 4 * 9, 70, [9])):
+        Image.fromarray(new_mask, mode="L").save(last)
+        st = last.stat()  # a human edits seconds apart; make sure this edit shows in mtime at any clock resolution
+        os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+        capsys.readouterr()
+        ds = wsss.SegDataset(cfg, "train", train=True)
+        assert len(ds) == expected_len
+        if expected_label is None:
+            assert "skipped 1 train images with no foreground class" in capsys.readouterr().out
+        else:
+            assert ds.labels[-1] == expected_label
+    assert len(list((tmp_path / "cache" / "labels").glob("*.json"))) == 3  # one scan per dataset state
+
+
+def test_split_lists_bom_spaces_duplicates_and_encoding(tmp_path, capsys):
+    mask = np.zeros((20, 24), np.uint8)
+    mask[2:6, 2:6] = 1
+    _write_voc(tmp_path, {"my photo": Image.new("RGB", (24, 20)), "c": Image.new("RGB", (24, 20))},
+               {"my photo": mask, "c": mask})
+    split = tmp_path / "ImageSets/Segmentation/train.txt"
+    split.write_bytes("\ufeffmy photo\r\nc\n\n  c  \n".encode("utf-8"))  # BOM, CRLF, a blank line, a duplicate
+    cfg = wsss.make_config(dataset="voc", data_root=str(tmp_path), train_split="train", cache_dir=str(tmp_path / "c"))
+    ds = wsss.SegDataset(cfg, "train", train=False)
+    assert [n for n, _, _ in ds.items] == ["my photo", "c"]  # a name with a space, and `c` once
+    assert "train.txt lists 1 name(s) more than once; each image is used once" in capsys.readouterr().out
+    split.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(wsss.WSSSError, match=r"train.txt is not UTF-8 text \(byte 0xe9 at offset 3\): save it as "):
+        wsss.SegDataset(cfg, "train", train=False)
+
+
+def test_decompression_bomb_is_one_line_also_in_workers(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+    mask = np.zeros((30, 40), np.uint8)
+    mask[2:6, 2:6] = 1
+    _write_voc(tmp_path, {"big": Image.new("RGB", (40, 30))}, {"big": mask})
+    cfg = wsss.make_config(dataset="voc", data_root=str(tmp_path), train_split="train", cache_dir=str(tmp_path / "c"),
+                           crop_size=16)
+    ds = wsss.SegDataset(cfg, "train", train=True)  # scanned under PIL's real limit
+    for limit in (1000, 500):  # 1200 pixels: PIL's warning range (limit..2 limit), then its error range
+        monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(wsss.WSSSError, match="image .*big.jpg is too large to decode safely .*MAX_IMAGE_PIXELS"):
+            wsss.load_rgb(tmp_path / "JPEGImages" / "big.jpg")
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)  # the forked worker sees the limit
+    with pytest.raises(wsss.WSSSError) as e:
+        next(iter(loader))
+    assert wsss._one_line(e.value).startswith(f"image {tmp_path}/JPEGImages/big.jpg is too large to decode safely")
+    with pytest.raises(wsss.WSSSError, match="too large to decode safely"):  # a new scan meets it up front
+        wsss.SegDataset(dataclasses.replace(cfg, cache_dir=str(tmp_path / "c2")), "train", train=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -756,24 +895,102 @@ def test_cli_demo_trains_logs_and_checkpoints(demo_run):
     assert all({"seg", "b", "gated", "lr", "pseudo_miou"} <= set(m) for m in logged)
     assert (out / "ckpt.pt").is_file() and (out / "ckpt-000002.pt").is_file()
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    assert ckpt["step"] == 4 and not any(k.startswith("module.") for k in ckpt["decoder"])
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 1 and not any(k.startswith("module.") for k in ckpt["decoder"])
     assert set(ckpt) >= {"decoder", "optimizer", "scaler", "step", "config", "rng"}
     assert len(list((out / "vis").glob("*.png"))) == 6
 
 
 def test_cli_resume_continues_exactly(demo_run, cache_dir, tmp_path):
     out, _ = demo_run
-    r = run_cli("train", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path,
-                "--max-steps", 4, "--save-every", 2, "--log-every", 1, "--resume", out / "ckpt-000002.pt")
+    run = tmp_path / "run"
+    shutil.copytree(out, run)  # resume in the run's own folder, as after a kill -9: its metrics go up to step 4
+    r = run_cli("train", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", run,
+                "--max-steps", 4, "--save-every", 2, "--log-every", 1, "--resume", run / "ckpt-000002.pt")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 2" in r.stdout
     first = {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m}
-    again = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl") if "loss" in m}
-    assert sorted(again) == [3, 4] and again[3] == first[3] and again[4] == first[4]
+    again = read_metrics(run / "metrics.jsonl")  # steps 3, 4 and the val line were dropped, then logged again
+    assert [m["step"] for m in again if "loss" in m] == [1, 2, 3, 4] and sum("val" in m for m in again) == 1
+    assert {m["step"]: m["loss"] for m in again if "loss" in m} == first
     r = run_cli("train", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--out-dir", tmp_path,
                 "--max-steps", 4, "--refine", "none", "--resume", out / "ckpt.pt")
     assert r.returncode == 2 and "trained with another config: refine='cda' (now 'none')" in r.stderr
     assert r.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_resume_refuses_a_checkpoint_at_or_past_max_steps(demo_run, cache_dir, tmp_path, capsys):
+    out, _ = demo_run
+    args = ["train", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path),
+            "--max-steps", "2", "--resume", str(out / "ckpt.pt")]
+    assert wsss.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {out}/ckpt.pt is at step 4, and --max-steps is 2: nothing to train; pass --max-steps > 4 "
+        f"to extend the run, or evaluate it with `wsss.py eval --ckpt {out}/ckpt.pt`\n")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_run_folder_overwrite_policy_lock_and_stale_temps(demo_run, synth_root, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(demo_run[0], out)  # a previous run: metrics, ckpt.pt, ckpt-000002.pt
+    args = ["train", "--method", "weclip", "--refine", "none", "--dataset", "synthetic", "--data-root",
+            str(synth_root), "--tiny", "--cache-dir", str(cache_dir), "--out-dir", str(out), "--max-steps", "1",
+            "--batch-size", "2", "--num-workers", "0", "--log-every", "1", "--max-images", "1"]
+    assert wsss.main(args) == 2  # a second run into the same folder
+    assert capsys.readouterr().err == f"error: --out-dir {out} already holds a run (metrics.jsonl): pass " \
+                                      f"--overwrite to replace it, --resume {out}/ckpt.pt to continue it, or " \
+                                      f"another --out-dir\n"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a run that is still going
+    try:
+        (out / ".lock").write_text(f"{other.pid} {socket.gethostname()}\n")
+        assert wsss.main(args + ["--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out} is in use by another run (pid {other.pid} on ") and err.count("\n") == 1
+    finally:
+        other.kill()
+        other.wait()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # killed runs leave their lock and the temp files of interrupted saves
+    (out / ".lock").write_text(f"{dead_pid} {socket.gethostname()}\n")
+    (out / f".ckpt.pt.tmp{dead_pid}").write_bytes(b"\0" * 4096)
+    (out / f".metrics.jsonl.tmp{os.getppid()}").write_text("{}")  # our parent's pid: alive
+    assert wsss.main(args + ["--overwrite"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"removed 1 temp file of interrupted saves in {out}" in stdout and "--overwrite: removed" in stdout
+    assert not (out / f".ckpt.pt.tmp{dead_pid}").exists() and (out / f".metrics.jsonl.tmp{os.getppid()}").exists()
+    assert not (out / ".lock").exists() and not (out / "ckpt-000002.pt").exists()
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 1]  # this run only: its step and val
+    (tmp_path / "file").write_text("x")
+    assert wsss.main(["synth", "--data-root", str(tmp_path / "file" / "synth")]) == 2
+    assert capsys.readouterr().err == f"error: --data-root {tmp_path}/file/synth: {tmp_path}/file is a file, not a " \
+                                      f"folder\n"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(synth_root, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--method", "weclip", "--refine", "none", "--dataset", "synthetic", "--data-root",
+            str(synth_root), "--tiny", "--cache-dir", str(cache_dir), "--out-dir", str(out), "--max-steps", "200",
+            "--batch-size", "2", "--num-workers", "1", "--log-every", "1", "--max-images", "1"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        p = subprocess.Popen([sys.executable, str(HERE / "wsss.py"), *args], stdout=subprocess.PIPE, stderr=err_file,
+                             text=True, cwd=HERE, env=dict(os.environ, HF_HUB_OFFLINE="1"), start_new_session=True)
+        for line in p.stdout:
+            if line.startswith("step 00001/200"):
+                os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the process and its loader worker
+                break
+        p.stdout.read()
+        assert p.wait(timeout=120) == 130
+    err = err_path.read_text()
+    step = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert 1 <= step < 200 and err.count("\n") == 1 and "Traceback" not in err, err
+    prefix = f"interrupted at step {step}: checkpoint {out}/ckpt.pt; continue with: python {HERE}/wsss.py "
+    assert err.startswith(prefix) and err.rstrip().endswith(f"--resume {out}/ckpt.pt"), err
+    resume = shlex.split(err.strip()[err.index("continue with: ") + len("continue with: "):])
+    assert resume[2:] == args + ["--resume", f"{out}/ckpt.pt"]
+    assert wsss.main(resume[2:] + ["--max-steps", str(step + 2)]) == 0  # the printed command, 2 more steps
+    assert f"resumed from {out}/ckpt.pt at step {step}" in capsys.readouterr().out
+    logged = [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert logged == list(range(1, step + 3))  # every step once
 
 
 def test_cli_eval_checkpoint(demo_run, cache_dir, tmp_path):
@@ -795,7 +1012,7 @@ def test_cli_bench_tiny():
         assert stage in r.stdout, stage
 
 
-def test_ddp_two_processes_end_identical(synth_root, cache_dir, tmp_path):
+def test_ddp_two_processes_end_identical(synth_root, cache_dir, tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "wsss.py"),
            "train", "--method", "cdclip", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny",
            "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path), "--max-steps", "2", "--batch-size", "2",
@@ -805,6 +1022,40 @@ def test_ddp_two_processes_end_identical(synth_root, cache_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world 2" in r.stdout and "DDP: decoder parameters across 2 ranks differ by at most 0" in r.stdout
     assert r.stdout.count("step 00002/2") == 1  # rank 0 logs
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["world_size"] == 2
+    args = cmd[cmd.index("train"):] + ["--max-steps", "4", "--resume", str(tmp_path / "ckpt.pt")]
+    assert wsss.main(args) == 2  # in one process: another data order, refused
+    err = capsys.readouterr().err
+    assert err == f"error: checkpoint {tmp_path}/ckpt.pt was written by 2 process(es) and this run has 1: the data " \
+                  f"order depends on the number of processes, so resume it with torchrun --nproc_per_node=2 wsss.py\n"
+
+
+def test_ddp_a_bad_image_on_one_rank_is_one_line(synth_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    names = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    first_of_rank1 = names[next(iter(wsss.EpochSampler(len(names), 2, 1, rank=1, world=2)))[0]]
+    jpg = root / "JPEGImages" / f"{first_of_rank1}.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:1500])  # the header is intact: only rank 1's loader meets it, at step 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "wsss.py"),
+           "train", "--method", "weclip", "--refine", "none", "--dataset", "synthetic", "--data-root", str(root),
+           "--tiny", "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "o"), "--max-steps", "2",
+           "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode != 0  # torchrun's own status (1) and summary follow the processes' lines
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith(f"error: [rank 1] cannot read image {jpg}: "), r.stderr[-3000:]
+    assert "wsss.py\", line" not in r.stderr and "Connection closed" not in r.stderr  # no traceback from ranks 0, 1
+    assert "step 00001" not in r.stdout
+
+
+def test_ddp_errors_before_the_process_group_print_once(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process
+    for rank, expected in (("0", "error: --lr must be > 0 (0 would train nothing), got 0.0\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert wsss.main(["train", "--demo", "--lr", "0"]) == 2
+        assert capsys.readouterr().err == expected
 
 
 @pytest.mark.parametrize("refine", wsss.REFINE_MODES)
@@ -857,15 +1108,55 @@ def test_toy_clip_pretraining_learns_and_round_trips(cache_dir, tmp_path):
     assert not torch.allclose(loaded.encode_image(x), random_clip.encode_image(x))
 
 
-def test_crf_without_pydensecrf_is_a_clear_error():
+def test_crf_without_pydensecrf_is_a_clear_error(capsys):
     try:
         import pydensecrf  # noqa: F401
         pytest.skip("pydensecrf is installed")
     except ImportError:
         pass
-    cfg = wsss.make_config(crf=True)
+    assert wsss.main(["eval", "--demo", "--crf"]) == 2  # said before the checkpoint or any model is loaded
+    assert capsys.readouterr().err == "error: --crf needs DenseCRF: pip install pydensecrf2==1.1 (builds from " \
+                                      "source with g++)\n"
+    cfg = dataclasses.replace(wsss.make_config(), crf=True)
     with pytest.raises(wsss.WSSSError, match="--crf needs DenseCRF: pip install pydensecrf2"):
         wsss.crf_refine(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.5), cfg)
+
+
+def test_a_bad_val_image_fails_before_training(synth_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    (root / "JPEGImages" / "synth_00026.jpg").write_bytes(os.urandom(2000))  # in val.txt only
+    args = ["train", "--dataset", "synthetic", "--data-root", str(root), "--tiny", "--cache-dir", str(tmp_path / "c"),
+            "--out-dir", str(tmp_path / "o"), "--max-steps", "30000", "--num-workers", "0"]
+    assert wsss.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: cannot read image ") and "synth_00026.jpg" in captured.err
+    assert captured.err.count("\n") == 1 and "device" not in captured.out  # before any model or step
+
+
+def test_extreme_aspect_ratios_at_test_time(synth_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    for name, (w, h) in {"wide": (1000, 10), "tall": (10, 1000)}.items():  # 64 px long side: 0.64 px short side
+        img, mask = np.full((h, w, 3), 120, np.uint8), np.zeros((h, w), np.uint8)
+        sl = (slice(None), slice(400, 600)) if w > h else (slice(400, 600), slice(None))
+        img[sl], mask[sl] = (220, 40, 40), 1
+        Image.fromarray(img).save(root / "JPEGImages" / f"{name}.jpg")
+        Image.fromarray(mask, mode="L").save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets/Segmentation/val.txt").write_text("wide\ntall\n")
+    args = ["cams", "--dataset", "synthetic", "--data-root", str(root), "--tiny", "--cache-dir", str(tmp_path / "c"),
+            "--cam-split", "val", "--num-workers", "0", "--save-vis", str(tmp_path / "vis")]
+    assert wsss.main(args) == 0  # the label path at test size
+    assert "red circle" in capsys.readouterr().out and len(list((tmp_path / "vis").glob("*.png"))) == 2
+    cfg = wsss.make_config(dataset="synthetic", tiny=True, eval_scales=(1.0, 0.5), data_root=str(root))
+    frozen = wsss.Frozen(cfg, CPU, need_dino=False)
+    decoder = wsss.build_decoder(cfg, frozen).eval()
+    with torch.no_grad():  # the decoder's multi-scale + flip prediction
+        for shape in ((20, 2000), (2000, 20), (7, 9)):
+            logits = wsss.predict_logits(decoder, frozen, torch.randn(1, 3, *shape), cfg)
+            assert logits.shape == (1, 7, *shape) and torch.isfinite(logits).all()
+    x = wsss.resize_long_side(torch.zeros(1, 3, 20, 2000), 64, min_side=8)
+    assert x.shape[-2:] == (8, 64)  # the short side is kept at one patch
 
 
 def test_rfm_dynamic_layer_selection_hand_computed():

@@ -41,13 +41,19 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
 import os
 import random
 import re
+import shlex
+import signal
+import socket
 import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -210,6 +216,7 @@ class Config:
     train_split: str = "train_aug"  # split list for training (dataset preset)
     val_split: str = "val"        # split list for evaluation
     out_dir: str = ""             # run folder; derived: runs/<method>-<dataset>
+    overwrite: bool = False       # train: replace the run in --out-dir (without it: refuse; --resume continues it)
     cache_dir: str = ""           # caches (labels, synthetic data, toy CLIP); derived: env WSSS_CACHE or ~/.cache/wsss
     demo: bool = False            # synthetic world + toy CLIP + short schedule (see DEMO)
     demo_images: int = 240        # images in the demo's synthetic train split (val gets a quarter)
@@ -424,7 +431,6 @@ def make_config(**given) -> Config:
     values.update(given)
     values.update(method=method, dataset=dataset)
     cfg = Config(**values)
-    validate_config(cfg)
     # derived at runtime
     if not cfg.data_root:
         cfg.data_root = os.environ.get("WSSS_DATA_ROOT", "")
@@ -438,10 +444,57 @@ def make_config(**given) -> Config:
         cfg.ckpt = str(Path(cfg.out_dir) / "ckpt.pt")
     if cfg.demo and cfg.clip_pretrained == Config.clip_pretrained:
         cfg.clip_pretrained = str(toy_clip_path(cfg))
+    validate_config(cfg)
     return cfg
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Range rules of the numeric fields: (field, test, what the test asks). A tuple field passes if every element
+# does. validate_config applies them; a new field adds one line here.
+_RULES = [(name, lambda v, lo=lo: v >= lo, f">= {lo}") for name, lo in (
+    ("batch_size", 1), ("crop_size", 1), ("max_steps", 1), ("attn_layers", 1), ("rfm_dynamic_layers", 1),
+    ("rfm_dynamic_after", 0), ("par_iters", 0), ("power", 0), ("aff_radius", 0), ("dec_dim", 1),
+    ("dec_layers", 0), ("dec_heads", 1), ("dec_mlp", 1), ("warmup_steps", 0), ("eval_long_side", 1),
+    ("eval_every", 0), ("log_every", 1), ("save_every", 1), ("crf_iters", 1), ("num_workers", 0),
+    ("bench_repeats", 1), ("max_images", 0), ("num_vis", 0), ("demo_images", 1), ("num_images", 1),
+    ("image_size", 16), ("toy_steps", 1), ("toy_batch", 2), ("seed", 0), ("par_dilations", 1),
+    ("weight_decay", 0), ("toy_weight_decay", 0), ("poly_power", 0), ("lambda_aff", 0), ("lambda_b", 0),
+    ("cam_logit_scale", 0), ("par_w2", 0))] + [
+    ("seed", lambda v: v < 2**32, "< 2**32"),
+    ("lr", lambda v: v > 0, "> 0 (0 would train nothing)"),
+    ("toy_lr", lambda v: v > 0, "> 0"),
+    ("eval_scales", lambda v: v > 0, "> 0 (each scale)"),
+    ("cda_tau", lambda v: v > 0, "> 0"),
+    ("bg_pow", lambda v: v > 0, "> 0"),
+    ("par_w1", lambda v: v > 0, "> 0"),
+    ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("dec_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+] + [(name, lambda v: 0 <= v <= 1, "in [0, 1]") for name in (
+    "warmup_ratio", "toy_warmup", "box_threshold", "cap_threshold", "cp_area_floor")] + [
+    (name, lambda v: v > 0, "> 0") for name in ("crf_pos_xy", "crf_pos_w", "crf_bi_xy", "crf_bi_rgb", "crf_bi_w")]
+
+
+def clip_patch_size(cfg: Config):
+    """CLIP's patch side, known from the flags alone where possible (--tiny: the toy CLIP's 8; open_clip ViT names
+    such as ViT-B-16, ViT-L-14-336: the number after the size); None otherwise (Frozen checks after building)."""
+    if cfg.tiny:
+        return TOY_CLIP["vision_cfg"]["patch_size"]
+    m = re.match(r"ViT-[^-]+-(\d+)(?:-|$)", cfg.clip_model)
+    return int(m.group(1)) if m else None
+
+
 def validate_config(cfg: Config):
+    """Every flag is checked here, once, before any work: names and choices, numeric ranges (_RULES; NaN and inf
+    never pass), cross-field constraints, the device string, --crf's package, and that no folder the run writes
+    sits under a regular file. A failure is one WSSSError line (main: exit status 2)."""
     choices = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=("imagenet", "clip"),
                    amp=("auto", "bf16", "fp16", "off"), cda_minmax=("patch", "text"), cam=("gradcam", "text"),
                    cam_sim=("surgery", "cosine"), svc_attn=("intra", "qk"), svc_heads=("sum", "mean"),
@@ -455,14 +508,22 @@ def validate_config(cfg: Config):
     if cfg.superclasses not in supers:
         raise WSSSError(f"--superclasses {cfg.superclasses} has no table for {cfg.dataset}; "
                         f"choose {'|'.join(map(str, supers))}")
-    for name, low in (("batch_size", 1), ("crop_size", 1), ("max_steps", 1), ("attn_layers", 1),
-                      ("rfm_dynamic_layers", 1), ("par_iters", 0), ("power", 0), ("toy_steps", 1)):
-        if getattr(cfg, name) < low:
-            raise WSSSError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    for f in fields(cfg):  # types (make_config can be called with anything) and finiteness
+        v = getattr(cfg, f.name)
+        items = v if isinstance(v, tuple) else (v,)
+        if f.type in ("tuple", tuple) and (not isinstance(v, tuple) or not v):
+            raise WSSSError(f"{_flag(f.name)} needs at least one number, got {v!r}")
+        if f.type in ("int", "tuple", int, tuple) and f.name != "eval_scales" and not all(map(_is_int, items)):
+            raise WSSSError(f"{_flag(f.name)} must be {'integers' if isinstance(v, tuple) else 'an integer'}, "
+                            f"got {v!r}")
+        if any(not _is_int(x) and isinstance(x, (int, float)) and not math.isfinite(x) for x in items):
+            raise WSSSError(f"{_flag(f.name)} must be a finite number, got {v!r}")
+    for name, ok, what in _RULES:
+        v = getattr(cfg, name)
+        if not all(ok(x) for x in (v if isinstance(v, tuple) else (v,))):
+            raise WSSSError(f"{_flag(name)} must be {what}, got {','.join(map(str, v)) if isinstance(v, tuple) else v}")
     if not (0 < cfg.scale_min <= cfg.scale_max):
         raise WSSSError(f"need 0 < --scale-min <= --scale-max, got {cfg.scale_min}, {cfg.scale_max}")
-    if cfg.cda_tau <= 0:
-        raise WSSSError(f"--cda-tau must be > 0, got {cfg.cda_tau}")
     if not (0 < cfg.tse_keep <= 1):  # K_r = 0 would keep nothing; upstream's K_r = 1 gave NaN (fixed below)
         raise WSSSError(f"--tse-keep (K_r) must be in (0, 1], got {cfg.tse_keep}")
     if cfg.tse_clusters < 0 or cfg.svc_layers < 1:
@@ -496,6 +557,28 @@ def validate_config(cfg: Config):
         raise WSSSError("--cache-prompt must contain {category} (replaced by each class name)")
     if not cfg.sd_layers.strip():
         raise WSSSError("--sd-layers is empty: use up, or a comma list of UNet attention-layer name prefixes")
+    if cfg.dec_dim % cfg.dec_heads:
+        raise WSSSError(f"--dec-dim {cfg.dec_dim} must be divisible by --dec-heads {cfg.dec_heads} (attention heads "
+                        f"split the width)")
+    patch = clip_patch_size(cfg)
+    for name in ("crop_size", "eval_long_side"):
+        if patch and getattr(cfg, name) < patch:
+            raise WSSSError(f"{_flag(name)} {getattr(cfg, name)} is smaller than one CLIP patch "
+                            f"({patch} px for {'the toy CLIP' if cfg.tiny else cfg.clip_model}); use >= {patch}")
+    if cfg.template.count("{}") != 1:
+        raise WSSSError(f"--template {cfg.template!r} must contain {{}} once (where the class name goes)")
+    if cfg.device == "mps":
+        raise WSSSError("--device mps is not supported (CUDA or CPU only; the label path is untested on Apple GPUs): "
+                        "use --device cpu")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise WSSSError(f"--device {cfg.device!r} is not a device (auto | cpu | cuda | cuda:N)")
+    if cfg.crf and importlib.util.find_spec("pydensecrf") is None:
+        raise WSSSError(CRF_MISSING)
+    for name in ("out_dir", "cache_dir", "save_vis"):
+        if getattr(cfg, name):
+            check_folder(getattr(cfg, name), _flag(name))
+    if cfg.ckpt:
+        check_folder(Path(cfg.ckpt).parent, "--ckpt")
 
 
 # Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
@@ -556,19 +639,237 @@ def print0(*args, **kw):
 
 def atomic_save(obj, path):
     """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path):
+    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _atomic(path, write):
+    """write(tmp) to `.NAME.tmpPID` next to `path`, then os.replace. On any failure the temp file is removed
+    (kill -9 leaves it behind: clean_stale_temps); a full disk or a read-only folder is one WSSSError line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
+            raise WSSSError(f"cannot write {path}: {reason}") from e
+        raise
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")  # atomic writes' temp files: .NAME.tmpPID
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 probes without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # it exists, as another user's process
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    return pid > 0
+
+
+def clean_stale_temps(folder) -> int:
+    """Remove the temp files of atomic writes whose writer is gone (kill -9, power loss: up to a checkpoint's
+    size each); a live writer's temp file is left alone. Returns how many were removed."""
+    folder, removed = Path(folder), 0
+    if not folder.is_dir():
+        return 0
+    for f in folder.iterdir():
+        m = _TEMP_NAME.match(f.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) and f.is_file():
+            try:
+                f.unlink()
+                removed += 1
+            except OSError:
+                pass
+    if removed:
+        print0(f"removed {removed} temp file{'s' * (removed > 1)} of interrupted saves in {folder}")
+    return removed
+
+
+def check_folder(path, flag: str):
+    """A folder a run will write (it need not exist yet): if it, or the nearest existing parent, is a regular
+    file -> one line now, instead of a traceback when the first write happens. Creates nothing."""
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise WSSSError(f"{flag} {path}: {q} is a file, not a folder")
+            return
+
+
+def make_dir(path, flag: str) -> Path:
+    """Create a folder the run writes (check_folder first); a read-only place or a permission error -> one line."""
+    check_folder(path, flag)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WSSSError(f"cannot create the {flag} folder {path}: {e.strerror or e}")
+    return Path(path)
+
+
+def read_text(path, what: str) -> str:
+    """A text file a user wrote (split list; class-description files): UTF-8, a leading byte-order mark dropped;
+    any other encoding -> one line naming the first bad byte."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise WSSSError(f"cannot read {what} {path}: {e.strerror or e}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise WSSSError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+                        f"save it as UTF-8")
+
+
+def load_cache(path, read):
+    """Derived data under --cache-dir (the label scan, the toy CLIP; also the place for attribute banks and
+    key-value caches): returns read(path), or None when there is nothing usable so that the caller rebuilds it
+    (and writes it with atomic_save / atomic_write_text). A file that exists but that `read` rejects -- it raises
+    or returns None: truncated, zero bytes, random bytes, another program's file, an old format -- is reported
+    in one line and removed. `read` checks whatever the user of the cache relies on (types, keys, shapes)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = read(path)
+    except Exception:  # any failure to parse: a cache is derived data, rebuilt rather than trusted
+        value = None
+    if value is None:
+        print0(f"cache {path} is corrupt; rebuilding")
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return value
+
+
+class RunLock:
+    """<folder>/.lock, created with O_EXCL (atomic), holding "pid host": a second run into the same folder stops
+    with one line instead of interleaving its files with the first. The lock of a process that died on this
+    host (kill -9) is stale and taken over; one from another host is respected (shared filesystems)."""
+
+    def __init__(self, folder):
+        self.path, self.held = Path(folder) / ".lock", False
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid, host = (self.path.read_text().split() + ["", ""])[:2]
+                except OSError:
+                    continue  # released meanwhile
+                if not (pid.isdigit() and host == socket.gethostname() and not pid_alive(int(pid))):
+                    raise WSSSError(f"{self.path.parent} is in use by another run (pid {pid or '?'} on "
+                                    f"{host or '?'}; lock file {self.path}): wait for it, pick another --out-dir, "
+                                    f"or delete the lock file if that run is gone")
+                self.path.unlink(missing_ok=True)  # stale: its process is dead
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.held = True
+            return self
+        raise WSSSError(f"could not take the lock {self.path}; is another run starting there?")
+
+    def release(self):
+        if self.held:
+            self.held = False
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
+class PeerFailed(WSSSError):
+    """Another DDP process failed and reported why: this one exits quietly (status 2)."""
+
+
+def agree(failure: BaseException = None, stop: bool = False) -> bool:
+    """Keeps DDP processes in step when something goes wrong on one of them. Every rank calls it at the same
+    point with the exception it caught there (or None) and its stop request (Ctrl-C); one all_reduce(MAX) of
+    the two flags tells every rank what happened anywhere. The failing rank re-raises its error (main prints
+    it, also on a rank other than 0), the others raise PeerFailed (exit quietly, instead of a gloo/nccl
+    "connection closed" traceback). Otherwise returns whether any rank asked to stop. One 2-element
+    all_reduce; a single process communicates nothing."""
+    failed = failure is not None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        flags = torch.tensor([failed, stop], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        failed, stop = (bool(v) for v in flags.tolist())
+    if failure is not None:
+        failure.rank_local = True
+        raise failure
+    if failed:
+        raise PeerFailed("another process failed (it printed the reason)")
+    return stop
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 while the other DDP ranks wait (demo assets, the run folder; a cache build): a failure
+    there is reported by rank 0 and the others stop quietly (agree) instead of timing out at a barrier.
+    Returns fn's result on rank 0, None on the others."""
+    result, failure = None, None
+    if dist_info()[0] == 0:
+        try:
+            result = fn(*args)
+        except Exception as e:
+            failure = e
+    agree(failure)
+    return result
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C ended a run: `step` is the step of the checkpoint `ckpt` to continue from (None: nothing saved);
+    `finished`: training was complete (Ctrl-C hit the final evaluation). main prints one line, exit 130."""
+
+    def __init__(self, step=None, ckpt=None, finished: bool = False):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.ckpt, self.finished = step, ckpt, finished
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) during the training loop: a flag, read at the start of each step. The step in progress
+    (and a validation in progress) finishes, every DDP rank stops before the same step (the flag travels with
+    agree's all_reduce; torchrun forwards Ctrl-C to every process), rank 0 saves a checkpoint, and the run
+    raises RunInterrupted. Outside the loop Ctrl-C raises KeyboardInterrupt as usual. `saved` is the
+    (step, path) of the latest checkpoint this run can be continued from."""
+
+    def __init__(self):
+        self.requested, self.saved, self._installed, self._previous = False, None, False, None
+
+    def install(self):
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            self._previous, self._installed = signal.signal(signal.SIGINT, self._handler), True
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
+
+
+def _ignore_sigint(_worker_id):
+    """DataLoader workers: Ctrl-C reaches the whole process group; the main process alone decides (GracefulStop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def minmax(x, dims=(-2, -1), eps: float = 1e-7):
@@ -676,12 +977,25 @@ def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, se
     return root
 
 
+def open_image(path, what: str = "image"):
+    """PIL.Image.open (lazy: reads the header only) with PIL's decompression-bomb guard as one line: above
+    Image.MAX_IMAGE_PIXELS (89 M) PIL only warns and above twice that it raises; both are an error here (such a
+    file costs GBs to decode, also inside DataLoader workers)."""
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise WSSSError(f"{what} {path} is too large to decode safely ({e}); downscale it, or raise "
+                            f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+
+
 def load_rgb(path) -> np.ndarray:
     """Any image file -> uint8 (H, W, 3). Grayscale is replicated, RGBA drops alpha, CMYK/YCbCr/palette are
     converted by PIL, 16-bit images are scaled to 8 bits. Unreadable or truncated files -> WSSSError."""
-    from PIL import Image
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 arr = np.asarray(im, dtype=np.float64)
@@ -698,9 +1012,8 @@ def load_rgb(path) -> np.ndarray:
 
 def load_mask(path, num_classes: int) -> np.ndarray:
     """Single-channel PNG (palette indices or grayscale) -> uint8 (H, W) of class ids, 255 = ignore."""
-    from PIL import Image
     try:
-        with Image.open(path) as im:
+        with open_image(path, "mask") as im:
             if im.mode not in ("P", "L"):
                 raise WSSSError(f"mask {path} has mode {im.mode}; expected a single-channel (palette or "
                                 f"grayscale) PNG of class ids")
@@ -773,7 +1086,13 @@ class SegDataset:
         list_path = next((p for p in lists if p.is_file()), None)
         if list_path is None:
             raise WSSSError(f"split list for {split!r} not found; expected {lists[0]} (see data.md)")
-        names = [n.strip() for n in list_path.read_text().split() if n.strip()]
+        # one name per line (names may contain spaces; surrounding whitespace and blank lines are ignored)
+        names = [n.strip() for n in read_text(list_path, "split list").splitlines() if n.strip()]
+        unique = list(dict.fromkeys(names))
+        if len(unique) < len(names):  # duplicates would be trained on twice and counted twice in the mIoU
+            print0(f"data: {list_path.name} lists {len(names) - len(unique)} name(s) more than once; each image is "
+                   f"used once")
+            names = unique
         mask_dir = next((d for d in ("SegmentationClassAug", "SegmentationClass") if (self.root / d).is_dir()), None)
         if mask_dir is None:
             raise WSSSError(f"no SegmentationClassAug/ or SegmentationClass/ folder in {self.root} (see data.md)")
@@ -797,21 +1116,41 @@ class SegDataset:
         self.epoch_len = len(self.items)
 
     def _scan_labels(self, list_path) -> dict:
-        """{name: sorted foreground class ids} from the masks, cached under cache_dir (validated by a hash of
-        the root, the list and the mask sizes, so an edited dataset is re-scanned)."""
-        sig = hashlib.sha1(f"{self.root.resolve()}|{list_path.read_text()}|".encode())
-        for _, _, m in self.items[:64]:
-            sig.update(str(m.stat().st_size if m.is_file() else -1).encode())
+        """{name: sorted foreground class ids} from the masks, cached under cache_dir. The cache key covers the
+        root and, for every listed image and mask, its name, size and mtime (one stat each), so an edited
+        dataset is re-scanned; a corrupt cache file is rebuilt (load_cache). The scan also reads each image's
+        header (readable, not a decompression bomb, the size of its mask): a bad image of any split is reported
+        before training starts rather than in a worker or at the final evaluation."""
+        sig = hashlib.sha1(f"{self.root.resolve()}|{list_path.name}|".encode())
+        for n, image, mask in self.items:
+            sig.update(f"{n}|{_stat_key(image)}|{_stat_key(mask)}\n".encode())
         path = Path(self.cfg.cache_dir) / "labels" / f"{self.cfg.dataset}-{self.split}-{sig.hexdigest()[:12]}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        names, K = [n for n, _, _ in self.items], self.num_classes
+
+        def read(p):
+            labels = json.loads(p.read_text(encoding="utf-8"))
+            ok = isinstance(labels, dict) and all(
+                isinstance(labels.get(n), list) and all(_is_int(c) and 0 < c < K for c in labels[n]) for n in names)
+            return labels if ok else None
+
+        labels = load_cache(path, read)
+        if labels is not None:
+            return labels
         labels = {}
-        for n, _, m in self.items:
-            present = np.unique(load_mask(m, self.num_classes))
-            labels[n] = [int(c) for c in present if 0 < c < self.num_classes]
+        for n, image, m in self.items:
+            mask = load_mask(m, K)
+            try:
+                with open_image(image) as im:
+                    size = im.size
+            except (OSError, SyntaxError, ValueError) as e:
+                raise WSSSError(f"cannot read image {image}: {e} (corrupt or truncated file?)")
+            if size != mask.shape[::-1]:
+                raise WSSSError(f"image {image} is {size[0]}x{size[1]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
+            labels[n] = [int(c) for c in np.unique(mask) if 0 < c < K]
         try:
+            clean_stale_temps(path.parent)
             atomic_write_text(json.dumps(labels), path)
-        except OSError:
+        except WSSSError:
             pass  # a read-only cache only costs a re-scan next time
         return labels
 
@@ -831,6 +1170,15 @@ class SegDataset:
         label[[c - 1 for c in self.labels[i]]] = 1.0
         return dict(image=normalize_image(rgb, self.cfg.norm), mask=torch.from_numpy(mask.astype(np.int64)),
                     label=label, name=name)
+
+
+def _stat_key(path) -> str:
+    """size and mtime (ns) of a file, "-" if absent: what a label-cache key needs to notice an edit."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    return f"{st.st_size},{st.st_mtime_ns}"
 
 
 class EpochSampler:
@@ -878,6 +1226,20 @@ def toy_clip_path(cfg: Config) -> Path:
     return Path(cfg.cache_dir) / f"toy-clip-{key.hexdigest()[:10]}.pt"
 
 
+def read_toy_clip(path):
+    """load_cache reader of a pre-trained toy CLIP: the toy architecture's keys and shapes, finite weights."""
+    import open_clip
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("toy_clip") != TOY_CLIP or not isinstance(state.get("model"), dict):
+        return None
+    with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+        ref = open_clip.CLIP(**TOY_CLIP).state_dict()
+    model = state["model"]
+    ok = model.keys() == ref.keys() and all(torch.is_tensor(model[k]) and model[k].shape == v.shape and
+                                            bool(torch.isfinite(model[k]).all()) for k, v in ref.items())
+    return state if ok else None
+
+
 def _is_path(s: str) -> bool:
     return "/" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(s).exists()
 
@@ -894,8 +1256,12 @@ def build_clip(cfg: Config, device):
             if _is_path(cfg.clip_pretrained):
                 if not Path(cfg.clip_pretrained).is_file():
                     raise WSSSError(f"CLIP checkpoint not found: {cfg.clip_pretrained}")
-                state = torch.load(cfg.clip_pretrained, map_location="cpu", weights_only=True)
-                model.load_state_dict(state.get("model", state))
+                try:
+                    state = torch.load(cfg.clip_pretrained, map_location="cpu", weights_only=True)
+                    model.load_state_dict(state.get("model", state))
+                except Exception as e:
+                    raise WSSSError(f"cannot load the toy CLIP checkpoint {cfg.clip_pretrained} "
+                                    f"({type(e).__name__}): not a state dict of the toy architecture")
             tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
         else:
             pretrained = None if cfg.clip_pretrained in ("random", "none", "") else cfg.clip_pretrained
@@ -1344,6 +1710,11 @@ class Frozen:
         info = DATASETS[cfg.dataset]
         self.cfg, self.device = cfg, device
         self.clip, self.tokenizer = build_clip(cfg, device)
+        patch = self.clip.visual.conv1.kernel_size[0]
+        if clip_patch_size(cfg) is None and min(cfg.crop_size, cfg.eval_long_side) < patch:
+            # validate_config checks this up front when the model name gives the patch size
+            raise WSSSError(f"--crop-size {cfg.crop_size} / --eval-long-side {cfg.eval_long_side}: smaller than "
+                            f"one CLIP patch ({patch} px for {cfg.clip_model})")
         supers = info["superclasses"][cfg.superclasses]
         self.num_fg, self.num_super = len(info["classes"]) - 1, len(supers)
         # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
@@ -2713,21 +3084,30 @@ def format_table(results: dict, class_names, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def resize_long_side(image, long_side: int):
-    """(B, 3, H, W) -> long side `long_side` (WeCLIP test: int(h r), int(w r), bilinear, align_corners=False)."""
+def resize_long_side(image, long_side: int, min_side: int = 1):
+    """(B, 3, H, W) -> long side `long_side` (WeCLIP test: int(h r), int(w r), bilinear, align_corners=False).
+    The short side stays >= min_side (callers pass one CLIP patch: a 2000x20 image would otherwise get no token
+    row at all; such an image is stretched to one patch instead)."""
     H, W = image.shape[-2:]
     r = long_side / max(H, W)
-    size = (max(1, int(H * r)), max(1, int(W * r)))
+    size = (max(min_side, int(H * r)), max(min_side, int(W * r)))
     return image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
 
 
-def test_resize(image, cfg: Config, s: float = 1.0):
+def test_resize(image, cfg: Config, s: float = 1.0, min_side: int = 1):
     """The test-time input at scale s: the long side to s * eval_long_side (WeCLIP), or a square of side
-    s * eval_long_side whatever the aspect ratio (ExCEL: 320 s)."""
+    s * eval_long_side whatever the aspect ratio (ExCEL: 320 s). The short side keeps at least `min_side` pixels
+    (one CLIP patch), so very wide or tall images still give a token grid."""
     if cfg.eval_resize == "long":
-        x = resize_long_side(image, cfg.eval_long_side)
-        return x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-    side = max(1, int(cfg.eval_long_side * s))
+        x = resize_long_side(image, cfg.eval_long_side, min_side)
+        if s == 1:
+            return x
+        y = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        if min(y.shape[-2:]) >= min_side:
+            return y
+        size = tuple(max(min_side, int(d * s)) for d in x.shape[-2:])  # a scale < 1 keeps one patch too
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    side = max(min_side, int(cfg.eval_long_side * s))
     return image if image.shape[-2:] == (side, side) else \
         F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False)
 
@@ -2739,11 +3119,12 @@ def predict_logits(decoder, frozen: Frozen, image, cfg: Config, size=None):
     320 s per scale, each scale's logits resized to `size` and averaged; its VOC script uses the un-flipped
     logits alone at s = 1 (eval_flip_at_1 off). image (1, 3, H, W) -> logits (1, K, H, W)."""
     size = size or image.shape[-2:]
-    x0 = test_resize(image, cfg)
-    grid = (x0.shape[-2] // frozen.patch, x0.shape[-1] // frozen.patch)
+    p = frozen.patch
+    x0 = test_resize(image, cfg, 1.0, p)
+    grid = (x0.shape[-2] // p, x0.shape[-1] // p)
     acc = 0
     for s in cfg.eval_scales:
-        x = x0 if s == 1 else test_resize(image, cfg, s)
+        x = x0 if s == 1 else test_resize(image, cfg, s, p)
         flip = cfg.eval_flip and (s != 1 or cfg.eval_flip_at_1)
         x = torch.cat([x, x.flip(-1)]) if flip else x
         with fp32(x.device):
@@ -2756,13 +3137,16 @@ def predict_logits(decoder, frozen: Frozen, image, cfg: Config, size=None):
     return acc if cfg.eval_resize == "square" else F.interpolate(acc, size=size, mode="bilinear", align_corners=False)
 
 
+CRF_MISSING = "--crf needs DenseCRF: pip install pydensecrf2==1.1 (builds from source with g++)"
+
+
 def crf_refine(rgb: np.ndarray, probs: np.ndarray, cfg: Config) -> np.ndarray:
     """DenseCRF with WeCLIP's test parameters. rgb uint8 (H, W, 3), probs (K, H, W) -> labels (H, W)."""
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError:
-        raise WSSSError("--crf needs DenseCRF: pip install pydensecrf2==1.1 (builds from source with g++)")
+        raise WSSSError(CRF_MISSING)
     K, H, W = probs.shape
     d = dcrf.DenseCRF2D(W, H, K)
     d.setUnaryEnergy(unary_from_softmax(probs.astype(np.float32)))
@@ -2817,9 +3201,14 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
     conf = {n: torch.zeros(K, K, dtype=torch.long, device=device) for n in names}
     if decoder is not None:  # upstream's validate() never called eval(): Dropout2d stayed on [upstream bug fixed]
         decoder.eval()
-    vis_dir = Path(cfg.save_vis) if cfg.save_vis else None
+    vis_dir = make_dir(cfg.save_vis, "--save-vis") if cfg.save_vis else None
+    failure = None
     for i in shard(min(len(dataset), cfg.max_images or len(dataset))):
-        item = dataset[i]
+        try:
+            item = dataset[i]
+        except Exception as e:  # a bad image on one DDP rank: that rank reports it, the others stop (agree)
+            failure = e
+            break
         image, gt = item["image"][None].to(device), item["mask"].to(device)
         pred = torch.zeros_like(gt)
         if decoder is not None:
@@ -2840,7 +3229,6 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
                 if name != "decoder":
                     conf[name] += confusion_matrix(pl[name][0] if has_fg else torch.zeros_like(gt), gt, K)
             if want_vis:
-                vis_dir.mkdir(parents=True, exist_ok=True)
                 cam = pl["cam_map"][0].cpu().numpy() if has_fg else np.zeros(gt.shape)
                 pseudo = pl["refined+PAR"][0] if has_fg else torch.zeros_like(gt)
                 planes = [t.cpu().numpy().astype(np.uint8) for t in (pseudo, pred, gt)]
@@ -2848,6 +3236,7 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
                              denormalize_image(item["image"], cfg.norm), cam, *planes)
     if decoder is not None:
         decoder.train()
+    agree(failure)
     return {name: miou(all_reduce_sum(c)) for name, c in conf.items()}
 
 
@@ -2857,7 +3246,7 @@ def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None) -> 
     With a decoder, RFM runs in its dynamic mode with the decoder affinity, ExCEL's CAM is the dynamic one
     and its box threshold the validation one (upstream's val mode)."""
     size = image.shape[-2:]
-    x = test_resize(image, cfg)
+    x = test_resize(image, cfg, 1.0, frozen.patch)
     bias = None
     Z = None
     with torch.no_grad(), fp32(x.device):
@@ -2921,7 +3310,7 @@ def save_checkpoint(path, decoder, optimizer, scaler, step: int, cfg: Config, be
     """One dict: unwrapped decoder (no `module.` prefix), optimizer, scaler, step, config, RNG states."""
     atomic_save(dict(decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
                      scaler=scaler.state_dict() if scaler else None, step=step, config=dataclasses.asdict(cfg),
-                     best_miou=best, rng=rng_state(), version=1), path)
+                     best_miou=best, rng=rng_state(), world_size=dist_info()[1], version=1), path)
 
 
 def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
@@ -2940,6 +3329,62 @@ def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
     if diff:
         raise WSSSError(f"checkpoint {path} was trained with another config: {', '.join(diff)}")
     return ckpt
+
+
+def check_resume(ckpt: dict, cfg: Config):
+    """--resume rules beyond the config keys: the checkpoint is before --max-steps (else nothing would run and
+    the old model would be logged under a new step), and it was written by as many processes as this run has
+    (each rank's data order depends on the world size; checkpoints older than this check do not say)."""
+    step, world, saved = int(ckpt.get("step", 0)), dist_info()[1], ckpt.get("world_size")
+    if step >= cfg.max_steps:
+        raise WSSSError(f"checkpoint {cfg.resume} is at step {step}, and --max-steps is {cfg.max_steps}: nothing to "
+                        f"train; pass --max-steps > {step} to extend the run, or evaluate it with "
+                        f"`wsss.py eval --ckpt {cfg.resume}`")
+    if saved is not None and saved != world:
+        raise WSSSError(f"checkpoint {cfg.resume} was written by {saved} process(es) and this run has {world}: the "
+                        f"data order depends on the number of processes, so resume it with "
+                        + ("python wsss.py" if saved == 1 else f"torchrun --nproc_per_node={saved} wsss.py"))
+
+
+def trim_metrics(path, step: int):
+    """--resume: drop the lines of metrics.jsonl that the interrupted run logged after `step` (and a line torn
+    by kill -9), so that no step appears twice once the run continues."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(line + "\n")
+    atomic_write_text("".join(keep), path)
+
+
+def claim_run_folder(cfg: Config) -> RunLock:
+    """Rank 0, before anything is built: create --out-dir, lock it (RunLock), remove temp files of saves that
+    were interrupted, and apply the overwrite policy: a folder that holds a run (metrics.jsonl or checkpoints)
+    is refused unless --resume continues it or --overwrite replaces it (its metrics and checkpoints are
+    deleted; other files stay)."""
+    out = make_dir(cfg.out_dir, "--out-dir")
+    lock = RunLock(out).acquire()
+    try:
+        clean_stale_temps(out)
+        previous = [p for p in (out / "metrics.jsonl", Path(cfg.ckpt)) if p.is_file()]
+        previous += sorted(p for p in out.glob("ckpt-*.pt") if p not in previous)
+        if previous and not cfg.resume:
+            if not cfg.overwrite:
+                raise WSSSError(f"--out-dir {out} already holds a run ({previous[0].name}): pass --overwrite to "
+                                f"replace it, --resume {cfg.ckpt} to continue it, or another --out-dir")
+            for p in previous:
+                p.unlink()
+            print0(f"--overwrite: removed the previous run's metrics and checkpoints from {out}")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def setup_distributed(cfg: Config):
@@ -2990,9 +3435,29 @@ def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int
 
 def train(cfg: Config, frozen: Frozen = None) -> dict:
     """Train the decoder on the method's pseudo-labels; returns the final evaluation results. `frozen` may
-    inject pre-built frozen models (the planted-signal test does)."""
+    inject pre-built frozen models (the planted-signal test does). Around the run itself (_train): the run
+    folder (rank 0 locks it and applies the overwrite policy, every rank hears the outcome) and Ctrl-C
+    (GracefulStop in the loop; elsewhere KeyboardInterrupt) -> RunInterrupted, which main reports."""
+    setup_distributed(cfg)
+    lock, stop = on_rank0(claim_run_folder, cfg), GracefulStop()
+    try:
+        return _train(cfg, frozen, stop)
+    except KeyboardInterrupt:  # while building or in the final evaluation: nothing half-done to save
+        step, path = stop.saved or (None, None)
+        raise RunInterrupted(step, path, finished=step == cfg.max_steps) from None
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     device = setup_distributed(cfg)
     rank, world, _ = dist_info()
+    ckpt = load_checkpoint(cfg.resume, cfg, RESUME_KEYS) if cfg.resume else None  # refused before any work
+    if ckpt is not None:
+        check_resume(ckpt, cfg)
+        stop.saved = (int(ckpt["step"]), cfg.resume)
     seed_everything(cfg.seed)  # same decoder initialisation on every rank (DDP also broadcasts it)
     if cfg.demo:
         prepare_demo(cfg)
@@ -3005,8 +3470,7 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
                                   weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     start, best = 0, float("nan")
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume, cfg, RESUME_KEYS)
+    if ckpt is not None:
         decoder.load_state_dict(ckpt["decoder"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt.get("scaler"):
@@ -3014,11 +3478,13 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
         start, best = ckpt["step"], ckpt.get("best_miou", best)
         set_rng_state(ckpt["rng"])
         print0(f"resumed from {cfg.resume} at step {start}")
+        if rank == 0:
+            trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", start)
     model = decoder if world == 1 else torch.nn.parallel.DistributedDataParallel(
         decoder, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed, start, rank, world, cfg.overfit_batch)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda",
+                                         pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint,
                                          generator=torch.Generator().manual_seed(cfg.seed))  # keeps global RNG
     out_dir = Path(cfg.out_dir)
     if rank == 0:
@@ -3034,19 +3500,36 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
     pl_conf = torch.zeros(len(DATASETS[cfg.dataset]["classes"]), len(DATASETS[cfg.dataset]["classes"]),
                           dtype=torch.long, device=device)
     bar = _progress(range(start, cfg.max_steps), disable=rank != 0)
+    stop.install()  # Ctrl-C from here on: the step finishes, every rank stops, rank 0 saves (GracefulStop)
     data, t0, last = iter(loader), time.time(), {}
     for step in bar:
-        batch = next(data)
+        failure = None
+        try:
+            batch = next(data)
+        except Exception as e:  # e.g. a bad image met by one rank's loader: that rank reports it (agree)
+            failure = e
+        if agree(failure, stop.requested):  # Ctrl-C on any rank: every rank stops before this step
+            bar.close()
+            if step > start and (stop.saved is None or stop.saved[0] != step):
+                if rank == 0:
+                    save_checkpoint(cfg.ckpt, decoder, optimizer, scaler, step, cfg, best)
+                stop.saved = (step, cfg.ckpt)
+            raise RunInterrupted(*(stop.saved or (None, None)))
         # ---- algorithm ----
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        with ctx:
-            loss, parts, pl = compute_losses(model, frozen, images, labels, cfg, step)
-        if not torch.isfinite(loss):
-            raise WSSSError(f"loss became {loss.item()} at step {step}: lower --lr or check the data")
+        failure = None
+        try:
+            with ctx:
+                loss, parts, pl = compute_losses(model, frozen, images, labels, cfg, step)
+            if not torch.isfinite(loss):
+                raise WSSSError(f"loss became {loss.item()} at step {step}: lower --lr or check the data")
+        except Exception as e:  # one rank's batch (NaN, a label-path error): it reports, the others stop
+            failure = e
+        agree(failure)
         optimizer.zero_grad(set_to_none=True)
         if scaler:
             scaler.scale(loss).backward()
@@ -3076,9 +3559,11 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
             print0(f"step {done:05d} | val mIoU {100 * res['decoder']['miou']:.1f}")
         if rank == 0 and (done % cfg.save_every == 0 or done == cfg.max_steps):
             save_checkpoint(cfg.ckpt, decoder, optimizer, scaler, done, cfg, best)
+            stop.saved = (done, cfg.ckpt)
             if done % cfg.save_every == 0 and done < cfg.max_steps:
                 save_checkpoint(out_dir / f"ckpt-{done:06d}.pt", decoder, optimizer, scaler, done, cfg, best)
     bar.close()
+    stop.restore()  # the final evaluation: Ctrl-C stops it at once (the trained checkpoint is saved)
     if cfg.demo and not cfg.save_vis:
         cfg.save_vis = str(out_dir / "vis")
     results = evaluate(decoder, frozen, val_set, cfg, device, cams=cfg.demo or cfg.eval_cams)
@@ -3193,21 +3678,25 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
 def prepare_demo(cfg: Config):
     """--demo assets, made on first use and then reused from cache_dir: the synthetic dataset and the
     pre-trained toy CLIP. Rank 0 makes them; other DDP ranks wait."""
-    rank = dist_info()[0]
-    root = Path(cfg.data_root)
-    if rank == 0:
-        if not (root / ".complete").is_file():
-            print0(f"demo: writing the synthetic dataset ({cfg.demo_images} train images) to {root}")
-            make_synthetic_dataset(root, cfg.demo_images, 64, seed=0)
-            atomic_write_text("ok\n", root / ".complete")
-        if _is_path(cfg.clip_pretrained) and not Path(cfg.clip_pretrained).is_file():
-            print0(f"demo: pre-training the toy CLIP ({cfg.toy_steps} steps; cached for next time)")
-            pretrain_toy(cfg, cfg.clip_pretrained)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    on_rank0(_demo_assets, cfg)
     print0("demo: CLIP is the toy CLIP pre-trained on the synthetic world" + (
         "; DINOv2 is a tiny random-weight model (so SBE's prototypes carry no real boundary knowledge here)"
         if cfg.lambda_b > 0 else ""))
+
+
+def _demo_assets(cfg: Config):
+    root = Path(cfg.data_root)
+    if not (root / ".complete").is_file():
+        print0(f"demo: writing the synthetic dataset ({cfg.demo_images} train images) to {root}")
+        make_synthetic_dataset(make_dir(root, "demo data"), cfg.demo_images, 64, seed=0)
+        atomic_write_text("ok\n", root / ".complete")
+    toy = Path(cfg.clip_pretrained)
+    if _is_path(cfg.clip_pretrained):
+        cached = toy == toy_clip_path(cfg)  # ours, under --cache-dir: validated, rebuilt when corrupt
+        clean_stale_temps(toy.parent)
+        if (load_cache(toy, read_toy_clip) is None) if cached else not toy.is_file():
+            print0(f"demo: pre-training the toy CLIP ({cfg.toy_steps} steps; cached for next time)")
+            pretrain_toy(cfg, cfg.clip_pretrained)
 
 
 def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
@@ -3430,7 +3919,7 @@ def cmd_cams(cfg: Config):
 def cmd_synth(cfg: Config):
     if not cfg.data_root:
         raise WSSSError("synth needs --data-root DIR (the folder to write)")
-    root = make_synthetic_dataset(cfg.data_root, cfg.num_images, cfg.image_size, cfg.seed)
+    root = make_synthetic_dataset(make_dir(cfg.data_root, "--data-root"), cfg.num_images, cfg.image_size, cfg.seed)
     print0(f"wrote {cfg.num_images} train + {max(1, cfg.num_images // 4)} val synthetic images to {root} "
            f"(use --dataset synthetic --data-root {root})")
 
@@ -3522,13 +4011,49 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    rank, world, _ = dist_info()
     try:
         cfg = parse_config(argv, command)
         COMMANDS[command](cfg, argv) if command == "compare" else COMMANDS[command](cfg)
-    except WSSSError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+    except RunInterrupted as e:  # Ctrl-C in train: one line with the command that continues the run
+        if rank == 0:
+            print(_interrupted_line(e, argv), file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    except WSSSError as e:  # under torchrun every rank meets the same error: rank 0 reports it, unless it
+        # happened on one rank only (agree marks it), then that rank does; PeerFailed ranks stay quiet
+        if not isinstance(e, PeerFailed) and (rank == 0 or getattr(e, "rank_local", False)):
+            print(f"error: {'[rank %d] ' % rank if world > 1 and rank else ''}{_one_line(e)}", file=sys.stderr,
+                  flush=True)
         return 2
     return 0
+
+
+def _interrupted_line(e: RunInterrupted, argv) -> str:
+    """What main prints after Ctrl-C in `train`: where the run stands and the exact command that goes on
+    (the same flags; --resume/--overwrite replaced)."""
+    world = dist_info()[1]
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    script = sys.argv[0] if sys.argv[0].endswith("wsss.py") else "wsss.py"
+    args, skip = [], False
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if skip or name in ("--overwrite", "--no-overwrite"):
+            skip = False
+        elif name in ("--resume", "--ckpt") if e.finished else name == "--resume":
+            skip = "=" not in a
+        else:
+            args.append(a)
+    if e.step is None:
+        return "interrupted before the first training step; nothing saved"
+    if e.finished:
+        return (f"interrupted during the final evaluation; the trained decoder (step {e.step}) is in {e.ckpt}; "
+                f"evaluate it with: {launcher} {script} eval {shlex.join(args + ['--ckpt', str(e.ckpt)])}")
+    return (f"interrupted at step {e.step}: checkpoint {e.ckpt}; continue with: {launcher} {script} train "
+            f"{shlex.join(args + ['--resume', str(e.ckpt)])}")
 
 
 if __name__ == "__main__":
