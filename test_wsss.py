@@ -5,12 +5,14 @@ scipy, naive loops); (ii) equivalence tests (batched GradCAM vs one pass per cla
 (iii) end-to-end: a planted-signal CLIP through the whole pipeline, and the CLI through subprocesses.
 Run: pytest test_wsss.py
 """
+import copy
 import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub load fails at once instead of retrying DNS
@@ -60,6 +62,28 @@ def synth_cfg(synth_root, cache_dir, **kw):
                 num_workers=0)
     base.update(kw)
     return wsss.make_config(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny(synth_root, cache_dir):
+    """Built once per session: the tiny random-weight frozen models (toy CLIP of the real open_clip class, toy
+    DINOv2) for the synthetic world, and a batch of four training crops with their labels and true masks."""
+    cfg = synth_cfg(synth_root, cache_dir, method="cdclip")
+    frozen = wsss.Frozen(cfg, CPU, need_dino=True)
+    with torch.no_grad():  # random q, k give near-uniform attention (entropy 4.14 of log 64 = 4.16 nats), and
+        for blk in frozen.clip.visual.transformer.resblocks:  # every refinement then flattens the CAMs alike;
+            blk.attn.in_proj_weight[: 2 * blk.attn.embed_dim] *= 6  # x6: entropy ~1.4, structured but imperfect
+    items = [wsss.SegDataset(cfg, "train", train=True)[i] for i in range(4)]
+    stack = lambda key: torch.stack([it[key] for it in items])  # noqa: E731
+    return types.SimpleNamespace(cfg=cfg, frozen=frozen, images=stack("image"), labels=stack("label"),
+                                 masks=stack("mask"))
+
+
+def with_cfg(frozen, cfg):
+    """A shallow copy of the shared frozen models that reads another config (gradcam reads frozen.cfg)."""
+    other = copy.copy(frozen)
+    other.cfg = cfg
+    return other
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,6 +365,8 @@ def test_transition_matrix_against_naive_loop_and_invariants():
     assert_close(sym.sum(-1), torch.ones(2, 3, 12), atol=2e-3, what="rows (near-stochastic after 3 rounds)")
     assert_close(sym.sum(-2), torch.ones(2, 3, 12), atol=2e-3, what="columns")
     assert_close(T, sym @ sym, what="square")
+    assert_close(wsss.transition_matrix(attn, 3)[0, 1], naive_transition(attn[0, 1].numpy(), 3), atol=1e-6,
+                 what="t = 3")
 
 
 def naive_boxes(cam, threshold, exclusive_edge=False):
@@ -459,6 +485,132 @@ def test_js_divergence_against_scipy_and_bounds():
     assert_close(chunked, D, atol=1e-7, what="chunked")
 
 
+def naive_class_distributions(emb, texts, over):
+    """CD-CLIP's P = softmax(Min-max(CosSim(F, T_all))) of one image by numpy: emb (N, E), texts (K, E)."""
+    s = emb.astype(np.float64) @ texts.astype(np.float64).T  # (N, K)
+    axis = 0 if over == "patch" else 1  # per text over the patches, or per patch over the texts
+    s = s - s.min(axis, keepdims=True)
+    s = s / (1e-7 + s.max(axis, keepdims=True))
+    e = np.exp(s - s.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def naive_cda(probs, a_init, tau):
+    """A_d = softmax_j(-D_JS(P_i, P_j) / tau) @ A_init, with scipy's Jensen-Shannon distance squared."""
+    from scipy.spatial.distance import jensenshannon
+    D = jensenshannon(probs[:, None], probs[None], axis=-1) ** 2  # (N, N)
+    W = np.exp(-(D - D.min(1, keepdims=True)) / tau)
+    return (W / W.sum(1, keepdims=True)) @ a_init
+
+
+def test_class_distributions_and_cda_against_numpy_oracles():
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(2, 12, 6, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    per_patch, per_text = (wsss.class_distributions(emb, texts, over) for over in ("patch", "text"))
+    assert_close(per_patch[1], naive_class_distributions(emb[1].numpy(), texts.numpy(), "patch"), atol=1e-6)
+    assert_close(per_text[1], naive_class_distributions(emb[1].numpy(), texts.numpy(), "text"), atol=1e-6)
+    assert (per_patch - per_text).abs().max() > 0.05  # the two axes give different distributions here
+    assert_close(wsss.class_distributions(emb, texts), per_patch, what="default: per text over the patches")
+    a_init = torch.rand(2, 12, 12, generator=g).softmax(-1)
+    for tau in (0.002, 0.05):
+        A_d = wsss.cda_affinity(per_patch, a_init, tau)
+        assert_close(A_d[0], naive_cda(per_patch[0].numpy(), a_init[0].numpy().astype(np.float64), tau), atol=1e-5,
+                     what=f"A_d tau {tau}")
+
+
+def oracle_propagation(attn, emb, texts, cfg, S=None, dynamic=False):
+    """The propagation matrix A^t of one image straight from the methods' definitions, float64 numpy.
+    attn (L, N, N) every block's attention in order, emb (N, E), texts (T_all, E), S (N, N) decoder affinity.
+    WeCLIP RFM: W = mean attention of the last attn_layers blocks; dynamic (with S): among the last
+    rfm_dynamic_layers blocks keep those with sum(S - A_l) <= its mean over blocks, W = mean_kept(A_l) * S;
+    A^t = (Sinkhorn-symmetrised W)^t. CD-CLIP CDA: A_d = softmax(-D_JS / tau) @ (Sinkhorn-symmetrised W), ^t."""
+    N = attn.shape[-1]
+    if cfg.refine == "none":
+        return np.eye(N)
+    if dynamic and "rfm" in cfg.refine:
+        cand = attn[-cfg.rfm_dynamic_layers:]
+        d = np.array([(S - a).sum() for a in cand])
+        kept = cand[d <= d.mean()]
+        W = kept.sum(0) / (len(kept) + 1e-5) * S  # upstream's 1e-5 in the denominator
+    else:
+        W = attn[-cfg.attn_layers:].mean(0)
+    if not cfg.refine.startswith("cda"):
+        return naive_transition(W, cfg.power)
+    probs = naive_class_distributions(emb, texts, cfg.cda_minmax)
+    return np.linalg.matrix_power(naive_cda(probs, naive_transition(W, 1), cfg.cda_tau), cfg.power)
+
+
+# Each case pins a refine mode and the switches that define it, on the tiny random-weight CLIP, whose attention is
+# nothing like perfect: every choice (box masks, layers, S, axis, texts, power) changes the refined CAMs here.
+PIPELINE_CASES = {
+    "none": dict(refine="none"),
+    "caa": dict(refine="caa", box_threshold=0.6),
+    "rfm-static": dict(refine="rfm", power=3, dynamic=False),
+    "rfm-dynamic": dict(refine="rfm", rfm_dynamic_layers=3),
+    "cda": dict(refine="cda"),
+    "cda-text-bg": dict(refine="cda", cda_minmax="text", cda_bg_texts=True, power=1, cap_threshold=0.3),
+    "cda+caa": dict(refine="cda+caa", box_exclusive_edge=True, cda_tau=0.01),
+    "cda+rfm": dict(refine="cda+rfm", sbe_refine=True),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_CASES))
+def test_pseudo_label_path_against_an_independent_composition(tiny, case):
+    kw = dict(PIPELINE_CASES[case])
+    dynamic = kw.pop("dynamic", True)  # S is passed to every mode: only the rfm modes may use it
+    # cdclip: the SBE path (Y_s) runs too; a cheap PAR (its forwarding of the cfg is pinned elsewhere)
+    cfg = dataclasses.replace(tiny.cfg, attn_layers=2, par_iters=1, par_dilations=(1,), **kw)
+    frozen, images, labels = with_cfg(tiny.frozen, cfg), tiny.images, tiny.labels
+    out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(cfg, frozen.num_blocks))
+    (h, w), B = out["grid"], images.shape[0]
+    S = torch.rand(B, h * w, h * w, generator=torch.Generator().manual_seed(4))
+    S = (S + S.transpose(1, 2)) / 2  # a decoder affinity in (0, 1)
+    res = wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, dynamic=dynamic, keep_cams=True)
+    rows, cams = res["rows"], res["cams"]  # cams: GradCAM, pinned by its own oracle test
+    c, sup = ~rows["is_super"], rows["is_super"]
+    attn, emb = (t.double().numpy() for t in oracle_frozen_pass(frozen.clip, images))
+    C, Ns = frozen.num_fg, frozen.num_super
+    texts = frozen.texts.double().numpy()[: None if cfg.cda_bg_texts else C + Ns]
+
+    def refined(rows_sel, cfg, dynamic, boxed):
+        out_maps, A = [], {}
+        for r in torch.nonzero(rows_sel)[:, 0].tolist():
+            b, m = int(rows["img"][r]), cams[r].numpy()
+            if b not in A:
+                A[b] = oracle_propagation(attn[b], emb[b], texts, cfg, S[b].double().numpy(), dynamic)
+            m = m * naive_boxes(m, cfg.box_threshold, cfg.box_exclusive_edge) if boxed else m
+            out_maps.append((A[b] @ m.reshape(-1).astype(np.float64)).reshape(h, w))
+        return torch.from_numpy(np.stack(out_maps))
+
+    boxed = cfg.refine.endswith(("caa", "rfm"))  # WeCLIP RFM and CAA box the source tokens; CDA alone does not
+    expected = refined(c, cfg, dynamic, boxed)
+    assert_close(res["refined"], expected, atol=2e-5, rtol=1e-4, what=case)
+    # the test has teeth: the other choice of each switch gives other refined CAMs on these inputs
+    others = {"box": (cfg, dynamic, not boxed), "power": (dataclasses.replace(cfg, power=cfg.power + 1), dynamic,
+                                                          boxed)}
+    if "rfm" in cfg.refine:
+        others["dynamic"] = (cfg, not dynamic, boxed)
+        others["layers"] = (dataclasses.replace(cfg, attn_layers=3, rfm_dynamic_layers=2), dynamic, boxed)
+    if cfg.refine.startswith("cda"):
+        others["axis"] = (dataclasses.replace(cfg, cda_minmax={"patch": "text", "text": "patch"}[cfg.cda_minmax]),
+                          dynamic, boxed)
+    for name, (other_cfg, other_dyn, other_box) in others.items():
+        if cfg.refine == "none" and name in ("box", "power"):
+            continue  # the identity ignores both
+        assert (refined(c, other_cfg, other_dyn, other_box) - expected).abs().max() > 1e-3, name
+    # pseudo-labels: Y from the refined CAMs, Y_s from CAP prototypes of the (optionally refined) super-class CAMs;
+    # both through one PAR call (pinned by its own tests)
+    cams_s = wsss.minmax(refined(sup, cfg, dynamic, False).float()) if cfg.sbe_refine else cams[sup]
+    dino = wsss.dino_features(frozen.dino, images, cfg.norm)
+    groups = [(res["refined"], rows["img"][c], rows["cls"][c]),
+              (wsss.cap_prototype_cams(cams_s, rows["img"][sup], dino, cfg.cap_threshold), rows["img"][sup],
+               rows["cls"][sup])]
+    Y, Y_s = wsss.cams_to_labels(groups, images, cfg)
+    assert torch.equal(res["Y"], Y) and torch.equal(res["Y_s"], Y_s)
+    assert len(Y.unique()) > 1 and len(Y_s.unique()) > 1
+
+
 def test_cda_affinity_properties():
     g = torch.Generator().manual_seed(1)
     probs = torch.rand(1, 20, 8, generator=g).softmax(-1)
@@ -538,19 +690,19 @@ def test_predicted_superclasses_and_boundary_loss_gate(synth_root, cache_dir):
 # (ii) GradCAM: one batched pass == one pass per class; shapes through the frozen CLIP
 # ---------------------------------------------------------------------------------------------------
 
-def test_batched_gradcam_equals_per_class_loop(synth_root, cache_dir):
-    cfg = synth_cfg(synth_root, cache_dir, method="cdclip")
-    frozen = wsss.Frozen(cfg, CPU, need_dino=False)
+def test_batched_gradcam_equals_per_class_loop(tiny):
+    frozen = tiny.frozen
     images = torch.randn(3, 3, 64, 48, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.float)
     out = wsss.clip_image_forward(frozen.clip, images, n_attn=2)
     assert out["attn"].shape == (3, 2, 48, 48) and out["grid"] == (8, 6) and len(out["feats"]) == 2
-    assert (out["attn"] > 0).all() and (out["attn"].sum(-1) < 1).all()  # softmax rows minus the CLS column
+    assert (out["attn"] >= 0).all() and (out["attn"].sum(-1) <= 1 + 1e-6).all()  # softmax rows minus the CLS column
     rows = wsss.cam_rows(labels, frozen, with_super=True)
     # class rows (image, class) in order, then super-class rows; synthetic supers: 1 {1,5}, 2 {2,3}, 3 {4,6}
     assert list(zip(rows["img"].tolist(), rows["cls"].tolist(), rows["is_super"].tolist())) == [
         (0, 1, False), (0, 3, False), (0, 6, False), (1, 2, False), (2, 4, False), (2, 5, False),
         (0, 1, True), (0, 2, True), (0, 3, True), (1, 2, True), (2, 1, True), (2, 3, True)]
+    assert rows["target"].tolist() == [0, 2, 5, 1, 3, 4, 6, 7, 8, 7, 6, 8]  # bank: 6 classes, 3 supers, 5 bg
     assert rows["allowed"][0].tolist() == [True, False, True, False, False, True] + [False] * 3 + [True] * 5
     assert rows["allowed"][7].tolist() == [False] * 6 + [True, True, True] + [True] * 5
     cams, attn_last, emb = wsss.gradcam(frozen, out, rows)
@@ -564,6 +716,90 @@ def test_batched_gradcam_equals_per_class_loop(synth_root, cache_dir):
         assert_close(emb[b], emb_r[0], atol=1e-6, what="patch embeddings")
     assert cams.shape == (len(rows["img"]), 8, 6) and cams.min() >= 0 and cams.max() < 1
     assert emb.shape == (3, 48, 64) and torch.allclose(emb.norm(dim=-1), torch.ones(3, 48), atol=1e-5)
+
+
+def scale_cam(x):
+    """pytorch_grad_cam's scale_cam_image on one map: (x - min) / (1e-7 + max(x - min))."""
+    x = x - x.min()
+    return x / (1e-7 + x.max())
+
+
+def oracle_gradcam(frozen, image, target: int, allowed, scale: float):
+    """GradCAM of one (image, text) by its own autograd pass through open_clip's own forward at the native grid:
+    a forward hook swaps the last block's ln_1 OUTPUT for a leaf A; the target is the softmax probability of text
+    `target` among the `allowed` texts for the image embedding (the toy CLIP pools by the mean of the projected
+    patch tokens: WeCLIP's e); alpha = mean over patches of dy/dA; cam = ReLU(A alpha), scale_cam twice."""
+    store = {}
+
+    def swap(module, inputs, output):
+        store["A"] = output.detach().requires_grad_(True)
+        return store["A"]
+
+    handle = frozen.clip.visual.transformer.resblocks[-1].ln_1.register_forward_hook(swap)
+    try:
+        with torch.enable_grad():
+            e = F.normalize(frozen.clip.visual(image[None]), dim=-1)[0]  # (E,)
+            idx = torch.nonzero(allowed)[:, 0].tolist()
+            prob = (scale * frozen.texts[idx] @ e).softmax(0)[idx.index(target)]
+            (grad,) = torch.autograd.grad(prob, store["A"])
+    finally:
+        handle.remove()
+    A, G = store["A"].detach()[0, 1:].double(), grad[0, 1:].double()  # (N, D): CLS dropped
+    cam = torch.relu(A @ G.mean(0))
+    g = int(round(math.sqrt(cam.numel())))
+    return scale_cam(scale_cam(cam.view(g, g)))
+
+
+def oracle_frozen_pass(clip, images):
+    """Per-block head-averaged patch attention (B, L, N, N) and L2-normalised final patch embeddings (B, N, E), from
+    open_clip's own forward: hooks capture every block's ln_1 output and the ln_post output; the attention comes
+    from each block's nn.MultiheadAttention module itself (batch-first, need_weights); CLS row/column dropped."""
+    acts, handles = {}, []
+    blocks = list(clip.visual.transformer.resblocks)
+    for i, blk in enumerate(blocks):
+        handles.append(blk.ln_1.register_forward_hook(lambda m, inp, out, i=i: acts.__setitem__(i, out)))
+    handles.append(clip.visual.ln_post.register_forward_hook(lambda m, inp, out: acts.__setitem__("post", out)))
+    try:
+        with torch.no_grad():
+            clip.visual(images)
+            attn = torch.stack([blk.attn(acts[i], acts[i], acts[i], need_weights=True)[1][:, 1:, 1:]
+                                for i, blk in enumerate(blocks)], 1)
+            emb = F.normalize(acts["post"][:, 1:] @ clip.visual.proj, dim=-1)
+    finally:
+        for h in handles:
+            h.remove()
+    return attn, emb
+
+
+@pytest.mark.parametrize("logit_scale", [3.0, 0.0])  # 0: the model's own exp(logit_scale)
+def test_gradcam_against_per_row_autograd_oracle(tiny, logit_scale):
+    frozen = with_cfg(tiny.frozen, dataclasses.replace(tiny.cfg, cam_logit_scale=logit_scale))
+    scale = logit_scale or float(frozen.clip.logit_scale.exp())
+    images, labels = tiny.images[:3], tiny.labels[:3]
+    out = wsss.clip_image_forward(frozen.clip, images, n_attn=2)
+    rows = wsss.cam_rows(labels, frozen, with_super=True)
+    cams, attn_last, emb = wsss.gradcam(frozen, out, rows)
+    C, Ns = frozen.num_fg, frozen.num_super
+    for r in range(len(rows["img"])):
+        b, k = int(rows["img"][r]), int(rows["cls"][r])
+        # independent rows: class k competes with the image's classes, super-class k with its super-classes,
+        # both with every background prompt
+        allowed = torch.zeros(frozen.texts.shape[0], dtype=torch.bool)
+        allowed[C + Ns:] = True
+        if rows["is_super"][r]:
+            target = C + k - 1
+            allowed[C + frozen.super_of[1:][labels[b] > 0].unique() - 1] = True
+        else:
+            target = k - 1
+            allowed[:C] = labels[b] > 0
+        assert rows["target"][r] == target and torch.equal(rows["allowed"][r], allowed)
+        expected = oracle_gradcam(frozen, images[b], target, allowed, scale)
+        assert expected.max() > 0.99 and (expected < 0.5).any()  # a real map, not a flat one
+        assert_close(cams[r], expected, atol=2e-5, what=f"row {r}")
+    attn, emb_oracle = oracle_frozen_pass(frozen.clip, images)
+    assert_close(out["attn"], attn[:, :2], atol=2e-5, what="attention of blocks 1..L-1")
+    assert_close(attn_last, attn[:, 2], atol=2e-5, what="attention of the last block")
+    assert_close(emb, emb_oracle, atol=1e-5, what="final patch embeddings")
 
 
 def test_positional_embedding_resize_keeps_the_pretrained_grid():
