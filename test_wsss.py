@@ -979,6 +979,29 @@ def test_training_step_loss_is_built_from_the_pseudo_labels(tiny, refine):
     assert all(p.grad is not None for p in decoder.parameters())
 
 
+def test_label_variants_run_dynamic_rfm_with_a_decoder_and_label_at_the_gt_size(tiny):
+    cfg = tiny_cfg(tiny, method="weclip", attn_layers=2, rfm_dynamic_layers=3)  # eval_long_side 64
+    frozen = with_cfg(tiny.frozen, cfg)
+    decoder = tiny_decoder(cfg, frozen)
+    image = F.interpolate(tiny.images[2:3], size=(60, 80), mode="bilinear", align_corners=False)
+    labels = tiny.labels[2:3]
+    pl = wsss.label_variants(frozen, image, labels, cfg, decoder)
+    x = wsss.resize_long_side(image, 64)  # the label path runs at the eval size (48 x 64), labels at the GT size
+    out = wsss.clip_image_forward(frozen.clip, x, wsss.attn_blocks_needed(cfg, frozen.num_blocks))
+    with torch.no_grad():
+        S = decoder(out["feats"], out["grid"])[1]
+    res = wsss.make_pseudo_labels(frozen, out, x, labels, cfg, S=S, dynamic=True, size=(60, 80), keep_cams=True)
+    c = ~res["rows"]["is_super"]
+    img, cls = res["rows"]["img"][c], res["rows"]["cls"][c]
+    assert pl["refined+PAR"].shape == (1, 60, 80) and torch.equal(pl["refined+PAR"], res["Y"])
+    assert torch.equal(pl["cam"], wsss.cams_to_label(res["cams"][c], img, cls, x, cfg, use_par=False, size=(60, 80)))
+    assert torch.equal(pl["refined"], wsss.cams_to_label(res["refined"], img, cls, x, cfg, use_par=False,
+                                                         size=(60, 80)))
+    static = wsss.make_pseudo_labels(frozen, out, x, labels, cfg, size=(60, 80))["Y"]
+    assert not torch.equal(static, res["Y"])  # without a decoder: static RFM (the training-free "M" column)
+    assert torch.equal(wsss.label_variants(frozen, image, labels, cfg)["refined+PAR"], static)
+
+
 # ---------------------------------------------------------------------------------------------------
 # (iii) planted signal: a hand-set CLIP of the real open_clip class, through the whole pipeline
 # ---------------------------------------------------------------------------------------------------
@@ -1329,8 +1352,11 @@ def test_cams_to_labels_forwards_the_par_settings():
     for b in range(2):
         par = naive_par(images[b:b + 1], score[b:b + 1], (1, 3), 3, w1=0.5, w2=0.05)
         assert torch.equal(got[b], lut[b][torch.from_numpy(par.argmax(0))]), b
-    plain = wsss.cams_to_label(cams, img, cls, images, cfg, use_par=False, size=(10, 8))
+    plain = wsss.cams_to_label(cams, img, cls, images, cfg, use_par=False)
     assert torch.equal(plain, lut.gather(1, score.argmax(1).flatten(1)).view(2, 10, 8)) and not torch.equal(plain, got)
+    score, lut = wsss.label_scores(cams, img, cls, 2, (6, 5), 1.5)  # another output size than the images'
+    small = wsss.cams_to_label(cams, img, cls, images, cfg, use_par=False, size=(6, 5))
+    assert torch.equal(small, lut.gather(1, score.argmax(1).flatten(1)).view(2, 6, 5))
 
 
 def test_super_probs_sum_to_one_and_aggregate():
