@@ -979,6 +979,23 @@ def test_training_step_loss_is_built_from_the_pseudo_labels(tiny, refine):
     assert all(p.grad is not None for p in decoder.parameters())
 
 
+def test_train_gives_the_label_path_its_0_based_step(tiny, tmp_path):
+    # one step (step 0) with rfm_dynamic_after = 1: static RFM; the logged pseudo-label mIoU (crop labels against
+    # the crops' true masks) is that of the static pseudo-labels of the first batch
+    cfg = tiny_cfg(tiny, method="weclip", max_steps=1, rfm_dynamic_after=1, batch_size=4, log_every=1, eval_every=0,
+                   max_images=1, out_dir=str(tmp_path), dec_dim=32, dec_layers=1, dec_heads=2, dec_mlp=64,
+                   attn_layers=2, rfm_dynamic_layers=3)
+    frozen = with_cfg(tiny.frozen, cfg)
+    last = wsss.train(cfg, frozen=frozen)["last"]
+    train_set = wsss.SegDataset(cfg, "train", train=True)
+    batch = [train_set[i] for i in next(iter(wsss.EpochSampler(len(train_set), 4, cfg.seed)))]
+    images, labels = torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
+    out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(cfg, frozen.num_blocks))
+    Y = wsss.make_pseudo_labels(frozen, out, images, labels, cfg)["Y"]
+    expected = wsss.miou(wsss.confusion_matrix(Y, torch.stack([b["mask"] for b in batch]), 7))["miou"]
+    assert last["step"] == 1 and last["pseudo_miou"] == pytest.approx(expected)
+
+
 def test_label_variants_run_dynamic_rfm_with_a_decoder_and_label_at_the_gt_size(tiny):
     cfg = tiny_cfg(tiny, method="weclip", attn_layers=2, rfm_dynamic_layers=3)  # eval_long_side 64
     frozen = with_cfg(tiny.frozen, cfg)
