@@ -325,6 +325,11 @@ def test_balanced_ce():
     assert wsss.balanced_ce_loss(logits, torch.full((1, 2, 3), 255)).item() == 0.0
     up = wsss.balanced_ce_loss(torch.zeros(1, 5, 2, 2), torch.ones(1, 8, 8, dtype=torch.long))  # upsampled
     assert up.item() == pytest.approx(math.log(5))
+    small = torch.randn(1, 3, 2, 3, generator=torch.Generator().manual_seed(2))  # bilinear, align_corners=False
+    big = torch.from_numpy(np.stack([bilinear_oracle(ch, 4, 6) for ch in small[0].numpy()]))[None].float()
+    target = torch.randint(0, 3, (1, 4, 6), generator=torch.Generator().manual_seed(3))
+    assert wsss.balanced_ce_loss(small, target).item() == pytest.approx(wsss.balanced_ce_loss(big, target).item(),
+                                                                       rel=1e-5)
 
 
 def test_affinity_labels_radius_and_loss():
@@ -334,6 +339,9 @@ def test_affinity_labels_radius_and_loss():
     aff = wsss.affinity_labels(labels, (2, 2), radius=8)
     assert aff.tolist() == [[[1, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]]]
     aff = wsss.affinity_labels(labels, (4, 4), radius=1)  # far pairs ignored
+    corner = torch.zeros(1, 4, 4, dtype=torch.long)
+    corner[0, 1, 1] = 5  # a (2, 2) grid reads pixels (0, 0), (0, 2), (2, 0), (2, 2): this one is never read
+    assert (wsss.affinity_labels(corner, (2, 2), radius=8) == 1).all()
     assert aff[0, 0, 15] == 255 and aff[0, 0, 2] == 255 and aff[0, 0, 5] == 1 and aff[0, 1, 2] == 0
     labels = torch.zeros(1, 2, 4, dtype=torch.long)
     labels[0, :, 2:] = 255  # nearest to a (1, 2) grid reads pixels (0, 0) and (0, 2): the second token is ignore
@@ -393,6 +401,8 @@ def test_transition_matrix_against_naive_loop_and_invariants():
     assert_close(sym.sum(-1), torch.ones(2, 3, 12), atol=2e-3, what="rows (near-stochastic after 3 rounds)")
     assert_close(sym.sum(-2), torch.ones(2, 3, 12), atol=2e-3, what="columns")
     assert_close(T, sym @ sym, what="square")
+    sharp = (3 * torch.randn(12, 12, generator=torch.Generator().manual_seed(1))).softmax(-1)  # Sinkhorn needs rounds
+    assert_close(wsss.transition_matrix(sharp), naive_transition(sharp.numpy()), atol=1e-6, what="peaked attention")
     assert_close(wsss.transition_matrix(attn, 3)[0, 1], naive_transition(attn[0, 1].numpy(), 3), atol=1e-6,
                  what="t = 3")
 
@@ -429,6 +439,7 @@ def test_box_mask_planted_blocks_and_naive_oracle():
     cam[1:3, 1:4] = 1.0  # block A
     cam[6:9, 7:12] = 0.8  # block B touching the right edge
     cam[4, 4] = 0.3  # below threshold 0.4 * 254
+    cam[4, 9] = 0.403  # uint8(255 * 0.403) = 102 is not above floor(0.4 * 255) = 102 (on a 0..254 scale it would be)
     box = wsss.box_mask(cam, 0.4)
     expected = torch.zeros(10, 12, dtype=torch.bool)
     expected[1:3, 1:4] = expected[6:9, 7:12] = True
@@ -479,6 +490,8 @@ def test_par_against_naive_loop_and_constant_image():
     image, masks = torch.rand(1, 3, 7, 9, generator=g), torch.rand(1, 3, 7, 9, generator=g)
     out = wsss.par_refine(image, masks, dilations=(1, 2, 3), iters=3)
     assert_close(out[0], naive_par(image, masks, (1, 2, 3), 3), atol=1e-5, what="PAR")
+    out = wsss.par_refine(image, masks, dilations=(1, 2, 3), iters=3, w1=0.5, w2=0.7)  # a strong positional term
+    assert_close(out[0], naive_par(image, masks, (1, 2, 3), 3, w1=0.5, w2=0.7), atol=1e-5, what="PAR, w2 0.7")
     # constant image: equal image weights; a constant mask is only scaled by (1 + w2)^iters (weights sum 1.01)
     const = wsss.par_refine(torch.full((1, 3, 16, 16), 0.5), torch.full((1, 2, 16, 16), 0.25))
     assert_close(const, torch.full((1, 2, 16, 16), 0.25 * 1.01 ** 20), atol=1e-6, what="constant")
@@ -529,6 +542,10 @@ def test_js_divergence_against_scipy_and_bounds():
     onehots = torch.eye(4)[None]
     assert_close(wsss.js_divergence_matrix(onehots)[0], math.log(2) * (1 - torch.eye(4)), atol=1e-6, what="disjoint")
     chunked = wsss.js_divergence_matrix(p, max_elems=500)  # row chunks give the same matrix
+    g = torch.Generator().manual_seed(2)
+    p = torch.rand(1, 40, 25, generator=g).softmax(-1)
+    near = p * (1 + 1e-4 * torch.rand(1, 40, 25, generator=g))  # near-twins: in float32, H(M) - H/2 - H/2 < 0
+    assert (wsss.js_divergence_matrix(torch.cat([p, near / near.sum(-1, keepdim=True)], 1)) >= 0).all()
     assert_close(chunked, D, atol=1e-7, what="chunked")
 
 
@@ -1014,6 +1031,8 @@ def test_label_variants_run_dynamic_rfm_with_a_decoder_and_label_at_the_gt_size(
     assert torch.equal(pl["cam"], wsss.cams_to_label(res["cams"][c], img, cls, x, cfg, use_par=False, size=(60, 80)))
     assert torch.equal(pl["refined"], wsss.cams_to_label(res["refined"], img, cls, x, cfg, use_par=False,
                                                          size=(60, 80)))
+    no_par = wsss.make_pseudo_labels(frozen, out, x, labels, cfg, S=S, dynamic=True, use_par=False, size=(60, 80))
+    assert torch.equal(no_par["Y"], pl["refined"]) and not torch.equal(no_par["Y"], res["Y"])
     static = wsss.make_pseudo_labels(frozen, out, x, labels, cfg, size=(60, 80))["Y"]
     assert not torch.equal(static, res["Y"])  # without a decoder: static RFM (the training-free "M" column)
     assert torch.equal(wsss.label_variants(frozen, image, labels, cfg)["refined+PAR"], static)
@@ -1313,6 +1332,7 @@ def test_rfm_dynamic_layer_selection_hand_computed():
     tie = torch.stack([base, perm, base.T])[None]
     W = wsss.rfm_weights(tie, wsss.make_config(attn_layers=1, rfm_dynamic_layers=3), torch.full((1, N, N), 0.5), True)
     assert_close(W[0], (2 * base + perm) / (3 + 1e-5) * 0.5, atol=1e-7, what="tie: all kept, rfm_dynamic_layers")
+    assert_close(wsss.rfm_weights(tie, cfg, None, True), tie[:, 1:].mean(1), what="no S yet: static")
 
 
 def test_attn_blocks_needed():
@@ -1355,6 +1375,8 @@ def test_label_scores_minmax_before_upsampling_bg_pow_and_channel_table():
     for (b, k), u in zip([(0, 1), (0, 2), (1, 1)], up):
         assert_close(score[b, k], u, atol=1e-6, what=f"channel {b},{k}")
     assert (score[1, 2] == -1).all()  # an unused channel never wins
+    score, lut = wsss.label_scores(cams, img, cls, 3, (6, 6), bg_pow=2.0)  # image 2 has no rows: all background
+    assert (score[2, 0] == 1).all() and (score[2, 1:] == -1).all() and lut[2].tolist() == [0, 0, 0]
     assert_close(score[0, 0], (1 - torch.maximum(up[0], up[1])) ** 2, atol=1e-6, what="bg = (1 - max)^bg_pow")
     assert_close(score[1, 0], (1 - up[2]) ** 2, atol=1e-6, what="bg of image 1")
 
