@@ -650,7 +650,8 @@ def test_pseudo_label_path_against_an_independent_composition(tiny, case):
     boxed = cfg.refine.endswith(("caa", "rfm"))  # WeCLIP RFM and CAA box the source tokens; CDA alone does not
     expected = refined(c, cfg, dynamic, boxed)
     assert_close(res["refined"], expected, atol=2e-5, rtol=1e-4, what=case)
-    # the test has teeth: the other choice of each switch gives other refined CAMs on these inputs
+    # the test has teeth: the other choice of each switch gives other refined CAMs on these inputs (by more than
+    # 25x the tolerance above; CDA's powers differ least, by 2e-3 here)
     others = {"box": (cfg, dynamic, not boxed), "power": (dataclasses.replace(cfg, power=cfg.power + 1), dynamic,
                                                           boxed)}
     if "rfm" in cfg.refine:
@@ -662,7 +663,7 @@ def test_pseudo_label_path_against_an_independent_composition(tiny, case):
     for name, (other_cfg, other_dyn, other_box) in others.items():
         if cfg.refine == "none" and name in ("box", "power"):
             continue  # the identity ignores both
-        assert (refined(c, other_cfg, other_dyn, other_box) - expected).abs().max() > 1e-3, name
+        assert (refined(c, other_cfg, other_dyn, other_box) - expected).abs().max() > 5e-4, name
     # pseudo-labels: Y from the refined CAMs, Y_s from CAP prototypes of the (optionally refined) super-class CAMs;
     # both through one PAR call (pinned by its own tests)
     cams_s = wsss.minmax(refined(sup, cfg, dynamic, False).float()) if cfg.sbe_refine else cams[sup]
