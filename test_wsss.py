@@ -16,6 +16,9 @@ import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub load fails at once instead of retrying DNS
+# one thread here and in the CLI subprocesses: on tiny tensors threads only add synchronisation, and on a shared CPU
+# (2 cores, several jobs) two threads per process made the suite 5x slower (1195 s vs 214 s at load 7)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -27,7 +30,7 @@ import wsss
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def assert_close(a, b, atol=1e-5, rtol=1e-5, what=""):
