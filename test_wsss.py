@@ -1,8 +1,11 @@
 """Tests for wsss.py (CPU, tiny models of the real library classes, tiny synthetic images).
 
 Three tiers: (i) unit tests of pure functions against hand-computed values or independent oracles (sklearn,
-scipy, naive loops); (ii) equivalence tests (batched GradCAM vs one pass per class, vectorised vs naive);
-(iii) end-to-end: a planted-signal CLIP through the whole pipeline, and the CLI through subprocesses.
+scipy, naive loops); (ii) equivalence tests (batched GradCAM vs one pass per class, vectorised vs naive), GradCAM
+against per-row autograd on open_clip's own forward, the label path of every --refine mode against a composition of
+the naive parts, a training step's labels and losses (also under bf16 autocast); (iii) end-to-end: a planted-signal
+CLIP through the whole pipeline, and the CLI through subprocesses. Every line of the label path was mutated once
+(axis, threshold, switch, dropped term, off-by-one) and some test here fails for each, bar a few equivalent ones.
 Run: pytest test_wsss.py
 """
 import copy
