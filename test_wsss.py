@@ -73,7 +73,7 @@ def synth_cfg(synth_root, cache_dir, **kw):
 @pytest.fixture(scope="session")
 def tiny(synth_root, cache_dir):
     """Built once per session: the tiny random-weight frozen models (toy CLIP of the real open_clip class, toy
-    DINOv2) for the synthetic world, and a batch of four training crops with their labels and true masks."""
+    DINOv2) for the synthetic world, and a batch of four training crops with their image-level labels."""
     cfg = synth_cfg(synth_root, cache_dir, method="cdclip")
     frozen = wsss.Frozen(cfg, CPU, need_dino=True)
     with torch.no_grad():  # random q, k give near-uniform attention (entropy 4.14 of log 64 = 4.16 nats), and
@@ -81,8 +81,7 @@ def tiny(synth_root, cache_dir):
             blk.attn.in_proj_weight[: 2 * blk.attn.embed_dim] *= 6  # x6: entropy ~1.4, structured but imperfect
     items = [wsss.SegDataset(cfg, "train", train=True)[i] for i in range(4)]
     stack = lambda key: torch.stack([it[key] for it in items])  # noqa: E731
-    return types.SimpleNamespace(cfg=cfg, frozen=frozen, images=stack("image"), labels=stack("label"),
-                                 masks=stack("mask"))
+    return types.SimpleNamespace(cfg=cfg, frozen=frozen, images=stack("image"), labels=stack("label"))
 
 
 def tiny_cfg(tiny, **kw):
@@ -92,9 +91,10 @@ def tiny_cfg(tiny, **kw):
 
 def tiny_decoder(cfg, frozen, seed=0):
     """A small SegDecoder (the real class), deterministic: eval() switches its Dropout2d off."""
-    torch.manual_seed(seed)
-    return wsss.build_decoder(dataclasses.replace(cfg, dec_dim=32, dec_layers=1, dec_heads=2, dec_mlp=64),
-                              frozen).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return wsss.build_decoder(dataclasses.replace(cfg, dec_dim=32, dec_layers=1, dec_heads=2, dec_mlp=64),
+                                  frozen).eval()
 
 
 def with_cfg(frozen, cfg):
@@ -1242,15 +1242,15 @@ def test_cli_eval_checkpoint(demo_run, cache_dir, tmp_path):
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
 
 
-def test_bench_reports_its_stages_and_ratio(synth_root, cache_dir, capsys):
-    cfg = synth_cfg(synth_root, cache_dir, method="cdclip", batch_size=2, bench_repeats=1)
+def test_bench_reports_its_stages_and_ratio(tiny, capsys):
+    cfg = tiny_cfg(tiny, method="cdclip", batch_size=2, bench_repeats=1)
     res = wsss.COMMANDS["bench"](cfg)
     printed = capsys.readouterr().out
     # bench's batch: its generator draws the images, then two random classes per image
     g = torch.Generator().manual_seed(cfg.seed)
     torch.randn(2, 3, 64, 64, generator=g)
     classes = [torch.randperm(6, generator=g)[:2] + 1 for _ in range(2)]
-    super_of = wsss.Frozen(cfg, CPU, need_dino=False).super_of
+    super_of = tiny.frozen.super_of
     n_rows = 4 + sum(len(super_of[c].unique()) for c in classes)  # 2 x 2 class rows + the super-class rows
     names = list(res["times"])
     assert names[0] == "frozen forward (CLIP + DINOv2)" and names[-1] == "whole training step"
@@ -1414,9 +1414,9 @@ def test_super_probs_sum_to_one_and_aggregate():
     assert_close(P_s[:, 2], P[:, 2] + P[:, 3], atol=1e-6, what="super-class 2 = classes 2 + 3")
 
 
-def test_multiscale_flip_prediction(synth_root, cache_dir):
-    cfg = synth_cfg(synth_root, cache_dir, eval_scales=(1.0,), eval_flip=False, eval_long_side=64)
-    frozen = wsss.Frozen(cfg, CPU, need_dino=False)
+def test_multiscale_flip_prediction(tiny):
+    cfg = tiny_cfg(tiny, eval_scales=(1.0,), eval_flip=False, eval_long_side=64)
+    frozen = tiny.frozen
     dec = wsss.build_decoder(cfg, frozen).eval()
     image = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
