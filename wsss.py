@@ -28,11 +28,12 @@ K classes incl. background, C foreground classes, T texts, D feature width, E jo
 h,w patch grid, N = h*w patches, H,W image, L CLIP blocks.
 
 Faithfulness: numerics follow the official WeCLIP code where it produced the published numbers;
-`[code≠paper]` marks where that code departs from the paper, `[upstream bug fixed]` where we fixed a
-bug of the official code, and `[I]` a CD-CLIP choice inferred because the paper does not give it.
+`[code≠paper]` marks where that code (for CD-CLIP, ours) departs from the paper, `[upstream bug fixed]` where we
+fixed a bug of the official code, and `[I]` a CD-CLIP choice inferred because the paper does not give it.
 
 Not included: ExCEL and DiCLIP (planned, not started); WeCLIP+ (DINO decoder branch); fp16 CLIP weights as
-in the official code (we run CLIP in fp32, or bf16/fp16 autocast on CUDA); multi-node launch scripts;
+in the official code (we run CLIP and the whole label path in fp32, also under --amp); upstream's fp16 cast of
+the decoder's attention (ours runs in fp32, or in autocast's dtype under --amp); multi-node launch scripts;
 wandb/TensorBoard logging (metrics go to a JSON-lines file).
 """
 from __future__ import annotations
@@ -323,6 +324,7 @@ class Config:
     lambda_aff: float = 0.1       # weight of the affinity loss (WeCLIP 0.1)
     aff_radius: int = 8           # affinity-label window (Chebyshev, token grid)
     # --- optimisation (WeCLIP §8) ---
+    # cdclip keeps it [I]: CD-CLIP's stated 2e-5 would be 100x below the decoder lr that reproduces WeCLIP
     lr: float = 2e-3              # effective decoder lr; official 2e-4 x10 group [code≠paper on its face]; CD-CLIP 2e-5
     weight_decay: float = 0.01    # AdamW weight decay
     beta1: float = 0.9            # AdamW beta1
@@ -330,7 +332,7 @@ class Config:
     warmup_steps: int = 50        # linear warm-up steps
     warmup_ratio: float = 1e-6    # warm-up starts at lr * this
     poly_power: float = 1.0       # poly decay power after warm-up
-    batch_size: int = 4           # per process
+    batch_size: int = 4           # per process (COCO too; CD-CLIP's COCO batch is 8 [code≠paper])
     max_steps: int = 30000        # training steps (VOC 30k, COCO 80k)
     # --- evaluation / logging ---
     eval_long_side: int = 512     # test images are resized so the long side is this
@@ -339,6 +341,7 @@ class Config:
     eval_flip_at_1: bool = True   # ... also at scale 1 (ExCEL's VOC script uses the un-flipped logits there)
     eval_resize: str = "long"     # test resize: long (long side eval_long_side, WeCLIP) | square (ExCEL: side 320 s)
     eval_every: int = 2000        # validate every n steps (0: only at the end)
+    # off by default (pydensecrf2 is an optional install), though CD-CLIP's reported numbers use it [code≠paper]
     crf: bool = False             # DenseCRF post-processing (needs pydensecrf2)
     crf_iters: int = 10           # DenseCRF mean-field iterations (WeCLIP utils/dcrf.py)
     crf_pos_xy: float = 3.0       # Gaussian kernel: spatial std (pixels)
@@ -2343,6 +2346,7 @@ def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super
         s = rows["is_super"]
         cams_s = minmax(refine_cams(cams[s], rows["img"][s], A)) if cfg.sbe_refine else cams[s]
         dino_feat = dino_features(frozen.dino, images, cfg.norm)
+        # Y_s by the class recipe: prototype CAMs min-maxed, then upsampled, bg = 1 - max, PAR, argmax [I]
         groups.append((cap_prototype_cams(cams_s, rows["img"][s], dino_feat, cfg.cap_threshold), rows["img"][s],
                        rows["cls"][s]))
     labels = cams_to_labels(groups, images, cfg, use_par, size)  # Y and Y_s (or Y_st) share one PAR
