@@ -173,7 +173,8 @@ METHODS = {
                   eval_resize="square", eval_long_side=320, eval_scales=(0.7, 1.0, 1.2, 1.5), eval_flip_at_1=False,
                   crf_pos_xy=1.0, crf_pos_w=3.0, crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0,
                   coco=dict(box_threshold=0.88, rfm_dynamic_after=30000, aff_self_after=0, max_steps=100000,
-                            warmup_steps=200, eval_flip_at_1=True)),
+                            warmup_steps=200, eval_flip_at_1=True),
+                  synthetic=dict(eval_long_side=64)),  # the 64 px world is tested at its own size
     # DiCLIP (no public code; run from ExCEL's code base): ACR-refined SD attention added to the standard q-k map
     # of the last 3 calibrated blocks (VCE) -> patch-text CAM M_p; TSA cache: M_st = M_p + 0.5 N(static
     # retrieval) -> Y_st trains the adapter (L_dyn), M_dt = M_p + 0.5 N(adapter) -> Y_dt trains the decoder on the
@@ -190,7 +191,7 @@ METHODS = {
                    # the synthetic world: cache images from its renderer (a labelled stand-in for SD generation),
                    # SD's attention pass at the images' own 64 px, a cache sized to 6 classes x 10 images [I]
                    synthetic=dict(cache_source="synthetic", cache_images_per_class=10, cache_image_size=64,
-                                  sd_size=64, cache_per_class=4, cache_bg=8)),
+                                  sd_size=64, cache_per_class=4, cache_bg=8, eval_long_side=64)),
 }
 REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
 ACR_VARIANTS = ("left", "recluster", "right", "sharpen")  # DiCLIP Eq. 6 readings (spec §4.2)
