@@ -2119,7 +2119,7 @@ def excel_run(cache_dir, tmp_path_factory):
     return out, r
 
 
-def test_cli_excel_demo_resume_eval_and_cams(excel_run, cache_dir, tmp_path):
+def test_cli_excel_demo_resume_eval_and_cams(excel_run, cache_dir, tmp_path, capsys):
     out, r = excel_run
     assert "excel (refine rfm)" in r.stdout and "random CLIP" in r.stdout and "all-bg" in r.stdout
     assert "trainable params" in r.stdout
@@ -2131,13 +2131,16 @@ def test_cli_excel_demo_resume_eval_and_cams(excel_run, cache_dir, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     again = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "re" / "metrics.jsonl") if "loss" in m}
     assert again[3] == first[3] and again[4] == first[4]  # exact resume through the dynamic phase
-    r3 = run_cli("eval", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", out / "ckpt.pt")
-    assert r3.returncode == 0 and "(step 4)" in r3.stdout, r3.stderr[-2000:]
-    r4 = run_cli("cams", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--cam-split", "val")
-    assert r4.returncode == 0 and "training-free" in r4.stdout and "refined+PAR" in r4.stdout, r4.stderr[-2000:]
-    r5 = run_cli("cams", "--method", "excel", *DEMO_FLAGS, "--cache-dir", cache_dir, "--cam-split", "val",
-                 "--ckpt", out / "ckpt.pt")
-    assert r5.returncode == 0 and "(step 4)" in r5.stdout, r5.stderr[-2000:]
+    # eval and cams in-process (the same main() the CLI runs, without another interpreter start-up)
+    flags = ["--method", "excel", *DEMO_FLAGS, "--cache-dir", str(cache_dir)]
+    capsys.readouterr()
+    assert wsss.main(["eval", *flags, "--ckpt", str(out / "ckpt.pt")]) == 0
+    assert "(step 4)" in capsys.readouterr().out
+    assert wsss.main(["cams", *flags, "--cam-split", "val"]) == 0
+    got = capsys.readouterr().out
+    assert "training-free" in got and "refined+PAR" in got
+    assert wsss.main(["cams", *flags, "--cam-split", "val", "--ckpt", str(out / "ckpt.pt")]) == 0
+    assert "(step 4)" in capsys.readouterr().out  # the dynamic CAM of the trained adapter
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2643,12 +2646,15 @@ def test_cache_command_is_diclips(capsys):
     assert "TSA" in err and err.count("\n") == 1
 
 
-def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path):
+def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys):
     small = ["--cache-images-per-class", "3", "--cache-per-class", "2", "--cache-bg", "3"]
-    r = run_cli("cache", "--method", "diclip", *DEMO_FLAGS, *small, "--cache-dir", cache_dir)
-    assert r.returncode == 0 and "TSA cache ready" in r.stdout, r.stderr[-3000:]
-    r3 = run_cli("cams", "--method", "diclip", *DEMO_FLAGS, *small, "--cache-dir", cache_dir, "--cam-split", "val")
-    assert r3.returncode == 0 and "training-free" in r3.stdout, r3.stderr[-3000:]
+    flags = ["--method", "diclip", *DEMO_FLAGS, *small, "--cache-dir", str(cache_dir)]
+    capsys.readouterr()
+    assert wsss.main(["cache", *flags]) == 0
+    assert "TSA cache ready" in capsys.readouterr().out
+    assert wsss.main(["cams", *flags, "--cam-split", "val"]) == 0
+    got = capsys.readouterr().out
+    assert "training-free" in got and "generating" not in got  # cams found the cache built by `cache`: no work
     r4 = run_cli("compare", *DEMO_FLAGS, *small, "--cache-dir", cache_dir, "--out-dir", tmp_path, "--max-steps", 2,
                  "--compare-methods", "weclip,diclip", timeout=600)
     assert r4.returncode == 0, r4.stderr[-3000:]
@@ -2657,7 +2663,6 @@ def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path):
     for m in ("weclip", "diclip"):
         last = read_metrics(tmp_path / m / "metrics.jsonl")[-1]
         assert set(last["val"]) >= {"cam", "refined", "refined+PAR", "decoder"}
-    assert "generating" not in r3.stdout  # cams found the cache built by `cache`: no work
 
 
 def test_planted_signal_diclip_cache_pseudo_labels(synth_root, cache_dir, tmp_path):
