@@ -11,27 +11,38 @@ Methods (`--method` is the one dial; each preset is a few Config overrides, see 
           Class-distribution-aware affinity (CDA, Jensen-Shannon divergence between the patches'
           distributions over all class texts) and super-class boundary exploration (SBE, DINOv2 prototypes
           supervising a gated Dice loss).
+  excel   ExCEL, "Exploring CLIP's Dense Knowledge for Weakly Supervised Semantic Segmentation", Yang et al.,
+          CVPR 2025 (official code zwyang6/ExCEL). Patch-text CAMs by feature surgery on a parameter-free
+          calibrated CLIP path (SVC), class texts enriched with clustered attribute sentences (TSE), the
+          adapter's relation R biasing that path (LVC, the dynamic CAM) and gating CAA; training-free mode.
+  diclip  DiCLIP, "Diffusion Model Enhances CLIP's Dense Knowledge for Weakly Supervised Semantic
+          Segmentation", Yang et al., TIP 2026 (no public code; reconstructed, every inferred choice [I]).
+          Stable Diffusion self-attention refined by KL k-means clustering (ACR) added to CLIP's attention
+          (VCE); a key-value cache built from generated single-class images (TSA) with a trainable adapter.
 
 Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
   python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~1.5 min on 2 CPU cores
   python wsss.py train --method cdclip --data-root VOCdevkit/VOC2012   # real VOC, real checkpoints (GPU)
   python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
   python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
+  python wsss.py cache --method diclip --data-root ... # build DiCLIP's TSA key-value cache (resumable)
+  python wsss.py compare --demo                        # the four methods on the same data, one table
   python wsss.py synth --data-root /tmp/synth          # write the synthetic dataset in the VOC layout
   python wsss.py pretrain-toy                          # contrastively pre-train the toy CLIP used by --demo
   python wsss.py bench --method cdclip --clip-pretrained random --dino-model random  # timings of a step
   torchrun --nproc_per_node=4 wsss.py train ...        # DDP (nccl on GPU, gloo on CPU)
-  pytest test_wsss.py                                  # the test-suite (CPU, tiny models, ~70 s)
+  pytest test_wsss.py                                  # the test-suite (CPU, tiny models, ~4 min)
 
 Notation used in shape comments: B batch, R rows of a batched GradCAM (one per (image, class) pair),
 K classes incl. background, C foreground classes, T texts, D feature width, E joint embedding width,
 h,w patch grid, N = h*w patches, H,W image, L CLIP blocks.
 
-Faithfulness: numerics follow the official WeCLIP code where it produced the published numbers;
-`[code≠paper]` marks where that code (for CD-CLIP, ours) departs from the paper, `[upstream bug fixed]` where we
-fixed a bug of the official code, and `[I]` a CD-CLIP choice inferred because the paper does not give it.
+Faithfulness: numerics follow the official WeCLIP and ExCEL code where it produced the published numbers;
+`[code≠paper]` marks where that code (for CD-CLIP and DiCLIP, ours) departs from the paper, `[upstream bug
+fixed]` where we fixed a bug of the official code, and `[I]` a choice inferred because the paper does not give
+it (DiCLIP also tags [T] paper, [L] training logs).
 
-Not included: ExCEL and DiCLIP (planned, not started); WeCLIP+ (DINO decoder branch); fp16 CLIP weights as
+Not included: WeCLIP+ (DINO decoder branch); fp16 CLIP weights as
 in the official code (we run CLIP and the whole label path in fp32, also under --amp); upstream's fp16 cast of
 the decoder's attention (ours runs in fp32, or in autocast's dtype under --amp); multi-node launch scripts;
 wandb/TensorBoard logging (metrics go to a JSON-lines file).
