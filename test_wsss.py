@@ -1915,6 +1915,11 @@ def test_lvc_relation_on_block_structured_features_and_bias():
     assert_close(bias.sum(-1), torch.ones(2, 4))
     assert_close(bias[0], cos0 / 2)
     assert_close(bias[1], torch.full((4, 4), 0.25))
+    # exactly the negatives are masked: a small positive relation stays
+    R2 = torch.tensor([[[1.0, 0.05, -0.01], [0.05, 1.0, 0.0], [-0.01, 0.0, 1.0]]])
+    e = torch.exp(torch.tensor([1.0, 0.05]))
+    assert_close(wsss.lvc_bias(R2)[0, 0], torch.cat([e / e.sum(), torch.zeros(1)]))
+    assert_close(wsss.lvc_bias(R2)[0, 2], torch.softmax(torch.tensor([-float("inf"), 0.0, 1.0]), 0))
     # a row whose off-diagonal entries are all negative keeps its diagonal (never an all -inf row)
     assert_close(wsss.lvc_bias(torch.tensor([[[1.0, -1.0], [-2.0, -3.0]]])), [[[1.0, 0.0], [0.0, 1.0]]])
 
@@ -2042,6 +2047,8 @@ def test_excel_training_step_static_then_dynamic_and_bf16(synth_root, cache_dir)
     _, S, R = dec(out["feats"], out["grid"], return_relation=True)
     ref = wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, dynamic=True, bias=wsss.lvc_bias(R))
     assert torch.equal(ref["Y"], pl1["Y"])
+    static = wsss.make_pseudo_labels(frozen, out, images, labels, cfg)  # before the switch: no bias, no gate
+    assert torch.equal(static["Y"], pl0["Y"])
     no_lvc = wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, dynamic=True)
     assert not torch.equal(no_lvc["Y"], pl1["Y"])  # the bias matters
     # under a bf16 autocast the label path still runs in fp32: identical pseudo-labels (static phase; in the
