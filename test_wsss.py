@@ -2616,6 +2616,9 @@ def test_diclip_step_labels_losses_and_groups(diclip_frozen, synth_root, cache_d
     _, S, R, Z = wsss.head_outputs(dec, out, frozen, cfg)
     tokens = wsss.calibrated_tokens(frozen.clip.visual, out)
     m_p = wsss.patch_text_cam(tokens, frozen.cam_texts, frozen.num_fg)
+    feats = wsss.cache_features(tokens)  # per-token unit vectors: phi acts on cosines, as the unit keys do
+    assert feats.shape == tokens[:, 1:].shape and torch.allclose(feats.norm(dim=-1), torch.ones(feats.shape[:2]))
+    assert torch.allclose(frozen.tsa["keys"].norm(dim=-1), torch.ones(len(frozen.tsa["keys"])), atol=1e-5)
     assert_close(Z, wsss.static_cache_cam(wsss.cache_features(tokens), frozen.tsa["keys"], frozen.tsa["values"],
                                           cfg.cache_beta), atol=1e-5)  # the adapter starts as the static cache
     assert torch.equal(pl["Y"], wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, Z=Z)["Y"])
@@ -2631,6 +2634,18 @@ def test_diclip_step_labels_losses_and_groups(diclip_frozen, synth_root, cache_d
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, _, pl_bf = wsss.compute_losses(dec, frozen, images, labels, cfg, step=0)
     assert torch.equal(pl_bf["Y_st"], pl["Y_st"])
+
+
+def test_vce_attention_forwards_the_acr_settings(diclip_frozen):
+    cfg, frozen = diclip_frozen
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    a_sd = wsss.sd_self_attention(frozen.sd, images, cfg, (8, 8))
+    for kw in (dict(acr_k=4, acr_rounds=2, acr_delta=1e-3, acr_variant="right", acr_iters=3), dict(acr_rounds=0)):
+        c = dataclasses.replace(cfg, **kw)
+        ref = wsss.acr_refine(a_sd, c.acr_k, c.acr_delta, c.acr_rounds, c.acr_variant, c.acr_iters) \
+            if c.acr_rounds else a_sd
+        assert_close(wsss.vce_attention(frozen, images, c, (8, 8)), ref)
+    assert not torch.allclose(wsss.acr_refine(a_sd, 4, 1e-3, 2), wsss.acr_refine(a_sd, 4, 1e-3, 1))
 
 
 @pytest.mark.parametrize("switch", [dict(vce=False), dict(acr_rounds=0), dict(vce_weight=0.5), dict(vce_fusion="gate"),
