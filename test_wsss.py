@@ -191,14 +191,56 @@ def test_toy_scene_is_deterministic_exact_and_captioned():
     a = wsss.draw_toy_scene(np.random.default_rng([5, 1]))
     b = wsss.draw_toy_scene(np.random.default_rng([5, 1]))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[3] == b[3]
-    for seed in range(30):
-        image, mask, present, caption = wsss.draw_toy_scene(np.random.default_rng(seed))
-        assert present == sorted(set(np.unique(mask).tolist()) - {0}) and 1 <= len(present) <= 3
+    assert not np.array_equal(a[0], wsss.draw_toy_scene(np.random.default_rng([5, 2]))[0])
+    counts = []
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    for seed in range(40):
+        layout = []
+        image, mask, present, caption = wsss.draw_toy_scene(np.random.default_rng(seed), 64, layout)
+        assert present == sorted(set(np.unique(mask).tolist()) - {0}) and 1 <= len(present) <= 2
+        assert sorted(o["cls"] for o in layout) == present  # one object per class, none fully hidden
+        counts.append(len(present))
         for c in range(1, 7):  # the caption names exactly the classes present
             assert (wsss.SYNTH_CLASSES[c] in caption) == (c in present), caption
-        for c in present:  # the masked pixels carry the class colour (jitter 25 + noise)
-            mean_rgb = image[mask == c].mean(0)
-            assert np.abs(mean_rgb - np.array(wsss.TOY_RGB[wsss.TOY_SHAPES[c - 1][0]])).max() < 40
+        # exact masks: re-rasterise every object from its geometry, in drawing order (later objects on top); the
+        # body is an ellipse written out here, the badge its shape (its areas are tested below)
+        expect = np.zeros((64, 64), np.uint8)
+        for o in layout:
+            cx, cy, ra, rb, ang = o["body"]
+            u = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)
+            v = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
+            body = (u / ra) ** 2 + (v / rb) ** 2 <= 1
+            hx, hy, rh, spin = o["badge"]
+            bu = (hx - cx) * np.cos(ang) + (hy - cy) * np.sin(ang)
+            bv = -(hx - cx) * np.sin(ang) + (hy - cy) * np.cos(ang)
+            assert abs((bu / ra) ** 2 + (bv / rb) ** 2 - 0.49) < 1e-9  # the badge sits 0.7 of the way to the rim
+            assert 0.6 * ra <= rh <= 0.7 * ra and 0.75 * ra <= rb <= ra
+            badge = wsss._shape_mask(wsss.TOY_SHAPES[o["cls"] - 1][1], (xx - hx) * np.cos(spin) + (yy - hy) *
+                                     np.sin(spin), -(xx - hx) * np.sin(spin) + (yy - hy) * np.cos(spin), rh)
+            expect[body | badge] = o["cls"]
+            # colours: the badge in its class colour, the rest of the visible body in its body colour
+            own = (mask == o["cls"])
+            badge_rgb = image[own & badge].mean(0)
+            body_rgb = image[own & ~badge].mean(0)
+            assert np.abs(badge_rgb - wsss.TOY_RGB[wsss.TOY_SHAPES[o["cls"] - 1][0]]).max() < 35
+            assert np.abs(body_rgb - wsss.BODY_RGB[o["body_rgb"]]).max() < 30
+        assert np.array_equal(mask, expect)
+    assert set(counts) == {1, 2}
+
+
+@pytest.mark.parametrize("shape,area", [("circle", np.pi), ("square", 1.5 ** 2), ("triangle", 3 * 3 ** 0.5 / 4),
+                                        ("ring", np.pi * (1 - 0.55 ** 2)), ("cross", 2 * 1.2 - 0.36),
+                                        ("star", None)])
+def test_shape_areas_match_their_geometry(shape, area):
+    # each badge shape's area (circumradius 1) on a fine grid against its closed form; the star's boundary
+    # rho(theta) falls linearly from 1 at a point to 0.45 between points: area = 10 x integral over a half-sector
+    if area is None:
+        t = np.linspace(0, 1, 200001)
+        area = 10 * np.trapezoid(0.5 * (0.45 + 0.55 * t) ** 2, t * np.pi / 5)
+    g = np.linspace(-1.2, 1.2, 1201)
+    u, v = np.meshgrid(g, g)
+    got = wsss._shape_mask(shape, u, v, 1.0).mean() * 2.4 ** 2
+    assert abs(got - area) < 0.01 * area + 0.005, (shape, got, area)
 
 
 def test_synthetic_dataset_layout_and_loader(synth_root, cache_dir):
@@ -2456,13 +2498,13 @@ def test_offline_stable_diffusion_is_one_clear_line(tmp_path):
         wsss.build_sd(dataclasses.replace(cfg, sd_model=str(tmp_path / "nope")), CPU)
 
 
-def test_single_class_scene_and_toy_scene_unchanged():
+def test_single_class_scene():
     for c in range(1, 7):
         img, mask = wsss.draw_single_class_scene(np.random.default_rng(c), c, 64)
         assert img.shape == (64, 64, 3) and set(np.unique(mask).tolist()) == {0, c}
-        assert 0.03 < (mask > 0).mean() < 0.5
-    img, mask, present, _ = wsss.draw_toy_scene(np.random.default_rng([0, 0]), 64)  # existing seeds keep their scene
-    assert present == sorted(int(c) for c in np.unique(mask) if c)
+        assert 0.1 < (mask > 0).mean() < 0.5  # one large object, fully inside the frame
+        ys, xs = np.nonzero(mask)
+        assert ys.min() > 0 and xs.min() > 0 and ys.max() < 63 and xs.max() < 63
 
 
 def _tsa_cfg(cache_dir, **kw):
