@@ -1224,6 +1224,21 @@ def test_label_variants_run_dynamic_rfm_with_a_decoder_and_label_at_the_gt_size(
     static = wsss.make_pseudo_labels(frozen, out, x, labels, cfg, size=(60, 80))["Y"]
     assert not torch.equal(static, res["Y"])  # without a decoder: static RFM (the training-free "M" column)
     assert torch.equal(wsss.label_variants(frozen, image, labels, cfg)["refined+PAR"], static)
+    # the ceiling: the raw CAMs (not the refined ones) through the method's own boxes, propagated by the perfect
+    # affinity of the true mask (at the GT size 60 x 80) on the label path's 6 x 8 token grid
+    gt = torch.zeros(60, 80, dtype=torch.long)
+    gt[10:40, 20:60] = int(cls[0])
+    pl = wsss.label_variants(frozen, image, labels, cfg, decoder, gt=gt)
+    A = wsss.oracle_affinity(gt, out["grid"], 7)
+    box = wsss.box_mask(res["cams"][c], cfg.box_threshold)
+    ideal = wsss.refine_cams(res["cams"][c], torch.zeros_like(img), A, box)
+    assert torch.equal(pl["oracle"], wsss.cams_to_label(ideal, img, cls, x, cfg, use_par=False, size=(60, 80)))
+    assert torch.equal(pl["oracle+PAR"], wsss.cams_to_label(ideal, img, cls, x, cfg, size=(60, 80)))
+    unboxed = wsss.cams_to_label(wsss.refine_cams(res["cams"][c], torch.zeros_like(img), A), img, cls, x, cfg,
+                                 use_par=False, size=(60, 80))
+    assert "oracle" not in wsss.label_variants(frozen, image, labels, cfg)
+    cda = wsss.label_variants(frozen, image, labels, dataclasses.replace(cfg, refine="cda"), gt=gt)
+    assert torch.equal(cda["oracle"], unboxed)  # CDA has no boxes: neither has its ceiling
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1385,7 +1400,7 @@ def test_cli_demo_trains_logs_and_checkpoints(demo_run):
     out, r = demo_run
     assert "demo: pre-training the toy CLIP" in r.stdout and "toy CLIP: zero-shot mAP" in r.stdout
     assert "DINOv2 is a tiny random-weight model" in r.stdout and "cdclip (refine cda)" in r.stdout
-    for col in ("cam", "refined", "refined+PAR", "decoder", "random CLIP", "all-bg"):
+    for col in ("cam", "refined", "refined+PAR", "decoder", "oracle", "oracle+PAR", "random CLIP", "all-bg"):
         assert col in r.stdout
     assert "mIoU" in r.stdout and "overlays" in r.stdout
     logged = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
@@ -1719,6 +1734,44 @@ def test_label_scores_minmax_before_upsampling_bg_pow_and_channel_table():
     assert (score[2, 0] == 1).all() and (score[2, 1:] == -1).all() and lut[2].tolist() == [0, 0, 0]
     assert_close(score[0, 0], (1 - torch.maximum(up[0], up[1])) ** 2, atol=1e-6, what="bg = (1 - max)^bg_pow")
     assert_close(score[1, 0], (1 - up[2]) ** 2, atol=1e-6, what="bg of image 1")
+
+
+def test_contrast_floor_guards_flat_refined_cams():
+    g = torch.Generator().manual_seed(9)
+    cams = torch.rand(4, 5, 5, generator=g)
+    assert torch.equal(wsss.contrast_minmax(cams, 0.0), wsss.minmax(cams))  # floor 0: upstream's min-max exactly
+    assert torch.equal(wsss.contrast_minmax(cams, 0.05), wsss.minmax(cams))  # contrast >= the floor: unchanged
+    # a flat refined CAM (range 1 % of its peak) whose residue puts the object LOWER than the background: the
+    # inversion the demo showed. Min-max stretches it to full range and paints the background with the class
+    flat = torch.full((1, 4, 4), 1.0)
+    flat[0, :2, :2] = 0.99  # the object's tokens
+    got = wsss.contrast_minmax(flat, 0.05)
+    assert_close(got, (flat - 0.99) / 0.05, atol=1e-6, what="range / (floor x peak)")
+    assert float(got.max()) == pytest.approx(0.2, abs=1e-6)
+    images = torch.zeros(1, 3, 4, 4)
+    img, cls = torch.tensor([0]), torch.tensor([3])
+    plain = wsss.cams_to_label(flat, img, cls, images, wsss.make_config(), use_par=False)
+    assert (plain[0, 2:] == 3).all() and (plain[0, :2, :2] == 0).all()  # inverted: background -> class 3
+    guarded = wsss.cams_to_label(flat, img, cls, images, wsss.make_config(cam_contrast_floor=0.05), use_par=False)
+    assert (guarded == 0).all()  # no localisation left: nothing is painted
+    assert wsss.make_config().cam_contrast_floor == 0.0  # real runs keep upstream's numerics
+    assert wsss.make_config(demo=True).cam_contrast_floor == 0.05
+
+
+def test_oracle_affinity_averages_each_true_class():
+    gt = torch.zeros(8, 8, dtype=torch.long)
+    gt[:4, :4] = 2  # token (0, 0) of a 2x2 grid
+    gt[4:, 4:] = 5
+    gt[4:6, 4:8] = 255  # void counts as background: token (1, 1) is half void, half class 5 -> tie -> lowest id
+    A = wsss.oracle_affinity(gt, (2, 2), 7)
+    assert A.shape == (1, 4, 4) and torch.allclose(A.sum(-1), torch.ones(1, 4))
+    y = [2, 0, 0, 0]  # majority class per token (ties -> argmax's first, the lower id)
+    m = torch.tensor([0.9, 0.1, 0.3, 0.5])
+    naive = torch.tensor([np.mean([m[j] for j in range(4) if y[j] == y[i]]) for i in range(4)], dtype=torch.float32)
+    assert_close(A[0] @ m, naive, atol=1e-6, what="A m = the mean of m over the token's true class")
+    rnd = torch.randint(0, 3, (16, 16), generator=torch.Generator().manual_seed(1))
+    A = wsss.oracle_affinity(rnd, (4, 4), 3)[0]
+    assert torch.equal(A, A.T) and torch.allclose(A @ A, A)  # a symmetric projection: averaging twice = once
 
 
 def test_cams_to_labels_forwards_the_par_settings():

@@ -122,6 +122,7 @@ TOY_SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("ye
 TOY_RGB = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), "yellow": (235, 215, 40),
            "purple": (150, 50, 190), "orange": (245, 140, 30)}
 BODY_RGB = [(120, 85, 60), (50, 120, 120), (85, 90, 135), (115, 120, 55), (180, 160, 135), (150, 110, 130)]
+SYNTH_WORLD = "badges-2"  # the world's version: part of the demo's cached dataset and toy-CLIP names
 SYNTH_CLASSES = ["background"] + [f"{c} {s}" for c, s in TOY_SHAPES]
 
 # Super-classes (CD-CLIP §4.1, a PROPOSAL [P]: the paper reports 5 VOC groups best, 4 too coarse, 7 misaligned,
@@ -213,7 +214,8 @@ VCE_FUSIONS = ("add", "norm", "scale", "gate")  # DiCLIP Table XII: SD attention
 # --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
 DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
             warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240, eval_long_side=64,
-            cam_logit_scale=0.0)  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
+            cam_logit_scale=0.0,  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
+            cam_contrast_floor=0.05)  # the toy's diffuse attention leaves flat refined CAMs: guard them (README)
 
 
 # DiCLIP §III-D's prompt for the single-class images of the TSA cache ({category}: the plain class name).
@@ -253,6 +255,7 @@ class Config:
     # --- CAMs (WeCLIP §3) ---
     cam_logit_scale: float = 100.0  # GradCAM target softmax scale (OpenAI CLIP's exp(logit_scale)); 0: the model's own
     bg_pow: float = 1.0           # background score (1 - max_c CAM)^bg_pow (WeCLIP cam_bg_thres = 1)
+    cam_contrast_floor: float = 0.0  # [I] guard: a refined CAM is min-maxed by at least this fraction of its peak (0 = upstream)
     # --- refinement ---
     refine: str = "rfm"           # none | caa | rfm | cda | cda+caa | cda+rfm (CD-CLIP Table 3 rows)
     attn_layers: int = 8          # static affinity: mean attention of the last n blocks (WeCLIP 8)
@@ -454,7 +457,7 @@ def make_config(**given) -> Config:
     if not cfg.cache_dir:
         cfg.cache_dir = os.environ.get("WSSS_CACHE", str(Path.home() / ".cache" / "wsss"))
     if cfg.demo and not cfg.data_root:
-        cfg.data_root = str(Path(cfg.cache_dir) / f"synthetic-{cfg.demo_images}")
+        cfg.data_root = str(Path(cfg.cache_dir) / f"synthetic-{SYNTH_WORLD}-{cfg.demo_images}")
     if not cfg.out_dir:
         cfg.out_dir = str(Path("runs") / f"{cfg.method}-{cfg.dataset}{'-demo' if cfg.demo else ''}")
     if not cfg.ckpt:
@@ -1273,7 +1276,7 @@ TOY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_
 
 
 def toy_clip_path(cfg: Config) -> Path:
-    key = hashlib.sha1(json.dumps([TOY_CLIP, cfg.toy_steps, cfg.toy_batch, cfg.toy_lr, cfg.toy_weight_decay,
+    key = hashlib.sha1(json.dumps([SYNTH_WORLD, TOY_CLIP, cfg.toy_steps, cfg.toy_batch, cfg.toy_lr, cfg.toy_weight_decay,
                                    cfg.toy_warmup, cfg.toy_seed]).encode())
     return Path(cfg.cache_dir) / f"toy-clip-{key.hexdigest()[:10]}.pt"
 
@@ -2284,12 +2287,22 @@ def par_refine(image, masks, dilations=(1, 2, 4, 8, 12, 24), iters: int = 20, w1
     return m
 
 
-def label_scores(cams, img, cls, B: int, size, bg_pow: float):
+def contrast_minmax(cams, floor: float = 0.0, eps: float = 1e-7):
+    """minmax with a contrast floor [I] (a guard; upstream has floor 0): (x - min) / max(max - min, floor max).
+    A map whose range is below `floor` of its peak (an almost flat refined CAM: the propagation averaged its
+    evidence away) is no longer stretched to [0, 1], so the residue of noise in it cannot outscore the
+    background; maps with more contrast are min-maxed exactly as upstream. cams (R, h, w) >= 0."""
+    lo, hi = cams.amin((-2, -1), keepdim=True), cams.amax((-2, -1), keepdim=True)
+    return (cams - lo) / torch.maximum(eps + hi - lo, floor * hi)
+
+
+def label_scores(cams, img, cls, B: int, size, bg_pow: float, floor: float = 0.0):
     """WeCLIP generate_cam_label up to PAR: min-max each refined CAM, upsample (bilinear) to `size`, and pack
     the rows of each image into channels after a background channel (1 - max_c CAM)^bg_pow. Unused channels
     are -1 and never win. cams (R, h, w), img (R,), cls (R,) ids -> scores (B, 1+K, H, W) and the channel ->
     id table (B, 1+K)."""
-    up = F.interpolate(minmax(cams)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]  # (R, H, W)
+    up = F.interpolate(contrast_minmax(cams, floor)[:, None], size=size, mode="bilinear",
+                       align_corners=False)[:, 0]  # (R, H, W)
     slot = torch.zeros_like(img)
     for b in range(B):  # rank of each row within its image (B is small)
         sel = img == b
@@ -2308,7 +2321,7 @@ def cams_to_labels(groups, images, cfg: Config, use_par: bool = True, size=None)
     id. PAR's affinity depends on the image only, so all groups (CD-CLIP: the class CAMs and the super-class
     prototype CAMs) share one PAR call. -> one (B, H, W) int64 map per group (no ignore pixels, as upstream)."""
     B, size = images.shape[0], tuple(size or images.shape[-2:])
-    scored = [label_scores(cams, img, cls, B, size, cfg.bg_pow) for cams, img, cls in groups]
+    scored = [label_scores(cams, img, cls, B, size, cfg.bg_pow, cfg.cam_contrast_floor) for cams, img, cls in groups]
     score = torch.cat([sc for sc, _ in scored], 1)  # (B, sum_g (1+K_g), H, W)
     if use_par:
         score = par_refine(images, score, cfg.par_dilations, cfg.par_iters, cfg.par_w1, cfg.par_w2)
