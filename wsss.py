@@ -2665,7 +2665,7 @@ TSA_KEYS = ("dataset", "tiny", "clip_model", "clip_pretrained", "template", "nor
             "cache_per_class", "cache_bg", "cache_images_per_class", "cache_steps", "cache_guidance",
             "cache_image_size", "cache_prompt", "cache_source", "vce", "svc_attn", "svc_heads", "svc_norm", "cam_sim",
             "tse", "tse_keep", "tse_lambda", "tse_clusters", "attr_bank", "descriptions", "refine", "attn_layers",
-            "caa_attn_mix", "box_exclusive_edge", "power", "par_dilations", "par_w1", "par_w2")
+            "caa_attn_mix", "box_exclusive_edge", "power", "par_dilations", "par_w1", "par_w2", "cam_contrast_floor")
 TSA_IMAGE_KEYS = ("dataset", "tiny", "sd_model", "cache_steps", "cache_guidance", "cache_image_size",
                   "cache_prompt", "cache_source")  # what the generated images depend on
 # SD is prompted with plain class names [I] (spec §5.1): the dataset tables' joined names spelled out.
