@@ -1606,11 +1606,12 @@ def test_cams_command_and_missing_data_message(synth_root, cache_dir, capsys, mo
 
 
 def test_toy_clip_pretraining_learns_and_round_trips(cache_dir, tmp_path):
-    cfg = wsss.make_config(dataset="synthetic", toy_steps=30, toy_batch=64, cache_dir=str(cache_dir))
+    # the badge world needs ~60 steps of 64 pairs before zero-shot mAP moves (0.27 -> 0.52 measured; 30 steps: none)
+    cfg = wsss.make_config(dataset="synthetic", toy_steps=60, toy_batch=64, cache_dir=str(cache_dir))
     path = tmp_path / "toy.pt"
     res = wsss.pretrain_toy(cfg, path, log=lambda *a: None)
-    assert res["loss_last"] < res["loss_first"] - 0.2, res
-    assert res["map_after"] > res["map_before"] + 0.03, res
+    assert res["loss_last"] < res["loss_first"] - 0.5, res
+    assert res["map_after"] > res["map_before"] + 0.15, res
     loaded, _ = wsss.build_clip(wsss.make_config(dataset="synthetic", tiny=True, clip_pretrained=str(path)), CPU)
     state = torch.load(path, weights_only=True)["model"]
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
