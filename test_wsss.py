@@ -2765,7 +2765,9 @@ def test_cache_command_is_diclips(capsys):
 
 
 def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys):
-    small = ["--cache-images-per-class", "3", "--cache-per-class", "2", "--cache-bg", "3"]
+    # a 6-step toy CLIP leaves every refined CAM flat: without --cam-contrast-floor 0 the demo's guard would
+    # (rightly) give every cache image an empty pseudo mask, and the build stops with its one-line error
+    small = ["--cache-images-per-class", "3", "--cache-per-class", "2", "--cache-bg", "3", "--cam-contrast-floor", "0"]
     flags = ["--method", "diclip", *DEMO_FLAGS, *small, "--cache-dir", str(cache_dir)]
     capsys.readouterr()
     assert wsss.main(["cache", *flags]) == 0
