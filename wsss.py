@@ -3790,9 +3790,11 @@ def _demo_assets(cfg: Config):
 
 def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
     """Reference points for the demo table: pseudo-labels (after PAR) of a random-weight toy CLIP, and
-    background everywhere."""
-    rnd = Frozen(dataclasses.replace(cfg, clip_pretrained="random"), device, need_dino=False)
-    res = evaluate(None, rnd, val_set, dataclasses.replace(cfg, save_vis=""), device, cams=True)
+    background everywhere. The random CLIP runs without DiCLIP's cache (a cache built from its flat maps holds
+    nothing: under the demo's contrast floor no cache image even gets a pseudo mask)."""
+    rnd_cfg = dataclasses.replace(cfg, clip_pretrained="random", tsa="off", save_vis="")
+    rnd = Frozen(rnd_cfg, device, need_dino=False)
+    res = evaluate(None, rnd, val_set, rnd_cfg, device, cams=True)
     K = len(DATASETS[cfg.dataset]["classes"])
     conf = torch.zeros(K, K, dtype=torch.long, device=device)
     for i in shard(min(len(val_set), cfg.max_images or len(val_set))):
