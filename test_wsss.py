@@ -1246,7 +1246,8 @@ def test_planted_cam_is_the_badge(planted_val, method):
     for i in range(len(planted_val.images)):
         cam = wsss.label_variants(frozen, planted_val.images[i:i + 1], planted_val.labels[i:i + 1], cfg)["cam"][0]
         gt = planted_val.masks[i]
-        tp, pred, true = tp + int(((cam == gt) & (gt > 0)).sum()), pred + int((cam > 0).sum()), true + int((gt > 0).sum())
+        tp, pred = tp + int(((cam == gt) & (gt > 0)).sum()), pred + int((cam > 0).sum())
+        true += int((gt > 0).sum())
     precision, recall = tp / pred, tp / true
     assert precision >= 0.8 and 0.1 <= recall <= 0.35, (precision, recall)
 
