@@ -3782,8 +3782,8 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
 # The label path is untouched: Frozen only swaps in these weights and text embeddings.
 # Decisions: the text bank is a lookup table (planted_texts), so ExCEL's TSE is skipped (there are no attribute
 # sentences to encode: --tse is ignored with the planted model); DiCLIP's VCE still adds the tiny random SD's
-# attention to the calibrated blocks, where it only perturbs the patch-text CAM (measured: it does not change the
-# demo's numbers much, see README), and the TSA cache is built from the planted features like any other.
+# attention to the calibrated blocks, where it only perturbs the patch-text CAM (compare --no-vce), and the TSA
+# cache is built from the planted features like any other.
 # Measured on the demo's val split (60 images, training-free): raw CAM ~30 mIoU (all-background ~11), refined
 # ~67-79, +PAR ~69-87; the perfect-affinity oracle (oracle_affinity) +PAR ~90.
 PLANTED = dict(patch=4, width=64, layers=7, mlp_ratio=8, embed_dim=16,
@@ -3824,12 +3824,15 @@ def planted_clip(image_size: int = 64):
     every vision weight set by hand; the text tower stays random and unused (Frozen injects planted_texts).
 
     Residual stream. Each feature f sits in a slot s as +f (channel s) and -f (channel s + 32), so every token's
-    channel mean is exactly 0, and a BALLAST slot holds Z = 1000 in every token. A LayerNorm with weight
-    Z sqrt(2/D) then returns x Z / sqrt(Z^2 + |f|^2) = x (1 - O(1e-5)): every ln_pre / ln_1 / ln_2 / ln_post is
-    the identity for the features, and a read-out simply reads the + channel. Slots (_PS):
+    channel mean is exactly 0, and 10 BALLAST slots hold b = 10 in every token (norm Z = b sqrt(10) ~ 32). A
+    LayerNorm with weight Z sqrt(2/D) then returns x Z / sqrt(Z^2 + |f|^2): a per-token scale within ~1-2 % of 1
+    (|f|^2 <= ~30), so every ln_pre / ln_1 / ln_2 / ln_post is nearly the identity for the features, and a
+    read-out simply reads the + channel. (The decoder reads this stream too: the ballast channels are constants
+    it has to learn to ignore, like the massive activations of a real CLIP; a larger b would make LayerNorm more
+    exact and the decoder slower to train.) Slots (_PS):
       rgb   the patch's mean colour RGB / 100 (conv1 undoes the input normalisation; the means come from the
             positional embedding, which is the conv's missing bias)
-      pos   the token's grid position (column, row) / 4, centred; pos2 its squared norm; cls 1 on the CLS token
+      pos   the token's grid position (column, row) / 8, centred; pos2 its squared norm; cls 1 on the CLS token
       votes block 1's MLP: for each target t in {grey, 6 class colours}, V_t = (1/12) sum over the 12 other
             centroids k of clamp(a (s_k - s_t) + 1, 0, 1), with the nearest-centroid score
             s_k = <chroma, c_k> - |c_k|^2 / 2: V_t = 0 iff t beats every other centroid by a margin 1/a
