@@ -1242,118 +1242,150 @@ def test_label_variants_run_dynamic_rfm_with_a_decoder_and_label_at_the_gt_size(
 
 
 # ---------------------------------------------------------------------------------------------------
-# (iii) planted signal: a hand-set CLIP of the real open_clip class, through the whole pipeline
+# (iii) planted signal: wsss's hand-set CLIP (--demo-model planted, the real open_clip class) through the pipeline
 # ---------------------------------------------------------------------------------------------------
 
-def planted_frozen(cfg, patch=4, beta=4.0, gamma=0.5):
-    """A tiny open_clip.CLIP whose weights are set by hand so that each patch's final token points at the text
-    embedding of the class painted there. conv1 + a positional 'bias' compute nearest-colour-centroid scores
-    s_c = <mean colour, mu_c> - |mu_c|^2 / 2 into channels 0..6 (0 = grey background); every block's q = k
-    = beta * those channels (same-class patches attend to each other), v = identity; only the last block
-    writes its attention back (out_proj = gamma * I), so GradCAM's gradient flows through attention as in real
-    CLIP; MLPs are zero; proj maps channel c to axis c. Text embeddings are injected: class c -> axis c,
-    super-class -> the sum of its members' axes, background prompts -> axis 0."""
+def planted_cfg(synth_root, cache_dir, **kw):
+    """A config of the synthetic world with the planted CLIP (and planted DINOv2 where the method needs one)."""
+    return synth_cfg(synth_root, cache_dir, demo_model="planted", cam_logit_scale=0.0, **kw)
+
+
+def token_classes(masks, grid):
+    """The majority class of each token's patch (as oracle_affinity): masks (B, H, W) -> (B, h*w)."""
+    one_hot = F.one_hot(masks.long(), 7).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(one_hot, grid).argmax(1).flatten(1)
+
+
+@pytest.fixture(scope="session")
+def planted_val(synth_root, cache_dir):
+    """The 6 val images of the session's synthetic world, stacked, with the planted weclip Frozen."""
+    cfg = planted_cfg(synth_root, cache_dir, method="weclip")
+    val = wsss.SegDataset(cfg, "val", train=False)
+    items = [val[i] for i in range(len(val))]
+    stack = lambda key: torch.stack([it[key] for it in items])  # noqa: E731
+    all_bg = wsss.miou(sum(wsss.confusion_matrix(torch.zeros_like(it["mask"]), it["mask"], 7) for it in items))
+    return types.SimpleNamespace(cfg=cfg, val=val, frozen=wsss.Frozen(cfg, CPU), images=stack("image"),
+                                 labels=stack("label"), masks=stack("mask"), all_bg=all_bg["miou"])
+
+
+def test_planted_model_is_the_real_class_and_hand_set(planted_val):
     import open_clip
-    D, E, K = 32, 16, 7
-    clip = open_clip.CLIP(embed_dim=E, vision_cfg=dict(image_size=64, layers=3, width=D, head_width=D,
-                                                       patch_size=patch),
-                          text_cfg=dict(context_length=24, vocab_size=49408, width=32, heads=1, layers=1))
-    cols = [(125, 125, 125)] + [wsss.TOY_RGB[c] for c, _ in wsss.TOY_SHAPES]
-    mu = torch.tensor((np.array(cols) - np.array(wsss.IMAGENET_MEAN)) / np.array(wsss.IMAGENET_STD),
-                      dtype=torch.float32)  # (K, 3) centroids in normalised colour space
-    v = clip.visual
-    with torch.no_grad():
-        for p in v.parameters():
-            p.zero_()
-        v.conv1.weight[:K] = mu[:, :, None, None] / patch ** 2
-        v.positional_embedding[1:, :K] = -0.5 * (mu ** 2).sum(1)
-        v.ln_pre.weight.fill_(1)
-        v.ln_post.weight.fill_(1)
-        for i, blk in enumerate(v.transformer.resblocks):
-            blk.ln_1.weight.fill_(1)
-            blk.ln_2.weight.fill_(1)
-            W = blk.attn.in_proj_weight  # (3D, D): q, k, v
-            W[:K, :K], W[D:D + K, :K], W[2 * D:2 * D + K, :K] = beta * torch.eye(K), beta * torch.eye(K), torch.eye(K)
-            if i == len(v.transformer.resblocks) - 1:
-                blk.attn.out_proj.weight[:K, :K] = gamma * torch.eye(K)
-        v.proj[:K, :K] = torch.eye(K)
+    fr = planted_val.frozen
+    assert type(fr.clip) is open_clip.CLIP and fr.patch == 4 and fr.num_blocks == 7
+    C, Ns = fr.num_fg, fr.num_super
+    # the text bank: class c -> axis c, each super-class -> its members' axes, every background prompt -> axis 0
+    assert_close(fr.texts[:C], torch.eye(16)[1:C + 1])
+    assert torch.equal(fr.texts[C + Ns:].argmax(1), torch.zeros(fr.texts.shape[0] - C - Ns, dtype=torch.long))
+    members = (fr.texts[C:C + Ns, 1:C + 1] > 0).float()  # (Ns, C)
+    assert torch.equal(members.argmax(0) + 1, fr.super_of[1:])
+    again = wsss.planted_clip()  # deterministic: a second build is bit-identical
+    assert all(torch.equal(a, b) for a, b in zip(fr.clip.visual.state_dict().values(),
+                                                  again.visual.state_dict().values()))
+    # the planted slots on the val images: objectness is the true object mask's, class evidence only badges'
+    out = wsss.clip_image_forward(fr.clip, planted_val.images, full=True)
+    y = token_classes(planted_val.masks, out["grid"])
+    x2 = out["feats"][1]  # block 2's output: the MLPs' objectness and class evidence are written
+    S = wsss._PS
+    O, E = x2[..., S["obj"]], x2[..., S["cls_ev"]:S["cls_ev"] + 6]
+    assert O[y > 0].mean() >= 0.85 and O[y == 0].mean() <= 0.1, (O[y > 0].mean(), O[y == 0].mean())
+    # E of a token's own class: on a badge; most object tokens are body, so the mean over objects is low
+    own = E.gather(-1, (y.clamp_min(1) - 1)[..., None])[..., 0]
+    assert 0.05 <= own[y > 0].mean() <= 0.4 and E[y == 0].amax(-1).mean() <= 0.05, own[y > 0].mean()
+
+
+@pytest.mark.parametrize("method", ["weclip", "excel"])
+def test_planted_cam_is_the_badge(planted_val, method):
+    # the raw CAM (GradCAM for weclip, the calibrated patch-text CAM for excel) lights the badges: a part of each
+    # object. Its pseudo-labels are precise (what they call an object is one) but recall little of the objects
+    cfg = planted_cfg(planted_val.cfg.data_root, planted_val.cfg.cache_dir, method=method, refine="none")
+    frozen = planted_val.frozen if method == "weclip" else wsss.Frozen(cfg, CPU)
+    tp = pred = true = 0
+    for i in range(len(planted_val.images)):
+        cam = wsss.label_variants(frozen, planted_val.images[i:i + 1], planted_val.labels[i:i + 1], cfg)["cam"][0]
+        gt = planted_val.masks[i]
+        tp, pred = tp + int(((cam == gt) & (gt > 0)).sum()), pred + int((cam > 0).sum())
+        true += int((gt > 0).sum())
+    precision, recall = tp / pred, tp / true
+    assert precision >= 0.8 and 0.1 <= recall <= 0.35, (precision, recall)
+
+
+def test_planted_attention_follows_objects(planted_val):
+    # rows of object tokens put most of their mass on their own object (body and badge), little on the other
+    # object of a two-object image; background rows on background. Blocks 3..7 are the semantic ones.
+    fr = planted_val.frozen
+    out = wsss.clip_image_forward(fr.clip, planted_val.images, n_attn=6, full=True)  # blocks 2..7
+    y = token_classes(planted_val.masks, out["grid"])
+    assert sum(len(t.unique()) == 3 for t in y) >= 3  # two-object images are there to be kept apart
+    same = (y[:, :, None] == y[:, None, :]).float()
+    other_obj = ((y[:, None, :] > 0) & (y[:, :, None] != y[:, None, :])).float()
+    for block in range(1, 6):
+        a = out["attn"][:, block]
+        assert_close(a.sum(-1), torch.ones_like(a[..., 0]), atol=1e-4)  # the CLS column holds no mass
+        on_same, on_other = (a * same).sum(-1), (a * other_obj).sum(-1)
+        assert on_same[y > 0].mean() >= 0.6 and on_other[y > 0].mean() <= 0.2, (block, on_same[y > 0].mean())
+        assert on_same[y == 0].mean() >= 0.9
+        # uniform attention would put (object size / N) on the own object: far less
+        assert on_same[y > 0].mean() >= 3 * (same.mean(-1))[y > 0].mean()
+
+
+@pytest.mark.parametrize("method,refine,extra", [("weclip", "rfm", {}), ("weclip", "caa", {}),
+                                                 ("cdclip", "cda", {}), ("excel", "caa", {"tse": "off"}),
+                                                 ("diclip", "caa", {"vce": False, "tsa": "off"})])
+def test_planted_refinements_complete_the_objects(planted_val, method, refine, extra):
+    # each method's refinement spreads the badge CAM over the whole object: >= +3 mIoU points (measured: +40 or
+    # more), PAR adds on top; the perfect-affinity oracle bounds them from above (with a little slack: PAR
+    # reads the image, the oracle is exact only at token resolution)
+    cfg = planted_cfg(planted_val.cfg.data_root, planted_val.cfg.cache_dir, method=method, refine=refine, **extra)
+    frozen = planted_val.frozen if method == "weclip" else wsss.Frozen(cfg, CPU)
+    res = {k: v["miou"] for k, v in wsss.evaluate(None, frozen, planted_val.val, cfg, CPU, cams=True,
+                                                     oracle=True).items()}
+    assert res["cam"] >= 2 * planted_val.all_bg, res
+    assert res["refined"] >= res["cam"] + 0.03 and res["refined+PAR"] >= res["refined"], res
+    assert res["refined+PAR"] <= res["oracle+PAR"] + 0.03, res
+    if method == "weclip" and refine == "rfm":  # without a refinement nothing moves
+        none = wsss.evaluate(None, frozen, planted_val.val, dataclasses.replace(cfg, refine="none"), CPU, cams=True)
+        assert none["refined"]["miou"] == none["cam"]["miou"] == res["cam"]
+
+
+def test_planted_sbe_superclass_labels(planted_val):
+    # CD-CLIP SBE with the planted DINOv2 (per-token hue): Y_s only names the image's own super-classes, and
+    # the prototypes pooled from the badge CAMs find the badges and the bodies of a similar hue: mostly precise,
+    # and more of the objects than the raw CAM (whose recall is <= 0.35, test_planted_cam_is_the_badge)
+    cfg = planted_cfg(planted_val.cfg.data_root, planted_val.cfg.cache_dir, method="cdclip")
     frozen = wsss.Frozen(cfg, CPU)
-    frozen.clip, frozen.patch, frozen.num_blocks = clip.eval().requires_grad_(False), patch, 3
-    C, Ns = frozen.num_fg, frozen.num_super
-    texts = torch.zeros(frozen.texts.shape[0], E)
-    texts[:C, 1:K] = torch.eye(C)
-    for s in range(Ns):
-        texts[C + s, 1 + torch.nonzero(frozen.super_of[1:] == s + 1)[:, 0]] = 1
-    texts[C + Ns:, 0] = 1
-    frozen.texts = F.normalize(texts, dim=-1)
-    frozen.dino = planted_dino(mu, patch) if frozen.dino is not None else None
-    return frozen
+    assert isinstance(frozen.dino, __import__("transformers").Dinov2Model)
+    images, labels = planted_val.images, planted_val.labels
+    out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(cfg, frozen.num_blocks))
+    pl = wsss.make_pseudo_labels(frozen, out, images, labels, cfg)
+    assert pl["Y_s"].shape == pl["Y"].shape == images[:, 0].shape
+    for b in range(len(images)):
+        allowed = {0} | {int(frozen.super_of[c + 1]) for c in torch.nonzero(labels[b])[:, 0].tolist()}
+        assert set(pl["Y_s"][b].unique().tolist()) <= allowed
+    gt_super = frozen.super_of[planted_val.masks.long()]
+    conf = wsss.confusion_matrix(pl["Y_s"], gt_super, frozen.num_super + 1)
+    precision, recall = conf[1:, 1:].diag().sum() / conf[:, 1:].sum(), conf[1:, 1:].diag().sum() / conf[1:].sum()
+    assert precision >= 0.6 and recall >= 0.45, (precision, recall)
 
 
-def planted_dino(mu, patch):
-    """A transformers Dinov2Model set by hand the same way: the patch embedding (with its bias) computes the
-    colour-centroid scores, every layer is switched off by a zero layer-scale, the final LayerNorm
-    normalises: same-class patches get near-identical features, as DINOv2 gives real objects, and patches of
-    different colours get negative cosines."""
-    from transformers import Dinov2Config, Dinov2Model
-    K = mu.shape[0]
-    # width K: LayerNorm's mean subtraction then removes |x|^2 / 2 and leaves -|x - mu_c|^2 / 2, centred; with
-    # extra all-zero channels every token would share a component and all cosines would be high
-    dino = Dinov2Model(Dinov2Config(hidden_size=K, num_hidden_layers=1, num_attention_heads=1, mlp_ratio=1,
-                                    patch_size=patch, image_size=64))
-    with torch.no_grad():
-        for p in dino.parameters():
-            p.zero_()
-        proj = dino.embeddings.patch_embeddings.projection
-        proj.weight[:K] = mu[:, :, None, None] / patch ** 2
-        proj.bias[:K] = -0.5 * (mu ** 2).sum(1)
-        dino.layernorm.weight.fill_(1)
-    return dino.eval().requires_grad_(False)
-
-
-@pytest.mark.parametrize("method,refine,extra", [("weclip", "none", {}), ("weclip", "caa", {}),
-                                                 ("weclip", "rfm", {}), ("cdclip", "cda", {}),
-                                                 ("cdclip", "cda+rfm", {"sbe_refine": True})])
-def test_planted_signal_pseudo_labels(synth_root, cache_dir, method, refine, extra):
-    # the planted CLIP's own temperature: with OpenAI's 100 its sharp logits saturate the softmax and the
-    # GradCAM gradients vanish (the real model's cosines are an order of magnitude closer together)
-    cfg = synth_cfg(synth_root, cache_dir, method=method, refine=refine, cam_logit_scale=3.0, **extra)
-    frozen = planted_frozen(cfg)
-    res = wsss.evaluate(None, frozen, wsss.SegDataset(cfg, "val", train=False), cfg, CPU, cams=True)
-    assert res["cam"]["miou"] >= 0.8, res["cam"]["miou"]
-    assert res["refined+PAR"]["miou"] >= 0.9, {k: v["miou"] for k, v in res.items()}
-    if method == "cdclip":  # SBE: super-class pseudo-labels from the planted DINOv2 match the true super-classes
-        val = wsss.SegDataset(cfg, "val", train=False)
-        batch = [val[i] for i in range(len(val))]
-        images, labels = torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
-        out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(cfg, 3))
-        pl = wsss.make_pseudo_labels(frozen, out, images, labels, cfg)
-        assert pl["Y_s"].shape == pl["Y"].shape == images[:, 0].shape
-        for b in range(len(batch)):  # Y_s only uses the image's own super-classes
-            allowed = {0} | {int(frozen.super_of[c + 1]) for c in torch.nonzero(labels[b])[:, 0].tolist()}
-            assert set(pl["Y_s"][b].unique().tolist()) <= allowed
-        gt_super = frozen.super_of[torch.stack([b["mask"] for b in batch])]
-        conf = wsss.confusion_matrix(pl["Y_s"], gt_super, frozen.num_super + 1)
-        fg_recall = conf[1:, 1:].diag().sum() / conf[1:].sum()
-        # objects get their super-class; the background is the weak side of ReLU(cos) prototypes (a ring's
-        # prototype also pools its grey interior), so on some images it goes to a super-class
-        assert fg_recall >= 0.9 and wsss.miou(conf)["miou"] >= 0.4, (fg_recall, wsss.miou(conf)["miou"])
-
-
-@pytest.mark.parametrize("method", ["weclip", "cdclip"])
+@pytest.mark.parametrize("method", ["weclip"])
 def test_planted_signal_trains_a_decoder(synth_root, cache_dir, tmp_path, method):
     # a milder rescale than WeCLIP's (0.5, 2.0): at 64 px, 2x crops cut most objects out, and (as upstream)
     # every image-level class then still claims its CAM peak inside the crop
-    cfg = synth_cfg(synth_root, cache_dir, method=method, cam_logit_scale=3.0, max_steps=60, batch_size=8,
-                    warmup_steps=5, log_every=30, eval_every=0, save_every=1000, out_dir=str(tmp_path),
-                    rfm_dynamic_after=30, dec_dim=64, dec_mlp=128, dec_heads=4, scale_min=0.8, scale_max=1.25)
-    frozen = planted_frozen(cfg)
-    out = wsss.train(cfg, frozen=frozen)
+    cfg = planted_cfg(synth_root, cache_dir, method=method, max_steps=40, batch_size=8, warmup_steps=5,
+                      log_every=10, eval_every=0, save_every=1000, out_dir=str(tmp_path), rfm_dynamic_after=20,
+                      dec_dim=64, dec_mlp=128, dec_heads=4, dec_layers=1, scale_min=0.8, scale_max=1.25,
+                      eval_scales=(1.0,), eval_flip=False)
+    out = wsss.train(cfg, frozen=wsss.Frozen(cfg, CPU))
     val = out["results"]["decoder"]["miou"]
     val_set = wsss.SegDataset(cfg, "val", train=False)
     all_bg = wsss.miou(sum(wsss.confusion_matrix(torch.zeros(64, 64), val_set[i]["mask"], 7) for i in range(6)))
-    assert val >= 0.5 and val >= 3 * all_bg["miou"], (val, all_bg["miou"])  # all-background: ~0.12
-    assert out["last"]["pseudo_miou"] >= 0.7  # training-crop pseudo-labels against the crops' true masks
+    # 40 steps barely start the decoder (it reads the planted residual stream, whose constant ballast channels
+    # it must learn to ignore): it predicts no worse than all-background. What this run checks is the planted
+    # model inside the training loop: its pseudo-labels of the training crops (RFM, PAR) against their true masks
+    assert val >= all_bg["miou"] - 0.005, (val, all_bg["miou"])
+    losses = [m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl") if "loss" in m]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert out["last"]["pseudo_miou"] >= 0.5, out["last"]
     assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "metrics.jsonl").is_file()
 
 
@@ -1411,6 +1443,26 @@ def test_cli_demo_trains_logs_and_checkpoints(demo_run):
     assert ckpt["step"] == 4 and ckpt["world_size"] == 1 and not any(k.startswith("module.") for k in ckpt["decoder"])
     assert set(ckpt) >= {"decoder", "optimizer", "scaler", "step", "config", "rng"}
     assert len(list((out / "vis").glob("*.png"))) == 6
+
+
+def test_cli_demo_planted_model(tmp_path):
+    # --demo --demo-model planted: no toy pre-training (the cache holds no toy CLIP afterwards), the planted
+    # message, the full table; the checkpoint records the model, and `eval` refuses it under the toy CLIP
+    cache = tmp_path / "cache"
+    flags = ["--demo", "--demo-images", "24", "--batch-size", "4", "--cache-dir", cache, "--demo-model", "planted"]
+    r = run_cli("train", "--method", "weclip", *flags, "--out-dir", tmp_path / "run", "--max-steps", 2,
+                "--log-every", 1, "--eval-scales", "1.0", "--no-eval-flip")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CLIP is the PLANTED model" in r.stdout and "pre-training the toy CLIP" not in r.stdout
+    assert "blocks 7" in r.stdout and "weclip (refine rfm)" in r.stdout
+    for col in ("cam", "refined", "refined+PAR", "decoder", "oracle+PAR", "random CLIP", "all-bg"):
+        assert col in r.stdout
+    assert not list(cache.glob("toy-clip-*.pt"))
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["config"]["demo_model"] == "planted"
+    r = run_cli("eval", "--method", "weclip", *flags[:-1], "toy", "--ckpt", tmp_path / "run" / "ckpt.pt")
+    assert r.returncode == 2 and "demo_model" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("cams", "--method", "weclip", "--demo-model", "planted", "--dataset", "voc", "--data-root", tmp_path)
+    assert r.returncode == 2 and "--demo-model planted" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_resume_continues_exactly(demo_run, cache_dir, tmp_path):
@@ -2203,15 +2255,6 @@ def test_test_time_square_protocol_and_flip_at_scale_1(synth_root, cache_dir):
         assert not torch.allclose(flipped, got)
 
 
-def test_planted_signal_excel_pseudo_labels(synth_root, cache_dir):
-    cfg = synth_cfg(synth_root, cache_dir, method="excel", tse="off")
-    frozen = planted_frozen(cfg)
-    C, Ns = frozen.num_fg, frozen.num_super
-    frozen.cam_texts = torch.cat([frozen.texts[:C], frozen.texts[C + Ns:]])
-    res = wsss.evaluate(None, frozen, wsss.SegDataset(cfg, "val", train=False), cfg, CPU, cams=True)
-    assert res["cam"]["miou"] >= 0.6 and res["refined+PAR"]["miou"] >= 0.8, {k: v["miou"] for k, v in res.items()}
-
-
 @pytest.fixture(scope="session")
 def excel_run(cache_dir, tmp_path_factory):
     """One short excel --demo training through the CLI (4 steps, dynamic from step 2, checkpoints at 2, 4)."""
@@ -2788,13 +2831,13 @@ def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys):
 def test_planted_signal_diclip_cache_pseudo_labels(synth_root, cache_dir, tmp_path):
     # the planted CLIP through DiCLIP's label path with its cache: the TSA cache is built from the planted
     # features of stand-in single-class images (the real image -> pseudo mask -> pooling -> K-means path), and
-    # the static-cache pseudo-labels are at least as good as the plain patch-text ones (VCE off: a random SD's
+    # the static-cache pseudo-labels are about as good as the plain patch-text ones (VCE off: a random SD's
     # attention has nothing to add to a planted model)
     base = dict(method="diclip", tse="off", vce=False, cache_images_per_class=3, cache_per_class=2, cache_bg=3)
-    cfg = synth_cfg(synth_root, tmp_path, tsa="off", **base)
-    frozen = planted_frozen(cfg)
+    cfg = planted_cfg(synth_root, tmp_path, tsa="off", **base)
+    frozen = wsss.Frozen(cfg, CPU)
     C, Ns = frozen.num_fg, frozen.num_super
-    frozen.cam_texts = torch.cat([frozen.texts[:C], frozen.texts[C + Ns:]])
+    assert torch.equal(frozen.cam_texts, torch.cat([frozen.texts[:C], frozen.texts[C + Ns:]]))  # planted: no TSE
     val = wsss.SegDataset(cfg, "val", train=False)
     plain = wsss.evaluate(None, frozen, val, cfg, CPU, cams=True)
     cfg_st = dataclasses.replace(cfg, tsa="static")
@@ -2805,3 +2848,11 @@ def test_planted_signal_diclip_cache_pseudo_labels(synth_root, cache_dir, tmp_pa
     static = wsss.evaluate(None, frozen, val, cfg_st, CPU, cams=True)
     assert static["refined+PAR"]["miou"] >= 0.8 and static["cam"]["miou"] >= plain["cam"]["miou"] - 0.02, \
         (plain["cam"]["miou"], static["cam"]["miou"], static["refined+PAR"]["miou"])
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "cams", "cache", "compare", "synth", "pretrain-toy", "bench"])
+def test_every_command_help_renders(command, capsys):
+    # argparse formats every field's help text with %: a bare "%" in a Config comment crashed `train --help`
+    with pytest.raises(SystemExit) as e:
+        wsss.main([command, "--help"])
+    assert e.value.code == 0 and "--demo" in capsys.readouterr().out

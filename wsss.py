@@ -282,7 +282,7 @@ class Config:
     svc_norm: str = "tokens"      # output L2 norm: tokens (ExCEL code: per channel across tokens) | channels [code≠paper]
     caa_attn_mix: str = "upstream"  # CAA maps: upstream (1 head-averaged + 5 head-summed blocks) | mean (all averaged)
     tse: str = "on"               # text semantic enrichment: on | off (template only: the "Global" ablation)
-    tse_keep: float = 0.9         # K_r: fraction of the attribute centroids kept per class (0.9: the top 90 %)
+    tse_keep: float = 0.9         # K_r: fraction of the attribute centroids kept per class (0.9: the top 90 percent)
     tse_lambda: float = 1.0       # lambda: weight of the attribute sum (ExCEL hard-codes 1)
     tse_clusters: int = 0         # B attribute centroids (ExCEL: VOC 112, COCO 224); 0: ExCEL's sentences/B ratio
     attr_bank: str = ""           # ExCEL's attribute bank .pth [centroids (E x B), flags (C x B)] (preferred input)
@@ -387,6 +387,7 @@ class Config:
     toy_weight_decay: float = 0.1  # `pretrain-toy`: AdamW weight decay (CLIP's)
     toy_warmup: float = 0.1       # `pretrain-toy`: fraction of the steps spent in linear warm-up, then cosine
     toy_seed: int = 1             # `pretrain-toy`: seed of the toy CLIP (one toy CLIP for every method's demo)
+    demo_model: str = "toy"       # demo CLIP: toy (pre-trained) | planted (hand-set: part-CAM, semantic attention)
 
 
 def parse_config(argv, command: str = "train") -> Config:
@@ -520,10 +521,13 @@ def validate_config(cfg: Config):
                    cam_sim=("surgery", "cosine"), svc_attn=("intra", "qk"), svc_heads=("sum", "mean"),
                    svc_norm=("tokens", "channels"), caa_attn_mix=("upstream", "mean"), tse=("on", "off"),
                    relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"),
-                   tsa=("off", "static", "dynamic"))
+                   tsa=("off", "static", "dynamic"), demo_model=("toy", "planted"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    if cfg.demo_model == "planted" and cfg.dataset != "synthetic":
+        raise WSSSError("--demo-model planted is hand-set for the synthetic world: it needs --dataset synthetic "
+                        "(or --demo)")
     supers = DATASETS[cfg.dataset]["superclasses"]
     if cfg.superclasses not in supers:
         raise WSSSError(f"--superclasses {cfg.superclasses} has no table for {cfg.dataset}; "
@@ -602,8 +606,8 @@ def validate_config(cfg: Config):
 
 
 # Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
-MODEL_KEYS = ("dataset", "clip_model", "tiny", "dec_dim", "dec_layers", "dec_heads", "dec_mlp", "cam", "relation",
-              "lvc_alpha", "lvc_beta", "lvc_mean", "tsa", "cache_prompts")
+MODEL_KEYS = ("dataset", "clip_model", "tiny", "demo_model", "dec_dim", "dec_layers", "dec_heads", "dec_mlp", "cam",
+              "relation", "lvc_alpha", "lvc_beta", "lvc_mean", "tsa", "cache_prompts")
 # ... and the run: `--resume` also refuses these (max_steps may change, to extend a run).
 RESUME_KEYS = MODEL_KEYS + ("method", "refine", "superclasses", "crop_size", "batch_size", "seed", "lr",
                             "lambda_aff", "lambda_b", "sbe_gate", "lvc", "tse", "svc_layers", "svc_attn",
@@ -1764,7 +1768,13 @@ class Frozen:
     def __init__(self, cfg: Config, device, need_dino: bool = None):
         info = DATASETS[cfg.dataset]
         self.cfg, self.device = cfg, device
-        self.clip, self.tokenizer = build_clip(cfg, device)
+        planted = cfg.demo_model == "planted"  # the hand-set CLIP of the demo (see planted_clip)
+        if planted:
+            import open_clip
+            self.clip = planted_clip().to(device)
+            self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+        else:
+            self.clip, self.tokenizer = build_clip(cfg, device)
         patch = self.clip.visual.conv1.kernel_size[0]
         if clip_patch_size(cfg) is None and min(cfg.crop_size, cfg.eval_long_side) < patch:
             # validate_config checks this up front when the model name gives the patch size
@@ -1772,20 +1782,25 @@ class Frozen:
                             f"one CLIP patch ({patch} px for {cfg.clip_model})")
         supers = info["superclasses"][cfg.superclasses]
         self.num_fg, self.num_super = len(info["classes"]) - 1, len(supers)
-        # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
-        self.texts = encode_texts(self.clip, self.tokenizer, info["prompts"] + list(supers) + info["bg_prompts"],
-                                  cfg.template, device)
         # class id (1..C) -> super-class id (1..Ns); 0 -> 0
         index = {name: i + 1 for i, name in enumerate(supers)}
         owner = {c: index[s] for s, members in supers.items() for c in members}
         self.super_of = torch.tensor([0] + [owner[c] for c in info["classes"][1:]], device=device)
+        # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
+        if planted:  # a lookup table, not encoded prompts: class c -> axis c, background prompts -> axis 0
+            self.texts = planted_texts(self.num_fg, self.num_super, self.super_of, len(info["bg_prompts"]),
+                                       self.clip.text_projection.shape[1]).to(device)
+        else:
+            self.texts = encode_texts(self.clip, self.tokenizer, info["prompts"] + list(supers) + info["bg_prompts"],
+                                      cfg.template, device)
         need_dino = cfg.lambda_b > 0 if need_dino is None else need_dino
-        self.dino = build_dino(cfg, device) if need_dino else None
+        self.dino = (planted_dino(PLANTED["patch"]).to(device) if planted else build_dino(cfg, device)) \
+            if need_dino else None
         self.patch = self.clip.visual.conv1.kernel_size[0]
         self.num_blocks = len(self.clip.visual.transformer.resblocks)
         if cfg.cam == "text":  # ExCEL/DiCLIP: [C foreground (TSE-enriched) texts; Nb background texts], (C+Nb, E)
             fg = self.texts[: self.num_fg]
-            if cfg.tse == "on":
+            if cfg.tse == "on" and not planted:  # the planted text side knows no attributes: TSE is skipped
                 self.attr_centroids, self.attr_flags = attribute_bank(self.clip, self.tokenizer, cfg, device)
                 fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
             self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
@@ -2661,7 +2676,7 @@ TSA_FORMAT = "wsss-diclip-tsa-cache-v1"
 # manifest differs in any of them is never used.
 TSA_KEYS = ("dataset", "tiny", "clip_model", "clip_pretrained", "template", "norm", "crop_size", "seed",
             "sd_model", "sd_size", "sd_timestep", "sd_layers", "acr_k", "acr_delta", "acr_rounds", "acr_variant",
-            "acr_iters", "vce_layers", "vce_weight", "vce_fusion", "box_threshold", "bg_pow", "par_iters",
+            "demo_model", "acr_iters", "vce_layers", "vce_weight", "vce_fusion", "box_threshold", "bg_pow", "par_iters",
             "cache_per_class", "cache_bg", "cache_images_per_class", "cache_steps", "cache_guidance",
             "cache_image_size", "cache_prompt", "cache_source", "vce", "svc_attn", "svc_heads", "svc_norm", "cam_sim",
             "tse", "tse_keep", "tse_lambda", "tse_clusters", "attr_bank", "descriptions", "refine", "attn_layers",
@@ -3764,10 +3779,229 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
                 map_after=map1, path=str(path), seconds=time.time() - t0)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The demo's planted-signal CLIP (--demo-model planted): a hand-set open_clip.CLIP that under-activates on purpose
+# ----------------------------------------------------------------------------------------------------
+
+# The planted model is the clearly labelled alternative to the pre-trained toy CLIP: nothing in it is learned.
+# Every weight of a real open_clip.CLIP (and of a real transformers Dinov2Model) is set by hand so that the two
+# things the CAM refinements are about are planted, visibly and exactly:
+#   * an IMPERFECT CAM: class evidence lives only in the tokens of the BADGE (the class colour). The body of an
+#     object, in a class-free colour, carries none, so the raw CAM (GradCAM, or the patch-text CAM of the
+#     calibrated path) lights a part of each object: what a real CLIP does with a discriminative part.
+#   * SEMANTIC ATTENTION: later blocks attend within "objectness" (coloured vs grey) and locally, so the tokens
+#     of one object (body and badge) attend to each other, background to background, and two objects in one
+#     image, in separate quadrants, stay mostly apart (locality only: an honest, imperfect separation).
+# The label path is untouched: Frozen only swaps in these weights and text embeddings.
+# Decisions: the text bank is a lookup table (planted_texts), so ExCEL's TSE is skipped (there are no attribute
+# sentences to encode: --tse is ignored with the planted model); DiCLIP's VCE still adds the tiny random SD's
+# attention to the calibrated blocks, where it only perturbs the patch-text CAM (compare --no-vce), and the TSA
+# cache is built from the planted features like any other.
+# Measured on the demo's val split (60 images, training-free): raw CAM ~30 mIoU (all-background ~11), refined
+# ~67-79, +PAR ~69-87; the perfect-affinity oracle (oracle_affinity) +PAR ~90.
+PLANTED = dict(patch=4, width=64, layers=7, mlp_ratio=8, embed_dim=16,
+               ballast=10.0,        # b: the constant of each ballast slot (10 slots: every LayerNorm ~ identity)
+               margin=100.0,        # a: nearest-centroid margins are 1/a (chroma units of 1/100, squared / 2)
+               sharp=10.0,          # K: GELU(K z) / K stands in for ReLU(z) (error <= 0.017 / K)
+               colour_beta=1.0,     # blocks 1-2: beta <chroma_i, chroma_j> (same-colour attention)
+               colour_gamma=0.1,    # ... - gamma |token distance|^2 (early blocks are local: ~2 tokens)
+               object_beta=5.0,     # blocks 3..7: beta sigma_i sigma_j, sigma = +1 object / -1 background
+               object_gamma=0.02,   # ... - gamma |token distance|^2 (a length scale of ~5 tokens)
+               readout=1.0,         # gamma_out: the last block writes back its attention read-out of (E, B)
+               logit_scale=10.0)    # the planted CLIP's temperature (the GradCAM softmax with --cam-logit-scale 0)
+# Residual-stream slots (feature f stored as +f in channel s and -f in channel s + width/2, so the token mean is 0)
+_PS = dict(rgb=0, pos=3, pos2=5, cls=6, votes=7, cls_ev=14, obj=20, bg=21, ballast=22)  # ballast: slots 22..31
+
+
+def planted_centroids():
+    """The colour centroids of the planted model, in CHROMA space (RGB / 100 minus its grey mean: the luminance is
+    dropped, so the background's random grey level does not matter): index 0 grey (chroma 0), 1..6 the class
+    colours TOY_RGB (in TOY_SHAPES order), 7..12 the body colours BODY_RGB. -> (13, 3) float tensor."""
+    cols = np.array([(100, 100, 100)] + [TOY_RGB[c] for c, _ in TOY_SHAPES] + list(BODY_RGB), float) / 100
+    return torch.tensor(cols - cols.mean(1, keepdims=True), dtype=torch.float32)
+
+
+def planted_texts(num_fg: int, num_super: int, super_of, num_bg: int, dim: int):
+    """The planted text bank, laid out as Frozen.texts: class c -> axis c, super-class -> the (normalised) sum of
+    its members' axes, every background prompt -> axis 0. -> (C + Ns + Nb, dim) unit rows."""
+    t = torch.zeros(num_fg + num_super + num_bg, dim)
+    t[:num_fg, 1:num_fg + 1] = torch.eye(num_fg)
+    for s in range(num_super):
+        t[num_fg + s, 1 + torch.nonzero(super_of[1:].cpu() == s + 1)[:, 0]] = 1
+    t[num_fg + num_super:, 0] = 1
+    return F.normalize(t, dim=-1)
+
+
+def planted_clip(image_size: int = 64):
+    """The planted CLIP: a real open_clip.CLIP (7 blocks, width 64, one head, patch 4: 16 x 16 tokens on 64 px),
+    every vision weight set by hand; the text tower stays random and unused (Frozen injects planted_texts).
+
+    Residual stream. Each feature f sits in a slot s as +f (channel s) and -f (channel s + 32), so every token's
+    channel mean is exactly 0, and 10 BALLAST slots hold b = 10 in every token (norm Z = b sqrt(10) ~ 32). A
+    LayerNorm with weight Z sqrt(2/D) then returns x Z / sqrt(Z^2 + |f|^2): a per-token scale within ~1-2 % of 1
+    (|f|^2 <= ~30), so every ln_pre / ln_1 / ln_2 / ln_post is nearly the identity for the features, and a
+    read-out simply reads the + channel. (The decoder reads this stream too: the ballast channels are constants
+    it has to learn to ignore, like the massive activations of a real CLIP; a larger b would make LayerNorm more
+    exact and the decoder slower to train.) Slots (_PS):
+      rgb   the patch's mean colour RGB / 100 (conv1 undoes the input normalisation; the means come from the
+            positional embedding, which is the conv's missing bias)
+      pos   the token's grid position (column, row) / 8, centred; pos2 its squared norm; cls 1 on the CLS token
+      votes block 1's MLP: for each target t in {grey, 6 class colours}, V_t = (1/12) sum over the 12 other
+            centroids k of clamp(a (s_k - s_t) + 1, 0, 1), with the nearest-centroid score
+            s_k = <chroma, c_k> - |c_k|^2 / 2: V_t = 0 iff t beats every other centroid by a margin 1/a
+      cls_ev block 2's MLP: class evidence E_c = ReLU(1 - 12 V_c): 1 on a badge-coloured token of class c, else 0
+      obj   block 2's MLP: objectness O = 1 - ReLU(1 - 12 V_grey) (1 unless grey is the nearest colour)
+      bg    block 2's MLP: background B = 1 - O
+    (ReLU is GELU(K z) / K, K = 10; a clamp is ReLU(z) - ReLU(z - 1).)
+
+    Attention (q = W_q a + b_q, k = W_k a; open_clip's 1/sqrt(64) is undone in W_q; the CLS token's key gets
+    -1e4, so no patch attends to it):
+      blocks 1-2  logit_ij = beta_c <chroma_i, chroma_j> - gamma_c |P_i - P_j|^2 (P in tokens): same-colour
+                  tokens attend to each other, locally. A body attends to its body, a badge to its badge.
+      blocks 3-7  logit_ij = beta_o sigma_i sigma_j - gamma_o |P_i - P_j|^2 with sigma = O - B: object tokens
+                  (body AND badge) attend to the object tokens near them, background to background. Two objects
+                  of one image sit in separate quadrants: locality alone keeps them mostly apart (imperfectly).
+    q . k uses the row-constant trick: -gamma |P_i - P_j|^2 = 2 gamma <P_i, P_j> - gamma |P_j|^2 - gamma |P_i|^2,
+    and the last term cancels in the row softmax (q gets a constant 1 from its bias, k reads the pos2 slot).
+    Read-out. Blocks 1-6 write nothing back (out_proj = 0): their maps exist for the refinements to use, and never
+    carry evidence into a body before the last block. Block 7 reads v = (E, B) and writes it back (out_proj =
+    gamma_out I): a body token's OUTPUT then holds its object's mean evidence, as a real CLIP's last layers
+    spread the class over the object (CD-CLIP's class distributions and the decoder see it), while GradCAM's
+    hooked activation is that block's INPUT, where the body has E = 0: GradCAM's gradient flows through this
+    attention (values, and q . k via the objectness and position slots), but ReLU(<alpha, a_n>) stays on the
+    badges (test_planted_cam_is_the_badge measures it). The calibrated path (ExCEL's SVC in blocks 3-7, DiCLIP's
+    VCE in 5-7) starts from block 3's / 5's input, after the two MLPs, so its patch-text CAM sees E_c of the
+    badge plus the read-out of one block: the badge too. That is why there are 7 blocks: ExCEL calibrates the
+    last 5, and class evidence needs two MLPs before them.
+    MLPs of blocks 3-7 are zero. proj maps E_c to text axis c and B to axis 0 (the background prompts).
+    Returns the CLIP in eval mode, requires_grad False. Deterministic (no random numbers drawn by the caller)."""
+    import open_clip
+    P = PLANTED
+    p, D, L = P["patch"], P["width"], P["layers"]
+    H = D // 2
+    n_ballast = H - _PS["ballast"]
+    Z = P["ballast"] * math.sqrt(n_ballast)  # the ballast's norm (per half of the stream)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the unused random text tower
+        clip = open_clip.CLIP(embed_dim=P["embed_dim"], vision_cfg=dict(
+            image_size=image_size, layers=L, width=D, head_width=D, patch_size=p, mlp_ratio=P["mlp_ratio"]),
+            text_cfg=dict(context_length=TOY_CLIP["text_cfg"]["context_length"], vocab_size=49408, width=32,
+                          heads=1, layers=1))
+    v = clip.visual
+    g = image_size // p
+    cent = planted_centroids()  # (13, 3)
+    K, a, sharp = cent.shape[0], P["margin"], P["sharp"]
+    targets = list(range(7))  # grey and the 6 class colours
+    std, mean = torch.tensor(IMAGENET_STD) / 100, torch.tensor(IMAGENET_MEAN) / 100
+    C = torch.eye(3) - 1 / 3  # chroma = C rgb
+
+    with torch.no_grad():
+        for prm in v.parameters():
+            prm.zero_()
+        clip.logit_scale.fill_(math.log(P["logit_scale"]))
+        for ln in [v.ln_pre, v.ln_post] + [m for blk in v.transformer.resblocks for m in (blk.ln_1, blk.ln_2)]:
+            ln.weight.fill_(Z * math.sqrt(2 / D))
+        # conv1: the patch's mean colour (RGB / 100) from the normalised input; its mean from the positional bias
+        for ch in range(3):
+            v.conv1.weight[_PS["rgb"] + ch, ch] = std[ch] / p ** 2
+            v.conv1.weight[_PS["rgb"] + ch + H, ch] = -std[ch] / p ** 2
+        pos = torch.zeros(1 + g * g, D)
+        pos[1:, _PS["rgb"]:_PS["rgb"] + 3], pos[1:, H + _PS["rgb"]:H + _PS["rgb"] + 3] = mean, -mean
+        rr, cc = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+        xy = torch.stack([cc.flatten(), rr.flatten()], 1).float()
+        xy = (xy - (g - 1) / 2) / 8  # (N, 2): column, row, centred, in units of 8 tokens
+        for j, col in enumerate((xy[:, 0], xy[:, 1], (xy ** 2).sum(1))):
+            pos[1:, _PS["pos"] + j], pos[1:, H + _PS["pos"] + j] = col, -col
+        pos[0, _PS["cls"]], pos[0, H + _PS["cls"]] = 1, -1
+        pos[:, _PS["ballast"]:H], pos[:, H + _PS["ballast"]:] = P["ballast"], -P["ballast"]
+        v.positional_embedding.copy_(pos)
+        blocks = v.transformer.resblocks
+        rgb = slice(_PS["rgb"], _PS["rgb"] + 3)
+        # block 1's MLP: the pairwise nearest-centroid votes V_t
+        fc1, pr1 = blocks[0].mlp.c_fc, blocks[0].mlp.c_proj
+        u = 0
+        for t in targets:
+            for k in range(K):
+                if k == t:
+                    continue
+                d = cent[k] - cent[t]  # z = a (s_k - s_t) + 1 = a <rgb, d> - a (|c_k|^2 - |c_t|^2) / 2 + 1
+                w, b = a * (C @ d), 1 - a * ((cent[k] ** 2).sum() - (cent[t] ** 2).sum()) / 2
+                for off in (0.0, 1.0):  # clamp(z, 0, 1) = ReLU(z) - ReLU(z - 1)
+                    fc1.weight[u, rgb], fc1.bias[u] = sharp * w, sharp * (b - off)
+                    sign = 1 if off == 0 else -1
+                    pr1.weight[_PS["votes"] + t, u] = sign / (sharp * (K - 1))
+                    pr1.weight[H + _PS["votes"] + t, u] = -sign / (sharp * (K - 1))
+                    u += 1
+        # block 2's MLP: E_c = ReLU(1 - 12 V_c), B = ReLU(1 - 12 V_grey), O = 1 - B
+        fc2, pr2 = blocks[1].mlp.c_fc, blocks[1].mlp.c_proj
+        for t in targets:
+            fc2.weight[t, _PS["votes"] + t], fc2.bias[t] = -sharp * (K - 1), sharp
+            out = _PS["bg"] if t == 0 else _PS["cls_ev"] + t - 1
+            pr2.weight[out, t], pr2.weight[H + out, t] = 1 / sharp, -1 / sharp
+        pr2.weight[_PS["obj"], 0], pr2.weight[H + _PS["obj"], 0] = -1 / sharp, 1 / sharp
+        pr2.bias[_PS["obj"]], pr2.bias[H + _PS["obj"]] = 1, -1
+        # attention: q rows 0..D-1, k rows D..2D-1, v rows 2D..3D-1 of in_proj
+        root = math.sqrt(D)  # undoes nn.MultiheadAttention's 1/sqrt(head_dim) on q
+        for i, blk in enumerate(blocks):
+            W, bias = blk.attn.in_proj_weight, blk.attn.in_proj_bias
+            if i == L - 1:  # v = (E, B); out_proj writes the read-out back at gamma_out
+                for j, s in enumerate(list(range(_PS["cls_ev"], _PS["cls_ev"] + 6)) + [_PS["bg"]]):
+                    W[2 * D + j, s] = 1
+                    blk.attn.out_proj.weight[s, j], blk.attn.out_proj.weight[H + s, j] = P["readout"], -P["readout"]
+            colour = i < 2
+            beta, gamma = (P["colour_beta"], P["colour_gamma"]) if colour else (P["object_beta"], P["object_gamma"])
+            if colour:  # q/k dims 0..2: sqrt(beta) chroma
+                W[0:3, rgb], W[D:D + 3, rgb] = root * math.sqrt(beta) * C, math.sqrt(beta) * C
+            else:  # q/k dim 0: sqrt(beta) (O - B)
+                for s, sg in ((_PS["obj"], 1), (_PS["bg"], -1)):
+                    W[0, s], W[D, s] = root * math.sqrt(beta) * sg, math.sqrt(beta) * sg
+            # dims 3, 4: sqrt(2 gamma) P (P = 4 pos in tokens); dim 5: q = 1 (bias), k = -gamma |P|^2 - 1e4 cls
+            for j in range(2):
+                W[3 + j, _PS["pos"] + j] = root * math.sqrt(2 * gamma) * 8
+                W[D + 3 + j, _PS["pos"] + j] = math.sqrt(2 * gamma) * 8
+            bias[5] = root
+            W[D + 5, _PS["pos2"]], W[D + 5, _PS["cls"]] = -gamma * 64, -1e4
+        # proj: E_c -> text axis c, B -> axis 0 (the background prompts)
+        for c in range(6):
+            v.proj[_PS["cls_ev"] + c, 1 + c] = 1
+        v.proj[_PS["bg"], 0] = 1
+    return clip.eval().requires_grad_(False)
+
+
+def planted_dino(patch: int = 4, image_size: int = 64, grey: float = 0.1):
+    """A transformers Dinov2Model set by hand for CD-CLIP's SBE: the patch embedding (with its bias) computes the
+    patch's chroma (RGB / 100 minus its grey mean) and a constant `grey` channel, each stored as +f and -f (so
+    the final LayerNorm's mean subtraction is void and it only rescales); every layer is switched off by a
+    zero layer-scale. A token's feature direction is then its hue: the tokens of one coloured region get
+    near-identical features, as DINOv2 gives the parts of a real object, and the grey background (chroma ~0)
+    points along the constant channel, nearly orthogonal to every coloured token. (Unlike the CLIP above, it
+    does not know that a body and its badge belong together: a prototype pooled from both matches both only
+    partly.)"""
+    from transformers import Dinov2Config, Dinov2Model
+    std, mean = torch.tensor(IMAGENET_STD) / 100, torch.tensor(IMAGENET_MEAN) / 100
+    C = torch.eye(3) - 1 / 3  # chroma = C rgb
+    dino = Dinov2Model(Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, mlp_ratio=1,
+                                    patch_size=patch, image_size=image_size))
+    with torch.no_grad():
+        for prm in dino.parameters():
+            prm.zero_()
+        proj = dino.embeddings.patch_embeddings.projection
+        w = (C * std)[:, :, None, None].expand(3, 3, patch, patch) / patch ** 2  # rgb = x std + mean, patch mean
+        proj.weight[:3], proj.weight[3:6] = w, -w
+        proj.bias[:3], proj.bias[3:6], proj.bias[6], proj.bias[7] = C @ mean, -(C @ mean), grey, -grey
+        dino.layernorm.weight.fill_(1)
+    return dino.eval().requires_grad_(False)
+
+
 def prepare_demo(cfg: Config):
     """--demo assets, made on first use and then reused from cache_dir: the synthetic dataset and the
     pre-trained toy CLIP. Rank 0 makes them; other DDP ranks wait."""
     on_rank0(_demo_assets, cfg)
+    if cfg.demo_model == "planted":
+        print0("demo: CLIP is the PLANTED model (hand-set weights, no training: its CAM lights the badges only, its "
+               "attention follows objectness; see planted_clip)" + ("; DINOv2 is planted too (colour profiles)"
+                                                                      if cfg.lambda_b > 0 else ""))
+        return
     print0("demo: CLIP is the toy CLIP pre-trained on the synthetic world" + (
         "; DINOv2 is a tiny random-weight model (so SBE's prototypes carry no real boundary knowledge here)"
         if cfg.lambda_b > 0 else ""))
@@ -3780,7 +4014,7 @@ def _demo_assets(cfg: Config):
         make_synthetic_dataset(make_dir(root, "demo data"), cfg.demo_images, 64, seed=0)
         atomic_write_text("ok\n", root / ".complete")
     toy = Path(cfg.clip_pretrained)
-    if _is_path(cfg.clip_pretrained):
+    if _is_path(cfg.clip_pretrained) and cfg.demo_model == "toy":  # the planted model needs no pre-training
         cached = toy == toy_clip_path(cfg)  # ours, under --cache-dir: validated, rebuilt when corrupt
         clean_stale_temps(toy.parent)
         if (load_cache(toy, read_toy_clip) is None) if cached else not toy.is_file():
@@ -3792,7 +4026,7 @@ def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
     """Reference points for the demo table: pseudo-labels (after PAR) of a random-weight toy CLIP, and
     background everywhere. The random CLIP runs without DiCLIP's cache (a cache built from its flat maps holds
     nothing: under the demo's contrast floor no cache image even gets a pseudo mask)."""
-    rnd_cfg = dataclasses.replace(cfg, clip_pretrained="random", tsa="off", save_vis="")
+    rnd_cfg = dataclasses.replace(cfg, clip_pretrained="random", demo_model="toy", tsa="off", save_vis="")
     rnd = Frozen(rnd_cfg, device, need_dino=False)
     res = evaluate(None, rnd, val_set, rnd_cfg, device, cams=True)
     K = len(DATASETS[cfg.dataset]["classes"])
