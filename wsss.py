@@ -27,6 +27,7 @@ Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
   python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
   python wsss.py cache --method diclip --data-root ... # build DiCLIP's TSA key-value cache (resumable)
   python wsss.py compare --demo                        # the four methods on the same data, one table
+  python wsss.py compare --demo --demo-model planted   # the same with a hand-set CLIP whose attention is semantic
   python wsss.py synth --data-root /tmp/synth          # write the synthetic dataset in the VOC layout
   python wsss.py pretrain-toy                          # contrastively pre-train the toy CLIP used by --demo
   python wsss.py bench --method cdclip --clip-pretrained random --dino-model random  # timings of a step
@@ -1280,8 +1281,8 @@ TOY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_
 
 
 def toy_clip_path(cfg: Config) -> Path:
-    key = hashlib.sha1(json.dumps([SYNTH_WORLD, TOY_CLIP, cfg.toy_steps, cfg.toy_batch, cfg.toy_lr, cfg.toy_weight_decay,
-                                   cfg.toy_warmup, cfg.toy_seed]).encode())
+    key = hashlib.sha1(json.dumps([SYNTH_WORLD, TOY_CLIP, cfg.toy_steps, cfg.toy_batch, cfg.toy_lr,
+                                   cfg.toy_weight_decay, cfg.toy_warmup, cfg.toy_seed]).encode())
     return Path(cfg.cache_dir) / f"toy-clip-{key.hexdigest()[:10]}.pt"
 
 
