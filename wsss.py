@@ -21,7 +21,7 @@ Methods (`--method` is the one dial; each preset is a few Config overrides, see 
           (VCE); a key-value cache built from generated single-class images (TSA) with a trainable adapter.
 
 Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
-  python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~1.5 min on 2 CPU cores
+  python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~3 min on 2 CPU cores
   python wsss.py train --method cdclip --data-root VOCdevkit/VOC2012   # real VOC, real checkpoints (GPU)
   python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
   python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
@@ -3774,7 +3774,7 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
         clip.eval()
         map1 = zero_shot_map(clip, tokenizer, held_out[0], held_out[2], device)
     atomic_save({"model": clip.state_dict(), "toy_clip": TOY_CLIP, "steps": cfg.toy_steps}, path)
-    log(f"toy CLIP: zero-shot mAP {map0:.2f} -> {map1:.2f} on 200 held-out scenes (chance ~0.33) in "
+    log(f"toy CLIP: zero-shot mAP {map0:.2f} -> {map1:.2f} on 200 held-out scenes (chance ~0.25) in "
         f"{time.time() - t0:.0f} s; saved {path}")
     return dict(loss_first=float(np.mean(losses[:5])), loss_last=float(np.mean(losses[-5:])), map_before=map0,
                 map_after=map1, path=str(path), seconds=time.time() - t0)
