@@ -1237,6 +1237,12 @@ def test_label_variants_run_dynamic_rfm_with_a_decoder_and_label_at_the_gt_size(
     unboxed = wsss.cams_to_label(wsss.refine_cams(res["cams"][c], torch.zeros_like(img), A), img, cls, x, cfg,
                                  use_par=False, size=(60, 80))
     assert "oracle" not in wsss.label_variants(frozen, image, labels, cfg)
+    tight = dataclasses.replace(cfg, box_threshold=0.9)  # a small box: it must limit the ceiling's sources too
+    box_t = wsss.box_mask(res["cams"][c], 0.9)
+    boxed = wsss.cams_to_label(wsss.refine_cams(res["cams"][c], torch.zeros_like(img), A, box_t), img, cls, x, cfg,
+                               use_par=False, size=(60, 80))
+    assert not torch.equal(boxed, unboxed)
+    assert torch.equal(wsss.label_variants(frozen, image, labels, tight, decoder, gt=gt)["oracle"], boxed)
     cda = wsss.label_variants(frozen, image, labels, dataclasses.replace(cfg, refine="cda"), gt=gt)
     assert torch.equal(cda["oracle"], unboxed)  # CDA has no boxes: neither has its ceiling
 
