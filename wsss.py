@@ -500,7 +500,7 @@ _RULES = [(name, lambda v, lo=lo: v >= lo, f">= {lo}") for name, lo in (
     ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("dec_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
 ] + [(name, lambda v: 0 <= v <= 1, "in [0, 1]") for name in (
-    "warmup_ratio", "toy_warmup", "box_threshold", "cap_threshold", "cp_area_floor")] + [
+    "warmup_ratio", "toy_warmup", "box_threshold", "cap_threshold", "cp_area_floor", "cam_contrast_floor")] + [
     (name, lambda v: v > 0, "> 0") for name in ("crf_pos_xy", "crf_pos_w", "crf_bi_xy", "crf_bi_rgb", "crf_bi_w")]
 
 
