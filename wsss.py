@@ -81,15 +81,19 @@ class WSSSError(Exception):
     """A user-facing error: main() prints its message as one line and exits with status 2."""
 
 
+# ====================================================================================================
+# PART I: THE METHODS. Configuration -> data -> frozen encoders -> CAMs -> refinements -> caches -> decoder ->
+# losses -> evaluation -> the training step. Each method's blocks are labelled with its paper and equations.
+# ====================================================================================================
 # ----------------------------------------------------------------------------------------------------
-# Config: datasets table, method presets, one dataclass (the CLI is generated from its fields)
+# I.1 Configuration: class tables, super-classes, datasets, method presets, one Config dataclass
 # ----------------------------------------------------------------------------------------------------
 
 IGNORE = 255  # void / ignore label in every mask and pseudo-label
-
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor"]
+
 # WeCLIP's prompt synonyms (clip_text.py `new_class_names`), VOC ids 1..20.
 VOC_PROMPTS = ["aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat", "cow",
                "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human", "pottedplant",
@@ -107,6 +111,7 @@ COCO_CLASSES = ["background", "person", "bicycle", "car", "motorbike", "aeroplan
                 "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote", "keyboard", "cell phone",
                 "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
                 "teddy bear", "hair drier", "toothbrush"]
+
 # WeCLIP's 13 COCO replacements (clip_text.py `new_class_names_coco`); "sknowboard" is upstream's spelling.
 _COCO_SYNONYMS = {"person": "person with clothes,people,human", "bird": "bird avian", "backpack": "backpack,bag",
                   "umbrella": "umbrella,parasol", "handbag": "handbag,purse", "tie": "necktie",
@@ -120,10 +125,6 @@ COCO_BG = [w for w in VOC_BG if w not in ("keyboard", "sign")]  # WeCLIP's 23 CO
 # its class's badge (a shape in the class colour) at its rim; the badge alone tells the class.
 TOY_SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"),
               ("purple", "ring"), ("orange", "cross")]
-TOY_RGB = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), "yellow": (235, 215, 40),
-           "purple": (150, 50, 190), "orange": (245, 140, 30)}
-BODY_RGB = [(120, 85, 60), (50, 120, 120), (85, 90, 135), (115, 120, 55), (180, 160, 135), (150, 110, 130)]
-SYNTH_WORLD = "badges-2"  # the world's version: part of the demo's cached dataset and toy-CLIP names
 SYNTH_CLASSES = ["background"] + [f"{c} {s}" for c, s in TOY_SHAPES]
 
 # Super-classes (CD-CLIP §4.1, a PROPOSAL [P]: the paper reports 5 VOC groups best, 4 too coarse, 7 misaligned,
@@ -156,7 +157,6 @@ COCO_SUPER = {12: {  # the 12 official COCO supercategories, WeCLIP's VOC-style 
     "household item": ["book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]}}
 SYNTH_SUPER = {3: {"round shape": ["red circle", "purple ring"], "polygon": ["blue square", "green triangle"],
                    "spiky shape": ["yellow star", "orange cross"]}}
-
 DATASETS = {
     "voc": dict(classes=VOC_CLASSES, prompts=VOC_PROMPTS, bg_prompts=VOC_BG, superclasses=VOC_SUPER,
                 attr_ratio=112 / 400, mask_strip="", defaults=dict(train_split="train_aug", val_split="val", superclasses=5)),
@@ -173,7 +173,6 @@ DATASETS = {
                       defaults=dict(train_split="train", val_split="val", superclasses=3, crop_size=64,
                                     eval_long_side=64)),
 }
-
 METHODS = {
     # WeCLIP: GradCAM -> RFM (static, then dynamic with the decoder affinity) -> PAR; L = L_seg + 0.1 L_aff.
     "weclip": dict(refine="rfm", lambda_aff=0.1, lambda_b=0.0, eval_scales=(1.0, 0.75)),
@@ -211,13 +210,6 @@ METHODS = {
 REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
 ACR_VARIANTS = ("left", "recluster", "right", "sharpen")  # DiCLIP Eq. 6 readings (spec §4.2)
 VCE_FUSIONS = ("add", "norm", "scale", "gate")  # DiCLIP Table XII: SD attention into CLIP attention
-
-# --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
-DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
-            warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240, eval_long_side=64,
-            cam_logit_scale=0.0,  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
-            cam_contrast_floor=0.05)  # the toy's diffuse attention leaves flat refined CAMs: guard them (README)
-
 
 # DiCLIP §III-D's prompt for the single-class images of the TSA cache ({category}: the plain class name).
 DICLIP_PROMPT = ("a realistic photograph of a fully visible, entire {category} with natural colors, centered in the "
@@ -390,6 +382,1714 @@ class Config:
     toy_seed: int = 1             # `pretrain-toy`: seed of the toy CLIP (one toy CLIP for every method's demo)
     demo_model: str = "toy"       # demo CLIP: toy (pre-trained) | planted (hand-set: part-CAM, semantic attention)
 
+
+# ----------------------------------------------------------------------------------------------------
+# I.2 Shared helpers: seeding, float32 regions, min-max, rank-0 printing
+# ----------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fp32(device):
+    """A region that runs in float32 even inside a training autocast: the frozen encoders and the whole label
+    path (CAMs, affinities, refinements, PAR). Only the trained head uses AMP."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
+def minmax(x, dims=(-2, -1), eps: float = 1e-7):
+    """Per-map min-max to [0, 1): (x - min) / (eps + max(x - min)), as pytorch_grad_cam's scale_cam_image."""
+    x = x - x.amin(dim=dims, keepdim=True)
+    return x / (eps + x.amax(dim=dims, keepdim=True))
+
+
+def dist_info():
+    """(rank, world_size, local_rank) from torchrun's environment variables."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def print0(*args, **kw):
+    if dist_info()[0] == 0:
+        print(*args, **kw, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.3 Data: pixel statistics, WeCLIP's training augmentation, the dataset item, the epoch sampler
+# ----------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # on 0..255 RGB
+CLIP_MEAN = tuple(255 * m for m in (0.48145466, 0.4578275, 0.40821073))
+CLIP_STD = tuple(255 * s for s in (0.26862954, 0.26130258, 0.27577711))
+
+
+def normalize_image(rgb: np.ndarray, norm: str):
+    """uint8 (H, W, 3) -> float (3, H, W) normalised with ImageNet (official WeCLIP code) or CLIP statistics."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    x = (rgb.astype(np.float32) - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def denormalize_image(x, norm: str) -> np.ndarray:
+    """float (3, H, W) -> uint8 (H, W, 3), the inverse of normalize_image."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    rgb = x.detach().float().cpu().numpy().transpose(1, 2, 0) * np.array(std) + np.array(mean)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)  # rounded: truncation lost 1 level in 45 % of values
+
+
+def renormalize(x, src: str, dst: str):
+    stats = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+    (m0, s0), (m1, s1) = stats[src], stats[dst]
+    t = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * t(s0) + t(m0) - t(m1)) / t(s1)
+
+
+def augment(rgb: np.ndarray, mask: np.ndarray, cfg: Config, rng: np.random.Generator):
+    """WeCLIP's train augmentation: random rescale U(scale_min, scale_max) (bilinear image, nearest mask), h-flip
+    p=0.5, random crop of crop_size on a canvas padded with pixel 0 (image) and 255 (mask)."""
+    from PIL import Image
+    h, w = mask.shape
+    r = rng.uniform(cfg.scale_min, cfg.scale_max)
+    nh, nw = max(1, int(r * h)), max(1, int(r * w))
+    rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+    mask = np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))
+    if rng.random() < 0.5:
+        rgb, mask = rgb[:, ::-1], mask[:, ::-1]
+    s = cfg.crop_size
+    ch, cw = max(s, nh), max(s, nw)
+    canvas = np.zeros((ch, cw, 3), np.uint8)
+    canvas_mask = np.full((ch, cw), IGNORE, np.uint8)
+    oy, ox = int(rng.integers(0, ch - nh + 1)), int(rng.integers(0, cw - nw + 1))
+    canvas[oy:oy + nh, ox:ox + nw], canvas_mask[oy:oy + nh, ox:ox + nw] = rgb, mask
+    y0, x0 = int(rng.integers(0, ch - s + 1)), int(rng.integers(0, cw - s + 1))
+    return canvas[y0:y0 + s, x0:x0 + s], canvas_mask[y0:y0 + s, x0:x0 + s]
+
+
+class SegDataset:
+    """The VOC folder layout: <root>/JPEGImages/<name>.jpg, <root>/SegmentationClassAug/<name>.png (or
+    SegmentationClass/), split lists <root>/ImageSets/Segmentation/<split>.txt (or <root>/<split>.txt).
+    Image-level labels are derived from the masks (classes present minus background and 255), so no label
+    file is needed; they are scanned once and cached. A map-style dataset (DataLoader needs only __len__ and
+    __getitem__). In training, the index encodes (epoch, i) so that augmentation is a pure function of
+    (seed, epoch, i): the same on any number of workers and after --resume."""
+
+    def __init__(self, cfg: Config, split: str, train: bool):
+        self.cfg, self.split, self.train = cfg, split, train
+        info = DATASETS[cfg.dataset]
+        self.num_classes = len(info["classes"])
+        self.root = Path(cfg.data_root)
+        if not cfg.data_root:
+            raise WSSSError(f"no --data-root given for {cfg.dataset}: pass --data-root DIR (e.g. "
+                            f"VOCdevkit/VOC2012; layout in data.md) or set WSSS_DATA_ROOT, or try --demo")
+        if not self.root.is_dir():
+            raise WSSSError(f"data root {str(self.root)!r} not found: pass --data-root DIR (layout in data.md) "
+                            f"or try --demo")
+        lists = [self.root / "ImageSets" / "Segmentation" / f"{split}.txt", self.root / f"{split}.txt"]
+        list_path = next((p for p in lists if p.is_file()), None)
+        if list_path is None:
+            raise WSSSError(f"split list for {split!r} not found; expected {lists[0]} (see data.md)")
+        # one name per line (names may contain spaces; surrounding whitespace and blank lines are ignored)
+        names = [n.strip() for n in read_text(list_path, "split list").splitlines() if n.strip()]
+        unique = list(dict.fromkeys(names))
+        if len(unique) < len(names):  # duplicates would be trained on twice and counted twice in the mIoU
+            print0(f"data: {list_path.name} lists {len(names) - len(unique)} name(s) more than once; each image is "
+                   f"used once")
+            names = unique
+        mask_dir = next((d for d in ("SegmentationClassAug", "SegmentationClass") if (self.root / d).is_dir()), None)
+        if mask_dir is None:
+            raise WSSSError(f"no SegmentationClassAug/ or SegmentationClass/ folder in {self.root} (see data.md)")
+        strip = info["mask_strip"]
+        self.items = []
+        for n in names:
+            image = self.root / "JPEGImages" / f"{n}.jpg"
+            mask = self.root / mask_dir / f"{re.sub(strip, '', n) if strip else n}.png"
+            if not image.is_file():
+                raise WSSSError(f"image listed in {list_path.name} but missing: {image}")
+            self.items.append((n, image, mask))
+        labels = self._scan_labels(list_path)
+        self.labels = [labels[n] for n, _, _ in self.items]
+        if train:  # WeCLIP needs at least one foreground class per image (GradCAM target)
+            keep = [i for i, lab in enumerate(self.labels) if lab]
+            if len(keep) < len(self.items):
+                print0(f"data: skipped {len(self.items) - len(keep)} {split} images with no foreground class")
+            self.items, self.labels = [self.items[i] for i in keep], [self.labels[i] for i in keep]
+        if not self.items:
+            raise WSSSError(f"split {split!r} in {self.root} has no usable images")
+        self.epoch_len = len(self.items)
+
+    def _scan_labels(self, list_path) -> dict:
+        """{name: sorted foreground class ids} from the masks, cached under cache_dir. The cache key covers the
+        root and, for every listed image and mask, its name, size and mtime (one stat each), so an edited
+        dataset is re-scanned; a corrupt cache file is rebuilt (load_cache). The scan also reads each image's
+        header (readable, not a decompression bomb, the size of its mask): a bad image of any split is reported
+        before training starts rather than in a worker or at the final evaluation."""
+        sig = hashlib.sha1(f"{self.root.resolve()}|{list_path.name}|".encode())
+        for n, image, mask in self.items:
+            sig.update(f"{n}|{_stat_key(image)}|{_stat_key(mask)}\n".encode())
+        path = Path(self.cfg.cache_dir) / "labels" / f"{self.cfg.dataset}-{self.split}-{sig.hexdigest()[:12]}.json"
+        names, K = [n for n, _, _ in self.items], self.num_classes
+
+        def read(p):
+            labels = json.loads(p.read_text(encoding="utf-8"))
+            ok = isinstance(labels, dict) and all(
+                isinstance(labels.get(n), list) and all(_is_int(c) and 0 < c < K for c in labels[n]) for n in names)
+            return labels if ok else None
+
+        labels = load_cache(path, read)
+        if labels is not None:
+            return labels
+        labels = {}
+        for n, image, m in self.items:
+            mask = load_mask(m, K)
+            try:
+                with open_image(image) as im:
+                    size = im.size
+            except (OSError, SyntaxError, ValueError) as e:
+                raise WSSSError(f"cannot read image {image}: {e} (corrupt or truncated file?)")
+            if size != mask.shape[::-1]:
+                raise WSSSError(f"image {image} is {size[0]}x{size[1]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
+            labels[n] = [int(c) for c in np.unique(mask) if 0 < c < K]
+        try:
+            clean_stale_temps(path.parent)
+            atomic_write_text(json.dumps(labels), path)
+        except WSSSError:
+            pass  # a read-only cache only costs a re-scan next time
+        return labels
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, i = divmod(int(index), self.epoch_len)
+        name, image_path, mask_path = self.items[i]
+        rgb, mask = load_rgb(image_path), load_mask(mask_path, self.num_classes)
+        if rgb.shape[:2] != mask.shape:
+            raise WSSSError(f"image {image_path} is {rgb.shape[1]}x{rgb.shape[0]} but its mask is "
+                            f"{mask.shape[1]}x{mask.shape[0]}")
+        if self.train:
+            rgb, mask = augment(rgb, mask, self.cfg, np.random.default_rng([self.cfg.seed, epoch, i]))
+        label = torch.zeros(self.num_classes - 1)
+        label[[c - 1 for c in self.labels[i]]] = 1.0
+        return dict(image=normalize_image(rgb, self.cfg.norm), mask=torch.from_numpy(mask.astype(np.int64)),
+                    label=label, name=name)
+
+
+class EpochSampler:
+    """Shuffled indices, re-drawn each epoch from (seed, epoch), sharded across DDP ranks, starting at any
+    step: what makes --resume exact. Yields epoch * len + i, decoded by SegDataset.__getitem__."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
+                 overfit: bool = False):
+        self.n, self.bs, self.seed, self.rank, self.world, self.overfit = n, batch_size, seed, rank, world, overfit
+        self.steps_per_epoch = n // (batch_size * world)
+        if self.steps_per_epoch == 0:
+            raise WSSSError(f"{n} training images are fewer than one batch ({batch_size} x {world} processes)")
+        self.start_step = start_step
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            per_rank = order[: self.steps_per_epoch * self.bs * self.world].view(self.steps_per_epoch, self.world,
+                                                                                  self.bs)  # (steps, world, bs)
+            if self.overfit:  # the first batch of epoch 0 (same augmentation) for ever
+                while True:
+                    yield [int(i) for i in per_rank[0, self.rank]]
+            for step in range(skip, self.steps_per_epoch):
+                yield [epoch * self.n + int(i) for i in per_rank[step, self.rank]]
+            epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.4 Frozen encoders: the text bank, the shared CLIP pass and its calibrated (dual) path, DiCLIP's SD attention
+# ----------------------------------------------------------------------------------------------------
+
+class Frozen:
+    """Everything frozen for one run: CLIP, its text bank, DINOv2 (only for methods that need it)."""
+
+    def __init__(self, cfg: Config, device, need_dino: bool = None):
+        info = DATASETS[cfg.dataset]
+        self.cfg, self.device = cfg, device
+        planted = cfg.demo_model == "planted"  # the hand-set CLIP of the demo (see planted_clip)
+        if planted:
+            import open_clip
+            self.clip = planted_clip().to(device)
+            self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+        else:
+            self.clip, self.tokenizer = build_clip(cfg, device)
+        patch = self.clip.visual.conv1.kernel_size[0]
+        if clip_patch_size(cfg) is None and min(cfg.crop_size, cfg.eval_long_side) < patch:
+            # validate_config checks this up front when the model name gives the patch size
+            raise WSSSError(f"--crop-size {cfg.crop_size} / --eval-long-side {cfg.eval_long_side}: smaller than "
+                            f"one CLIP patch ({patch} px for {cfg.clip_model})")
+        supers = info["superclasses"][cfg.superclasses]
+        self.num_fg, self.num_super = len(info["classes"]) - 1, len(supers)
+        # class id (1..C) -> super-class id (1..Ns); 0 -> 0
+        index = {name: i + 1 for i, name in enumerate(supers)}
+        owner = {c: index[s] for s, members in supers.items() for c in members}
+        self.super_of = torch.tensor([0] + [owner[c] for c in info["classes"][1:]], device=device)
+        # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
+        if planted:  # a lookup table, not encoded prompts: class c -> axis c, background prompts -> axis 0
+            self.texts = planted_texts(self.num_fg, self.num_super, self.super_of, len(info["bg_prompts"]),
+                                       self.clip.text_projection.shape[1]).to(device)
+        else:
+            self.texts = encode_texts(self.clip, self.tokenizer, info["prompts"] + list(supers) + info["bg_prompts"],
+                                      cfg.template, device)
+        need_dino = cfg.lambda_b > 0 if need_dino is None else need_dino
+        self.dino = (planted_dino(PLANTED["patch"]).to(device) if planted else build_dino(cfg, device)) \
+            if need_dino else None
+        self.patch = self.clip.visual.conv1.kernel_size[0]
+        self.num_blocks = len(self.clip.visual.transformer.resblocks)
+        if cfg.cam == "text":  # ExCEL/DiCLIP: [C foreground (TSE-enriched) texts; Nb background texts], (C+Nb, E)
+            fg = self.texts[: self.num_fg]
+            if cfg.tse == "on" and not planted:  # the planted text side knows no attributes: TSE is skipped
+                self.attr_centroids, self.attr_flags = attribute_bank(self.clip, self.tokenizer, cfg, device)
+                fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
+            self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
+        need_sd = cfg.vce or (cfg.tsa != "off" and cfg.cache_source == "sd")
+        self.sd = build_sd(cfg, device) if need_sd else None  # DiCLIP: frozen Stable Diffusion
+        self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" else None  # DiCLIP: {K, V}
+
+
+def encode_texts(clip, tokenizer, names, template: str, device):
+    """L2-normalised text embeddings (T, E) of `template.format(name)` (WeCLIP's zeroshot_classifier)."""
+    with torch.no_grad():
+        tokens = tokenizer([template.format(n) for n in names]).to(device)
+        return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+
+
+def resized_pos_embed(visual, h: int, w: int):
+    """CLIP's positional embedding for an h x w patch grid: the CLS row kept, the pretrained grid resized
+    bilinearly (align_corners=False) as WeCLIP's upsample_pos_emb. Cached per grid."""
+    cache = visual.__dict__.setdefault("_wsss_pos_cache", {})
+    pos = visual.positional_embedding  # (1 + g*g, D)
+    if (h, w) not in cache or cache[(h, w)].device != pos.device:
+        g = int(round(math.sqrt(pos.shape[0] - 1)))
+        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        if (h, w) != (g, g):
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)  # (1, D, h, w)
+        cache[(h, w)] = torch.cat([pos[:1], grid.flatten(2)[0].T], 0)  # (1 + h*w, D)
+    return cache[(h, w)]
+
+
+def self_attention(attn, a, need_weights: bool):
+    """The block's nn.MultiheadAttention on batch-first a (B, L, D), called in its functional form on a
+    contiguous (L, B, D) copy. The module's own batch-first path transposes to a strided view, and when that
+    view needs gradients (GradCAM) CPU matmul runs the projections as a per-token bmm: 3x slower here.
+    -> output (B, L, D), head-averaged attention (B, L, L) or None."""
+    x = a.transpose(0, 1).contiguous()  # (L, B, D)
+    out, w = F.multi_head_attention_forward(
+        x, x, x, attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias, attn.bias_k, attn.bias_v,
+        attn.add_zero_attn, attn.dropout, attn.out_proj.weight, attn.out_proj.bias, training=attn.training,
+        need_weights=need_weights, average_attn_weights=True)
+    return out.transpose(0, 1), w
+
+
+def run_block(blk, x, need_attn: bool, a=None):
+    """One open_clip ResidualAttentionBlock, also returning the head-averaged attention (B, 1+N, 1+N).
+    `a` overrides ln_1(x) (GradCAM's hooked activation); the residual still adds x, as in the block."""
+    a = blk.ln_1(x) if a is None else a
+    out, attn = self_attention(blk.attn, a, need_attn)
+    x = x + blk.ls_1(out)
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x, attn
+
+
+def clip_image_forward(clip, images, n_attn: int = 0, full: bool = False, calib: dict = None) -> dict:
+    """The one frozen CLIP pass every method shares, on any image size, without gradients.
+    GradCAM methods (WeCLIP, CD-CLIP): blocks 1..L-1; the block-(L-1) output `x_last` is what GradCAM runs
+    the last block on. Patch-text methods (ExCEL, DiCLIP; `full` or `calib`): all L blocks, and with `calib`
+    the calibrated path of the last calib["n"] blocks beside the original one (see run_dual_block).
+    Returns per-block patch tokens of the ORIGINAL path `feats` (the trained head's inputs), the head-averaged
+    patch-to-patch attention of the last `n_attn` blocks run (B, n_attn, N, N) (the others run fused
+    attention, which never materialises the map), and with `calib`: `x_new` (B, 1+N, D), the calibrated
+    stream before ln_post with its CLS token copied from the original path, `u` (B, 1+N, D), the sum over the
+    calibrated blocks of their values through out_proj (what an additive attention bias multiplies), and
+    `bias_scale` (H for a head sum, 1 for a head mean)."""
+    visual = clip.visual
+    resblocks = visual.transformer.resblocks
+    full = full or calib is not None
+    blocks = resblocks if full else resblocks[:-1]
+    n_calib = min(calib["n"], len(blocks) - 1) if calib else 0  # block 1 always runs plain (tiny models)
+    with torch.no_grad():
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, D, h, w)
+        B, D, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major token order
+        x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, D), x], 1)  # (B, 1+N, D)
+        x = visual.ln_pre(x + resized_pos_embed(visual, h, w).to(x.dtype))
+        feats, attns, x_new, u = [], [], None, 0
+        for i, blk in enumerate(blocks):
+            if i >= len(blocks) - n_calib:  # ExCEL SVC / DiCLIP VCE: both paths read ln_1 of the ORIGINAL stream
+                x_new = x if x_new is None else x_new  # the calibrated path starts from the first SVC block's input
+                x, attn, y_new, u_b = run_dual_block(blk, x, calib)
+                x_new, u = x_new + y_new, u + u_b  # attention read-out only: no ln_2, no MLP on this path
+            else:
+                x, attn = run_block(blk, x, need_attn=i >= len(blocks) - n_attn)
+            feats.append(x[:, 1:])  # (B, N, D): the original path's tokens, clean [upstream bug fixed]
+            if i >= len(blocks) - n_attn:
+                attns.append(attn[:, 1:, 1:])  # (B, N, N): CLS row and column dropped
+        out = dict(feats=feats, attn=torch.stack(attns, 1) if attns else None, x_last=x, grid=(h, w))
+        if n_calib:
+            x_new = torch.cat([x[:, :1], x_new[:, 1:]], 1)  # the CLS token comes from the original path
+            heads = resblocks[-1].attn.num_heads
+            out.update(x_new=x_new, u=u, bias_scale=float(heads if calib.get("heads", "sum") == "sum" else 1),
+                       n_calib=n_calib)
+    return out
+
+
+def attention_qkv(attn, a):
+    """q, k, v of an nn.MultiheadAttention on batch-first a (B, L, D): each (B, H, L, d), and v before the
+    head split (B, L, D)."""
+    B, L, D = a.shape
+    H = attn.num_heads
+    qkv = F.linear(a, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3D)
+    q, k, v = qkv.view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, L, d)
+    return q, k, v, qkv[..., 2 * D:]
+
+
+def svc_attention(q, k, v, scale):
+    """ExCEL SVC intra-correlation, per head: A = 1/3 [softmax(q q^T s) + softmax(k k^T s) + softmax(v v^T s)],
+    each softmax row-wise with CLIP's scale s = d^-1/2. (..., H, L, d) -> (..., H, L, L), rows sum to 1."""
+    return sum(((x @ x.transpose(-1, -2)) * scale).softmax(-1) for x in (q, k, v)) / 3
+
+
+def vce_fusion(attn, a_acr, w: float = 1.0, mode: str = "add"):
+    """How SD attention enters CLIP's attention (DiCLIP Eq. 7 and Table XII; definitions from §V-A.3 [T], details
+    [I]). attn: CLIP's patch-patch softmax probabilities (..., N, N) (e.g. (B, heads, N, N)); a_acr (B, N, N),
+    broadcast over heads by the caller's shape (pass a_acr[:, None] for heads).
+      add   attn + w A_acr, no re-normalisation (the paper's choice; rows then sum to 1 + w)
+      norm  softmax(attn + w A_acr) over the keys ("an additional softmax after adding")
+      scale attn * (w A_acr) ("multiplies CLIP's attention by the SD map")
+      gate  w A_acr where A_acr > its row mean, attn elsewhere ("replacing only the most confident SD activations")"""
+    if mode == "add":
+        return attn + w * a_acr
+    if mode == "norm":
+        return (attn + w * a_acr).softmax(-1)
+    if mode == "scale":
+        return attn * (w * a_acr)
+    if mode == "gate":
+        return torch.where(a_acr > a_acr.mean(-1, keepdim=True), w * a_acr, attn)
+    raise WSSSError(f"VCE fusion {mode!r} is not one of {', '.join(VCE_FUSIONS)}")
+
+
+def run_dual_block(blk, x, calib: dict):
+    """One calibrated block (ExCEL §SVC; DiCLIP's VCE uses the same block with calib["attn"] = "qk").
+    X = ln_1(x_ori); q, k, v = heads(X W_in + b_in); the ORIGINAL path is the frozen block:
+    x_ori + out_proj(concat_h softmax(q_h k_h^T s) v_h), then + MLP(ln_2(.)). The CALIBRATED read-out uses
+    the chosen per-head map A_h (ExCEL: svc_attention; "qk": the standard map), reduced over heads to one map
+    Abar (ExCEL sums the heads [code≠paper]: rows sum to H; or the mean), which every head reads its values
+    with: Y_new = out_proj(concat_h(Abar v_h)) = (Abar v) W_o^T + b_o.
+    An additive patch-patch bias w*Bias on each head's map (ExCEL's LVC term, DiCLIP's ACR attention) adds
+    c w Bias (v W_o^T) to the patch rows of Y_new (c = H for a sum, 1 for a mean): it is linear, so the block
+    returns u = v W_o^T and the bias is applied once after the pass (calibrated_tokens), for any bias, with
+    no second CLIP forward. Returns (x_ori next (B, 1+N, D), head-averaged original attention (B, 1+N, 1+N),
+    Y_new (B, 1+N, D), u (B, 1+N, D))."""
+    attn = blk.attn
+    a = blk.ln_1(x)
+    q, k, v, v_all = attention_qkv(attn, a)
+    B, L, D = a.shape
+    scale = q.shape[-1] ** -0.5
+    a0 = ((q @ k.transpose(-1, -2)) * scale).softmax(-1)  # (B, H, L, L): CLIP's own map
+    y_ori = F.linear((a0 @ v).transpose(1, 2).reshape(B, L, D), attn.out_proj.weight, attn.out_proj.bias)
+    amap = svc_attention(q, k, v, scale) if calib.get("attn", "intra") == "intra" else a0
+    if calib.get("bias") is not None:  # DiCLIP Eq. 7: the SD map joins each head's patch-patch block (vce_fusion)
+        amap = amap.clone()
+        amap[..., 1:, 1:] = vce_fusion(amap[..., 1:, 1:], calib["bias"][:, None].to(amap.dtype),
+                                       calib.get("weight", 1.0), calib.get("fusion", "add"))
+    abar = amap.sum(1) if calib.get("heads", "sum") == "sum" else amap.mean(1)  # (B, L, L)
+    y_new = blk.ls_1(F.linear(abar @ v_all, attn.out_proj.weight, attn.out_proj.bias))  # (B, L, D)
+    u = blk.ls_1(F.linear(v_all, attn.out_proj.weight))  # (B, L, D): LayerScale is linear too
+    x = x + blk.ls_1(y_ori)
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x, a0.mean(1), y_new, u
+
+
+def calibrated_tokens(visual, out: dict, bias=None, weight: float = 1.0, norm: str = "tokens"):
+    """The calibrated path's final tokens P = ln_post(x_new + c w Bias u) W_proj, L2-normalised along the
+    TOKEN axis as ExCEL's code (per channel, across the 1+N tokens [code≠paper]) or per token ("channels").
+    bias (B, N, N) acts on the patch rows/columns only (CLS untouched). -> (B, 1+N, E) with CLS first."""
+    x = out["x_new"]
+    if bias is not None and weight != 0:
+        x = torch.cat([x[:, :1], x[:, 1:] + (out["bias_scale"] * weight) * (bias @ out["u"][:, 1:])], 1)
+    p = visual.ln_post(x) @ visual.proj  # (B, 1+N, E)
+    return F.normalize(p.float(), dim=1 if norm == "tokens" else -1)
+
+
+def attn_blocks_needed(cfg: Config, num_blocks: int) -> int:
+    """How many blocks must return attention maps for --refine. GradCAM methods: of blocks 1..L-1 (the last
+    block's comes from GradCAM): the static mean uses the last attn_layers blocks, dynamic RFM the last
+    rfm_dynamic_layers. Patch-text methods run all L blocks in the frozen pass."""
+    if cfg.refine == "none":
+        return 0
+    n = max(cfg.attn_layers, cfg.rfm_dynamic_layers if "rfm" in cfg.refine else 0)
+    return min(n, num_blocks) - (0 if cfg.cam == "text" else 1)
+
+
+def calib_spec(cfg: Config, bias=None):
+    """The calibrated path a method asks of clip_image_forward (None: GradCAM methods, no calibrated path):
+    ExCEL's SVC in the last svc_layers blocks; DiCLIP's VCE in the last vce_layers blocks with `bias` (its
+    ACR attention) fused into each head's map inside the blocks."""
+    if cfg.cam != "text":
+        return None
+    n = cfg.vce_layers if cfg.vce else cfg.svc_layers
+    return dict(n=n, attn=cfg.svc_attn, heads=cfg.svc_heads, bias=bias, weight=cfg.vce_weight, fusion=cfg.vce_fusion)
+
+
+class SDParts:
+    """The frozen Stable Diffusion parts DiCLIP uses, plus the null-prompt text embedding (computed once)."""
+
+    def __init__(self, vae, unet, scheduler, tokenizer, text_encoder, device):
+        self.vae, self.unet, self.scheduler = vae, unet, scheduler
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        # the UNet halves the latent (len(down_blocks) - 1) times, the VAE 2^(len(blocks) - 1) times
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.factor = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.null_emb = self.encode_prompt([""])  # (1, 77, Dt): SD's unconditional embedding, "null prompt" [T]
+
+    def encode_prompt(self, prompts):
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        with torch.no_grad():
+            return self.text_encoder(ids)[0].float()  # (P, 77, Dt) last hidden state, as SD conditions on
+
+
+def sd_attention_layers(unet, spec: str) -> list:
+    """Names of the UNet attention processors whose self-attention DiCLIP reads: "up" = every attn1 of the decoder
+    (up_blocks; SD 2.1: up_blocks.{1,2,3}.attentions.{0,1,2}, 9 layers at 16^2, 32^2, 64^2 latent tokens for a
+    512 input [I]); or a comma list of name prefixes (e.g. "up_blocks.3" = the 64^2 layers only)."""
+    names = [n for n in unet.attn_processors if ".attn1." in n]
+    if spec.strip() == "up":
+        chosen = [n for n in names if n.startswith("up_blocks.")]
+    else:
+        prefixes = [p.strip() for p in spec.split(",") if p.strip()]
+        chosen = [n for n in names if any(n.startswith(p) for p in prefixes)]
+    if not chosen:
+        raise WSSSError(f"--sd-layers {spec!r} selects no self-attention (attn1) layer of the UNet; use up, or "
+                        f"prefixes of e.g. {names[-1].rsplit('.attn1', 1)[0]}")
+    return chosen
+
+
+class SDAttentionCapture:
+    """A diffusers attention processor for one self-attention (attn1) layer. It computes the layer's normal output
+    (scaled_dot_product_attention, which never materialises the map) and, on the side, DiCLIP's attention on the
+    CLIP grid [T §IV-B]: q and k (after their projections) are resized bilinearly from the layer's latent grid to
+    the CLIP grid (h, w), then per head softmax(q k^T * scale) on the small grid is averaged over heads and added
+    to `store["sum"]` (B, N, N). So a 4096-token layer costs an N x N map, never 4096 x 4096."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        assert encoder_hidden_states is None and attention_mask is None, "self-attention layers only"
+        assert attn.spatial_norm is None and attn.group_norm is None and hidden_states.ndim == 3, \
+            "SDAttentionCapture supports SD's transformer self-attention (B, L, C) layers"
+        B, L, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, L, H*d)
+        H = attn.heads
+        d = q.shape[-1] // H
+        q, k, v = (t.view(B, L, H, d).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # the layer's real output (B, H, L, d)
+        # --- the side computation: resize q and k (not the map) to the CLIP grid ---
+        lh, lw = self.store["latent"]
+        f = int(round(math.sqrt(lh * lw / L)))  # this layer's downsampling of the latent grid
+        gh, gw = self.store["grid"]
+
+        def to_grid(t):  # (B, H, L, d) -> (B, H, N, d)
+            t = t.transpose(2, 3).reshape(B, H * d, lh // f, lw // f)
+            t = F.interpolate(t.float(), size=(gh, gw), mode="bilinear", align_corners=False)
+            return t.reshape(B, H, d, gh * gw).transpose(2, 3)
+
+        probs = (to_grid(q) @ to_grid(k).transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, N, N)
+        self.store["sum"] = self.store.get("sum", 0) + probs.mean(1)  # head mean [T]
+        self.store["count"] = self.store.get("count", 0) + 1
+        out = out.transpose(1, 2).reshape(B, L, H * d).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def sd_self_attention(sd: SDParts, images, cfg: Config, grid):
+    """DiCLIP's SD attention A_sd (spec §4.1): the CLIP-normalised crops (B, 3, H, W) -> RGB in [0, 1] -> resized to
+    sd_size^2 -> 2x - 1 -> VAE latent mean x scaling factor -> one noising step to t = sd_timestep with noise from a
+    fixed seed (one draw shared by every image, so an image's map does not depend on its batch) -> one UNet pass
+    with the null-prompt embedding. The selected decoder attn1 layers give A_sd (B, N, N) on the CLIP grid (h, w):
+    head mean, then layer mean [I]; rows sum to 1. fp32, no grad; the UNet's processors are restored after."""
+    S, unet = cfg.sd_size, sd.unet
+    if S % sd.factor:
+        raise WSSSError(f"--sd-size {S} is not a multiple of {sd.factor} (the VAE's factor {sd.vae_factor} times "
+                        f"the UNet's {sd.factor // sd.vae_factor}); try {max(1, round(S / sd.factor)) * sd.factor}")
+    gh, gw = grid
+    layers = sd_attention_layers(unet, cfg.sd_layers)
+    stats = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}[cfg.norm]
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in stats)
+    with torch.no_grad(), fp32(images.device):
+        rgb = ((images.float() * std + mean) / 255).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+        x = F.interpolate(rgb, size=(S, S), mode="bilinear", align_corners=False, antialias=True) * 2 - 1
+        z0 = sd.vae.encode(x.to(sd.device)).latent_dist.mean * sd.vae.config.scaling_factor  # (B, 4, S/8, S/8)
+        g = torch.Generator().manual_seed(cfg.seed)  # fixed-seed noise [DS]; the global RNG is not touched
+        noise = torch.randn((1, *z0.shape[1:]), generator=g).to(z0.device).expand_as(z0)
+        t = torch.tensor([cfg.sd_timestep], device=z0.device)
+        zt = sd.scheduler.add_noise(z0, noise, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        store = dict(latent=tuple(z0.shape[-2:]), grid=(gh, gw))
+        original = dict(unet.attn_processors)
+        capture = SDAttentionCapture(store)
+        unet.set_attn_processor({n: (capture if n in layers else p) for n, p in original.items()})
+        try:
+            unet(zt, t.expand(len(zt)), encoder_hidden_states=sd.null_emb.expand(len(zt), -1, -1))
+        finally:
+            unet.set_attn_processor(dict(original))  # set_attn_processor consumes the dict it is given
+    assert store["count"] == len(layers), "each selected layer runs once"
+    return store["sum"] / store["count"]  # (B, N, N): layer mean, row-stochastic
+
+
+def dino_features(dino, images, norm: str):
+    """DINOv2 last-layer normalised patch tokens, L2-normalised per token: (B, Dd, hd, wd). The input is
+    resized to (H//p*p, W//p*p) (308 for a 320 crop with p = 14) and given ImageNet statistics."""
+    p = dino.config.patch_size
+    H, W = images.shape[-2:]
+    x = images if norm == "imagenet" else renormalize(images, "clip", "imagenet")
+    x = F.interpolate(x, size=(H // p * p, W // p * p), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        tokens = dino(pixel_values=x.to(dino.dtype)).last_hidden_state  # (B, 1 + regs + Nd, Dd)
+    tokens = tokens[:, 1 + getattr(dino.config, "num_register_tokens", 0):]
+    tokens = F.normalize(tokens.float(), dim=-1)
+    return tokens.transpose(1, 2).reshape(images.shape[0], -1, H // p, W // p)  # (B, Dd, hd, wd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.5 CAMs: WeCLIP GradCAM (every image-class pair in one pass); ExCEL TSE texts; patch-text CAMs
+# ----------------------------------------------------------------------------------------------------
+
+def cam_rows(labels, frozen: Frozen, with_super: bool = False) -> dict:
+    """One GradCAM row per (image, present class) and optionally per (image, present super-class).
+    Row r explains text `target[r]` of the bank, competing only with the texts `allowed[r]` (T,): the
+    image's present classes (or super-classes) and all background prompts (WeCLIP §3: absent classes take no
+    part in the softmax). `cls[r]` is the class id (1..C) or super-class id (1..Ns) the row stands for."""
+    B, C = labels.shape
+    T, Ns = frozen.texts.shape[0], frozen.num_super
+    img, cls = torch.nonzero(labels > 0, as_tuple=True)  # ascending class id within each image
+    cls = cls + 1
+    bg = torch.zeros(T, dtype=torch.bool, device=labels.device)
+    bg[C + Ns:] = True
+    allowed_fg = torch.cat([labels > 0, torch.zeros(B, T - C, dtype=torch.bool, device=labels.device)], 1) | bg
+    rows = dict(img=img, cls=cls, target=cls - 1, allowed=allowed_fg[img], is_super=torch.zeros_like(img).bool())
+    if with_super:
+        s_present = torch.zeros(B, Ns + 1, dtype=torch.bool, device=labels.device)
+        s_present[img, frozen.super_of[cls]] = True
+        s_img, s_id = torch.nonzero(s_present[:, 1:], as_tuple=True)
+        allowed_s = torch.zeros(B, T, dtype=torch.bool, device=labels.device)
+        allowed_s[:, C:C + Ns] = s_present[:, 1:]
+        rows = {k: torch.cat([v, extra]) for (k, v), extra in zip(rows.items(), [
+            s_img, s_id + 1, C + s_id, (allowed_s | bg)[s_img], torch.ones_like(s_img).bool()])}
+    return rows
+
+
+def gradcam(frozen: Frozen, out: dict, rows: dict):
+    """WeCLIP GradCAM (spec §3) for all rows at once. Each row replicates its image's block-(L-1) output and
+    runs the last block on it; the hooked activation A is the last block's ln_1 output, whose gradient
+    reaches it only through attention. Target y_r = softmax(s * <e, t_k>)[target_r], e = proj(mean of ln_post
+    patch tokens) normalised, over the row's allowed texts. Rows are independent, so one backward of sum_r y_r
+    yields every row's own gradient: the same CAMs as one backward per class, in one pass.
+    GradCAM: alpha = spatial mean of dy/dA; cam = ReLU(sum_ch alpha_ch A_ch), min-max twice (as upstream).
+    Returns cams (R, h, w), the last block's attention per image (B, N, N) and its final patch embeddings
+    (B, N, E), L2-normalised (CD-CLIP's F)."""
+    clip, h, w = frozen.clip, *out["grid"]
+    visual, blk = clip.visual, clip.visual.transformer.resblocks[-1]
+    x = out["x_last"][rows["img"]]  # (R, 1+N, D)
+    with torch.enable_grad():
+        a = blk.ln_1(x).detach().requires_grad_(True)  # (R, 1+N, D): the hooked activation
+        y, _ = run_block(blk, x, need_attn=False, a=a)  # fused attention: its backward is cheaper
+        post = visual.ln_post(y[:, 1:])  # (R, N, D)
+        # as a 2-D product: a 3-D @ 2-D matmul whose left side needs grad runs as a slow bmm on CPU
+        tokens = (post.reshape(-1, post.shape[-1]) @ visual.proj).view(*post.shape[:2], -1)  # (R, N, E)
+        e = F.normalize(tokens.mean(1).float(), dim=-1)  # (R, E): mean of patch tokens, not CLS
+        scale = frozen.cfg.cam_logit_scale or float(clip.logit_scale.exp())
+        logits = scale * e @ frozen.texts.T  # (R, T)
+        prob = logits.masked_fill(~rows["allowed"], float("-inf")).softmax(-1)
+        target = prob.gather(1, rows["target"][:, None]).sum()
+        (grad,) = torch.autograd.grad(target, a)  # (R, 1+N, D)
+    A, G = a.detach()[:, 1:].float(), grad[:, 1:].float()  # (R, N, D): CLS dropped
+    # GradCAM: alpha_ch = mean_n dy/dA_n,ch; cam_n = ReLU(sum_ch alpha_ch A_n,ch)
+    cam = torch.relu((A * G.mean(1, keepdim=True)).sum(-1))  # (R, N)
+    cam = minmax(minmax(cam.view(-1, h, w)))  # (R, h, w): scale_cam_image per layer, then after the layer mean
+    first = first_row_of_image(rows["img"], out["x_last"].shape[0])  # all rows of an image share these
+    with torch.no_grad():  # the last block's attention map, once per image (identical for its rows)
+        attn_last = self_attention(blk.attn, blk.ln_1(out["x_last"]), True)[1][:, 1:, 1:].float()  # (B, N, N)
+    patch_emb = F.normalize(tokens.detach()[first].float(), dim=-1)  # (B, N, E)
+    return cam, attn_last, patch_emb
+
+
+def first_row_of_image(img, B: int):
+    """Index of the first row of each image (rows are grouped by image, ascending)."""
+    first = torch.full((B,), -1, dtype=torch.long, device=img.device)
+    first.scatter_reduce_(0, img, torch.arange(len(img), device=img.device), reduce="amin", include_self=False)
+    assert (first >= 0).all(), "every image needs at least one GradCAM row (a foreground class)"
+    return first
+
+
+def tse_num_clusters(cfg: Config, n_sentences: int) -> int:
+    """B: --tse-clusters, or ExCEL's ratio of sentences to clusters (VOC 400/112, COCO 1600/224) [I]."""
+    if cfg.tse_clusters:
+        return cfg.tse_clusters
+    return max(1, round(n_sentences * DATASETS[cfg.dataset].get("attr_ratio", 112 / 400)))
+
+
+def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: float = 1.0):
+    """ExCEL TSE retrieval (spec §1.6). class_emb (C, E) unit template embeddings t_c, centroids A (E, B).
+    s_cb = t_c . a_b (raw dot products: no temperature, centroids not normalised); drop the lowest
+    k = floor((1 - K_r) B) scores (K_r = 0.9 keeps the top 90 %: B = 112 keeps 101); w = softmax of the kept;
+    T_c = normalise(t_c + lam sum_b w_cb a_b). Upstream computes k by float truncation (B = 10 drops 0, and
+    k = 0 masked every score: NaN); here k is exact and k = 0 keeps all [upstream bug fixed].
+    -> (C, E) unit rows."""
+    s = class_emb @ centroids  # (C, B)
+    B = s.shape[1]
+    k_drop = int(math.floor((1 - keep_ratio) * B + 1e-9))
+    if k_drop:
+        low = s.topk(k_drop, dim=1, largest=False).indices  # the k lowest scores of each class
+        s = s.scatter(1, low, float("-inf"))
+    w = s.softmax(1)  # (C, B): weights of the kept attributes
+    # T_c = t_c + lambda sum_b w_cb a_b, then L2-normalised
+    return F.normalize(class_emb + lam * w @ centroids.T, dim=-1)
+
+
+# ---- Patch-text CAMs (ExCEL §3.1, DiCLIP Eq. 1): the calibrated tokens against the class texts ----
+
+def feature_surgery(tokens, texts):
+    """ExCEL's patch-text CAM (CLIP-Surgery feature surgery, spec §3.1). tokens (B, 1+N, E) with CLS first,
+    texts (T, E) unit rows (C foreground then the background words) -> (B, 1+N, T) in [0, 1].
+    p = softmax_t(2 <P_cls, T_t>) (temperature 0.5), w_t = p_t / mean(p); sim_it = w_t <P_i, T_t> minus its
+    mean over ALL texts (the redundant feature); then min-max per text over ALL 1+N tokens, CLS included, no
+    ReLU [code≠paper: the paper writes Norm(cos(P, T))]. A flat map (zero range) gives 0, not NaN."""
+    sim = tokens.float() @ texts.float().T  # (B, 1+N, T)
+    p = (2 * sim[:, :1]).softmax(-1)  # (B, 1, T): the class prior from the CLS token
+    s = (p / p.mean(-1, keepdim=True)) * sim  # w_t <P_i, T_t>
+    s = s - s.mean(-1, keepdim=True)  # minus (1/T) sum_t' w_t' <P_i, T_t'>
+    lo = s.amin(1, keepdim=True)
+    return (s - lo) / (s.amax(1, keepdim=True) - lo).clamp_min(1e-12)  # per text over the tokens
+
+
+def patch_text_cam(tokens, texts, num_fg: int, sim: str = "surgery"):
+    """The static (or, with a bias in `tokens`, dynamic) CAM of every foreground class: (B, N, C) in [0, 1].
+    surgery: feature_surgery, CLS dropped, foreground columns kept (ExCEL code). cosine: the paper-literal
+    Norm(cos(P_i, T_c)), per-token cosine then min-max over the patches."""
+    if sim == "surgery":
+        return feature_surgery(tokens, texts)[:, 1:, :num_fg]
+    cos = F.normalize(tokens[:, 1:].float(), dim=-1) @ texts[:num_fg].float().T  # (B, N, C)
+    lo = cos.amin(1, keepdim=True)
+    return (cos - lo) / (cos.amax(1, keepdim=True) - lo).clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.6 Refinements: transition matrix, boxes, RFM (WeCLIP), CDA (CD-CLIP), CAA (ExCEL), PAR, label assembly
+# ----------------------------------------------------------------------------------------------------
+
+def sinkhorn_symmetrize(attn, rounds: int = 3):
+    """WeCLIP compute_trans_mat without the final square: `rounds` times normalise columns then rows to sum
+    1, then symmetrise (T + T^T) / 2. (..., N, N) -> (..., N, N); doubly stochastic up to the last round."""
+    t = attn
+    for _ in range(rounds):
+        t = t / t.sum(-2, keepdim=True)  # each column sums to 1
+        t = t / t.sum(-1, keepdim=True)  # each row sums to 1
+    return (t + t.transpose(-1, -2)) / 2
+
+
+def transition_matrix(attn, power: int = 2):
+    """WeCLIP's transition matrix: Sinkhorn-like normalisation (3 rounds), symmetrisation, then T^power
+    (upstream squares: power 2). (..., N, N) -> (..., N, N)."""
+    return torch.linalg.matrix_power(sinkhorn_symmetrize(attn), power)
+
+
+def connected_components(on):
+    """8-connected components of boolean maps (M, h, w) -> int64 ids (M, h, w), 0 off, else the largest flat
+    index + 1 in the component. Label propagation by 3x3 max-pooling until nothing changes (few rounds on
+    a CAM grid); replaces cv2.findContours, whose outer contours are 8-connected too."""
+    M, h, w = on.shape
+    ids = (torch.arange(1, h * w + 1, device=on.device).view(1, h, w) * on).float()
+    while True:
+        grown = F.max_pool2d(ids[:, None], 3, stride=1, padding=1)[:, 0] * on  # (M, h, w)
+        if torch.equal(grown, ids):
+            return ids.long()
+        ids = grown
+
+
+def box_mask(cam, threshold: float, exclusive_edge: bool = False):
+    """WeCLIP box masks (clip/utils.py): s = uint8(255 cam); on <=> s > floor(threshold * max s); the union of
+    the bounding boxes of the on-regions (all contours of cv2.findContours(RETR_TREE): holes' boxes lie
+    inside their region's box, so the union of the 8-connected components' boxes is the same).
+    `exclusive_edge` reproduces upstream's quirk (boxes end one row/column early, and clip to h-1/w-1, so the
+    last row and column are never boxed); by default full boxes [upstream bug fixed].
+    cam (..., h, w) in [0, 1] -> bool (..., h, w)."""
+    shape, (h, w) = cam.shape, cam.shape[-2:]
+    cam = cam.reshape(-1, h, w)
+    # DiCLIP's M_st = M_p + alpha N(M_s) reaches 1 + alpha: such a map is scaled to max 1 first, or uint8 would
+    # wrap around (the threshold is relative to the max, so [0, 1] maps are unchanged) [I]
+    cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1.0)
+    s = (cam * 255).to(torch.uint8).long()  # (M, h, w), truncation as numpy's astype
+    thr = (threshold * s.amax((1, 2), keepdim=True).double()).floor().long()
+    ids = connected_components(s > thr)  # (M, h, w)
+    M, big = ids.shape[0], h * w + 1
+    yy = torch.arange(h, device=cam.device).view(1, h, 1).expand(M, h, w)
+    xx = torch.arange(w, device=cam.device).view(1, 1, w).expand(M, h, w)
+
+    def reduce(v, how):  # per-component min/max of a coordinate, (M, h*w + 1); id 0 = background slot
+        init = torch.full((M, big), big if how == "amin" else -1, device=cam.device, dtype=torch.long)
+        return init.scatter_reduce(1, ids.flatten(1), v.flatten(1), reduce=how, include_self=True)
+
+    y0, y1, x0, x1 = reduce(yy, "amin"), reduce(yy, "amax"), reduce(xx, "amin"), reduce(xx, "amax")
+    if exclusive_edge:
+        y1, x1 = y1.clamp(max=h - 2), x1.clamp(max=w - 2)
+    y0, y1, x0, x1 = (t[:, 1:, None, None] for t in (y0, y1, x0, x1))  # (M, h*w, 1, 1), slot 0 dropped
+    inside = (yy[:, None] >= y0) & (yy[:, None] <= y1) & (xx[:, None] >= x0) & (xx[:, None] <= x1)
+    return inside.any(1).view(shape)  # (M, h*w, h, w) -> any component -> (..., h, w)
+
+
+def rfm_weights(attn_all, cfg: Config, S=None, dynamic: bool = False):
+    """WeCLIP RFM affinity before normalisation (clip_tool.py). attn_all (B, L, N, N) holds every block's
+    head-averaged patch attention (the last from the GradCAM pass).
+    Static: W = mean of the last `attn_layers` blocks.
+    Dynamic (training step >= rfm_dynamic_after, and at test time): among the last `rfm_dynamic_layers`
+    blocks keep those with d_l = sum(S - A_l) <= mean_l d_l (a signed sum, as upstream: since sum S is the
+    same for every l, this keeps the blocks of at least average attention mass), average them, and gate
+    by the decoder affinity: W = mean_sel(A_l) * S."""
+    if not dynamic or S is None:
+        return attn_all[:, -cfg.attn_layers:].mean(1)  # (B, N, N)
+    cand = attn_all[:, -cfg.rfm_dynamic_layers:]  # (B, n, N, N)
+    d = (S[:, None] - cand).sum((-2, -1))  # (B, n)
+    m = (d <= d.mean(1, keepdim=True)).to(cand.dtype)  # (B, n) layer selection
+    W = (m[:, :, None, None] * cand).sum(1) / (m.sum(1)[:, None, None] + 1e-5)  # (B, N, N)
+    return W * S
+
+
+def class_distributions(patch_emb, texts, over: str = "patch"):
+    """CD-CLIP §3.1: P = softmax(S_a) with S_a = Min-max(CosSim(F, T_all)). patch_emb (B, N, E) and texts
+    (K, E) L2-normalised. Min-max per text over the patches (`over="patch"`, default [I]) removes each
+    prompt's global bias; `over="text"` normalises each patch over the texts. -> (B, N, K), rows sum to 1."""
+    s = patch_emb @ texts.T  # (B, N, K) cosine similarities
+    # S_a = Min-max(CosSim(F, T_all)); P = Softmax(S_a) over the C + N texts
+    s_a = minmax(s, dims=(1,)) if over == "patch" else minmax(s, dims=(2,))
+    return s_a.softmax(-1)
+
+
+def js_divergence_matrix(probs, max_elems: int = 2**18):
+    """Pairwise Jensen-Shannon divergences (natural log) between the rows of probs (..., N, K) -> (..., N, N):
+    D_ij = H(M_ij) - H(P_i)/2 - H(P_j)/2 with M_ij = (P_i + P_j) / 2 (CD-CLIP §3.2). Fully broadcast; rows are
+    processed in chunks so the (rows, N, K) mixture never exceeds `max_elems` elements: bounded memory for
+    COCO's 92 texts, and cache-sized chunks are also the fastest (400 x 25: 4 ms vs 8 ms in one piece)."""
+    p = probs.float()
+    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)  # (..., N)
+    N, K = p.shape[-2:]
+    step = max(1, max_elems // max(1, N * K * int(np.prod(p.shape[:-2]))))
+    out = []
+    for i in range(0, N, step):
+        m = (p[..., i:i + step, None, :] + p[..., None, :, :]) / 2  # (..., n, N, K): M_ij = (P_i + P_j) / 2
+        h_m = -(m * m.clamp_min(1e-12).log()).sum(-1)  # (..., n, N)
+        # D_JS(P_i || P_j) = 1/2 KL(P_i || M_ij) + 1/2 KL(P_j || M_ij) = H(M_ij) - (H(P_i) + H(P_j)) / 2
+        out.append(h_m - ent[..., i:i + step, None] / 2 - ent[..., None, :] / 2)
+    return torch.cat(out, -2).clamp_min(0)  # tiny negative rounding -> 0
+
+
+def cda_affinity(probs, a_init, tau: float):
+    """CD-CLIP Eq. for A_d: S_d = (1 - D_JS) / tau; A_d = Softmax(S_d) . A_init, a row-wise softmax and a
+    matrix product [I]. The constant 1 cancels in the softmax: W = softmax(-D_JS / tau).
+    probs (..., N, K), a_init (..., N, N) -> A_d (..., N, N), row-stochastic when A_init is."""
+    # S_d = (1 - D_JS(Softmax(S_a) || Softmax(S_a)^T)) / tau; W = Softmax(S_d), row-wise
+    W = ((1 - js_divergence_matrix(probs)) / tau).softmax(-1)  # (..., N, N)
+    # A_d = Softmax(S_d) . A_init
+    return W @ a_init
+
+
+def caa_maps(out: dict, cfg: Config):
+    """The attention maps CAA averages (ExCEL spec §3.3): the original path's patch-patch attention of the last
+    blocks. Upstream's maps of the SVC blocks are head SUMS (rows sum to H) beside a head-averaged one, so the
+    average weights the plain block 1/H as much; `caa_attn_mix upstream` reproduces it, `mean` averages
+    head-averaged maps. -> (B, n, N, N)."""
+    attn = out["attn"].float()
+    n_sum = min(out.get("n_calib", 0), attn.shape[1])
+    if cfg.caa_attn_mix != "upstream" or not n_sum:
+        return attn
+    w = torch.ones(attn.shape[1], device=attn.device)
+    w[attn.shape[1] - n_sum:] = out["bias_scale"] if cfg.svc_heads == "sum" else 1.0
+    return attn * w[None, :, None, None]
+
+
+def propagation_matrix(frozen: Frozen, attn_all, patch_emb, cfg: Config, S=None, dynamic=False):
+    """The matrix A^t that refines the CAMs, per --refine (CD-CLIP Table 3 rows):
+      none      identity (the raw GradCAM)
+      caa       Sinkhorn-symmetrised mean attention of the last blocks, squared; box-masked (CAA)
+      rfm       WeCLIP RFM: the same, with dynamic layer selection and the decoder affinity S once active
+      cda       A_d = softmax(-D_JS/tau) A_init with A_init the Sinkhorn-symmetrised mean attention; no box
+      cda+caa / cda+rfm   A_d on top of that affinity, with box masks.
+    (B, L, N, N) -> (B, N, N)."""
+    if cfg.refine == "none":
+        B, N = attn_all.shape[0], attn_all.shape[-1]
+        return torch.eye(N, device=attn_all.device).expand(B, N, N)
+    W = rfm_weights(attn_all, cfg, S, dynamic=dynamic and "rfm" in cfg.refine)
+    if not cfg.refine.startswith("cda"):  # WeCLIP's T^2 . (B_c * M^c): the power is taken once per image
+        return transition_matrix(W, cfg.power)
+    A_init = sinkhorn_symmetrize(W)  # unsquared
+    texts = frozen.texts if cfg.cda_bg_texts else frozen.texts[: frozen.num_fg + frozen.num_super]  # T_all
+    A_d = cda_affinity(class_distributions(patch_emb, texts, cfg.cda_minmax), A_init, cfg.cda_tau)
+    # M_re^c = (A_d)^t . M_init^c
+    return torch.linalg.matrix_power(A_d, cfg.power)
+
+
+def refine_cams(cams, img, A, box=None):
+    """r_c = A^t (B_c * m_c): propagate each row's CAM with its image's matrix (WeCLIP: box-masked source
+    tokens, i.e. columns). cams (R, h, w), img (R,), A (B, N, N), box (R, h, w) bool or None -> (R, h, w)."""
+    m = cams.flatten(1) if box is None else (cams * box).flatten(1)  # (R, N)
+    # r_c = A^t . vec(B_c * m_c): each token gathers from the tokens it is affine to
+    return torch.bmm(A[img], m[:, :, None])[:, :, 0].view_as(cams)
+
+
+PAR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))  # (dy, dx), upstream order
+
+
+def par_refine(image, masks, dilations=(1, 2, 4, 8, 12, 24), iters: int = 20, w1: float = 0.3, w2: float = 0.01):
+    """PAR, pixel-adaptive refinement (WeCLIP PAR.py). image (B, 3, H', W') is resized to the masks' size
+    (bilinear, align_corners=True). Each pixel p has 8 neighbours per dilation (48), read with replicate
+    padding. kappa_k(p) = -mean_c(|I_k,c - I_c| / (sigma_c(p) + 1e-8) / w1)^2 with sigma_c the unbiased std of
+    the 48 neighbour values; pi_k = softmax(-(rho_k / (sigma_rho + 1e-8) / w1)^2) with rho_k = d or sqrt(2) d;
+    a_k(p) = softmax_k(kappa(p)) + w2 pi_k (weights sum to 1 + w2, as upstream). Then `iters` times
+    M(p) <- sum_k a_k(p) M(p + o_k). masks (B, K, H, W) -> (B, K, H, W), unnormalised (argmax is used)."""
+    B, K, H, W = masks.shape
+    if image.shape[-2:] != (H, W):
+        image = F.interpolate(image, size=(H, W), mode="bilinear", align_corners=True)
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in PAR_OFFSETS]
+    pad = max(dilations)
+
+    def neighbours(x):  # (B, C, H, W) -> list over the 48 offsets of (B, C, H, W) views of the padded map
+        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+        return [xp[:, :, pad + dy:pad + dy + H, pad + dx:pad + dx + W] for dy, dx in offsets]
+
+    # Two passes over the 48 neighbour views instead of one (B, 3, 48, H, W) stack (8x less memory traffic).
+    # Pass 1: the unbiased std of the neighbour values, from sums of d_k = I_k - I (std is shift-invariant).
+    image = image.float()
+    views, n = neighbours(image), len(offsets)
+    s1, s2 = torch.zeros_like(image), torch.zeros_like(image)
+    for v in views:
+        d = v - image
+        s1 += d
+        s2.addcmul_(d, d)
+    sigma = ((s2 - s1 * s1 / n) / (n - 1)).clamp_min(0).sqrt()  # (B, 3, H, W)
+    # Pass 2: kappa_k = -mean_c (d_k,c / (sigma_c + 1e-8) / w1)^2, with the per-pixel factors folded in once
+    inv = 1.0 / ((sigma + 1e-8) * w1).pow(2) / image.shape[1]  # (B, 3, H, W)
+    kappa = torch.stack([-((v - image).pow(2) * inv).sum(1) for v in views], 1)  # (B, 48, H, W)
+    rho = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], device=masks.device)
+    pi = (-(rho / (rho.std() + 1e-8) / w1).pow(2)).softmax(0)  # (48,), the same for every pixel
+    aff = kappa.softmax(1) + w2 * pi[None, :, None, None]  # (B, 48, H, W), sums to 1 + w2
+    aff = aff[:, None]  # (B, 1, 48, H, W)
+    m = masks.float()
+    for _ in range(iters):
+        views = neighbours(m)
+        acc = aff[:, :, 0] * views[0]
+        for k in range(1, len(views)):
+            acc = acc.addcmul_(aff[:, :, k], views[k])
+        m = acc
+    return m
+
+
+def contrast_minmax(cams, floor: float = 0.0, eps: float = 1e-7):
+    """minmax with a contrast floor [I] (a guard; upstream has floor 0): (x - min) / max(max - min, floor max).
+    A map whose range is below `floor` of its peak (an almost flat refined CAM: the propagation averaged its
+    evidence away) is no longer stretched to [0, 1], so the residue of noise in it cannot outscore the
+    background; maps with more contrast are min-maxed exactly as upstream. cams (R, h, w) >= 0."""
+    lo, hi = cams.amin((-2, -1), keepdim=True), cams.amax((-2, -1), keepdim=True)
+    return (cams - lo) / torch.maximum(eps + hi - lo, floor * hi)
+
+
+def label_scores(cams, img, cls, B: int, size, bg_pow: float, floor: float = 0.0):
+    """WeCLIP generate_cam_label up to PAR: min-max each refined CAM, upsample (bilinear) to `size`, and pack
+    the rows of each image into channels after a background channel (1 - max_c CAM)^bg_pow. Unused channels
+    are -1 and never win. cams (R, h, w), img (R,), cls (R,) ids -> scores (B, 1+K, H, W) and the channel ->
+    id table (B, 1+K)."""
+    up = F.interpolate(contrast_minmax(cams, floor)[:, None], size=size, mode="bilinear",
+                       align_corners=False)[:, 0]  # (R, H, W)
+    slot = torch.zeros_like(img)
+    for b in range(B):  # rank of each row within its image (B is small)
+        sel = img == b
+        slot[sel] = torch.arange(int(sel.sum()), device=img.device)
+    k = int(slot.max()) + 1 if len(slot) else 0
+    score = torch.full((B, 1 + k, *size), -1.0, device=cams.device)  # (B, 1+K, H, W)
+    score[img, 1 + slot] = up
+    score[:, 0] = (1 - score[:, 1:].amax(1).clamp_min(0)).pow(bg_pow) if k else 1.0
+    lut = torch.zeros(B, 1 + k, dtype=torch.long, device=cams.device)
+    lut[img, 1 + slot] = cls
+    return score, lut
+
+
+def cams_to_labels(groups, images, cfg: Config, use_par: bool = True, size=None):
+    """Pseudo-labels from groups of (cams, img, cls) rows: label_scores, PAR on the image, argmax, channel ->
+    id. PAR's affinity depends on the image only, so all groups (CD-CLIP: the class CAMs and the super-class
+    prototype CAMs) share one PAR call. -> one (B, H, W) int64 map per group (no ignore pixels, as upstream)."""
+    B, size = images.shape[0], tuple(size or images.shape[-2:])
+    scored = [label_scores(cams, img, cls, B, size, cfg.bg_pow, cfg.cam_contrast_floor) for cams, img, cls in groups]
+    score = torch.cat([sc for sc, _ in scored], 1)  # (B, sum_g (1+K_g), H, W)
+    if use_par:
+        score = par_refine(images, score, cfg.par_dilations, cfg.par_iters, cfg.par_w1, cfg.par_w2)
+    labels, start = [], 0
+    for sc, lut in scored:
+        part = score[:, start:start + sc.shape[1]]
+        labels.append(lut.gather(1, part.argmax(1).flatten(1)).view(B, *size))
+        start += sc.shape[1]
+    return labels
+
+
+def cams_to_label(cams, img, cls, images, cfg: Config, use_par: bool = True, size=None):
+    """cams_to_labels for one group: (R, h, w) CAMs -> (B, H, W) pseudo-labels."""
+    return cams_to_labels([(cams, img, cls)], images, cfg, use_par, size)[0]
+
+
+def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
+    """CD-CLIP §4.4. Class-aware pooling (CAP): each super-class CAM, resized to the DINO grid and kept where
+    >= theta_cap, weights an average of the DINO tokens -> prototype f_n (L2-normalised); prototype CAM
+    M_p^n = ReLU(cos(f_n, F_d)). cams_s (R, h, w), img (R,), dino_feat (B, Dd, hd, wd) -> (R, hd, wd) in [0,1]."""
+    m = F.interpolate(cams_s[:, None], size=dino_feat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    m = m * (m >= theta)  # (R, hd, wd)
+    feats = dino_feat[img]  # (R, Dd, hd, wd)
+    # f_s^n = CAP(M_s^n * F_d): the mask-weighted average of the DINO tokens, L2-normalised
+    proto = F.normalize(torch.einsum("rhw,rdhw->rd", m, feats) / (m.sum((1, 2))[:, None] + 1e-5), dim=-1)
+    # M_p^n = ReLU(CosSim(f_s^n, F_d)); the tokens are unit vectors, so the dot product is the cosine
+    return torch.relu(torch.einsum("rd,rdhw->rhw", proto, feats))
+
+
+# --- DiCLIP ACR (§IV-C.2, Eqs. 4-6): cluster the SD attention rows, keep reliable same-cluster relations ---
+
+def _kl_to_centroids(rows, neg_ent, cent):
+    """KL(a_i || c_k) = sum_j a log a - sum_j a log c for rows (M, N, D), their sum_j a log a (M, N, 1) and
+    centroids (M, K, D) -> (M, N, K); 0 log 0 = 0, logs of values clamped at 1e-8."""
+    return neg_ent - rows @ cent.clamp_min(1e-8).log().transpose(-1, -2)
+
+
+def kl_kmeans(rows, k: int, iters: int = 10, seed: int = 0, return_all: bool = False):
+    """K-means of probability rows under the KL divergence (DiCLIP Eq. 4 [T], cites [52]; details [I]).
+    rows (..., N, D), each row a distribution (A_sd: D = N) -> assignments (..., N) int64 in [0, k).
+    Assignment m_i = argmin_k KL(a_i || c_k); update c_k = mean of its members (the exact minimiser for this
+    Bregman divergence, so the objective sum_i KL(a_i || c_{m_i}) never rises); probabilities clamped at 1e-8
+    before logs. Init: k-means++ under KL: the first centre is a row, each next centre a row drawn with probability
+    proportional to its KL to the nearest centre chosen so far. The draws are inverse-CDF lookups of k uniforms from
+    `seed`, shared by every map, so a map's clustering does not depend on its batch. An empty cluster is re-seeded
+    with the row farthest (KL) from its centroid. Vectorised over the leading dims; loops only over iterations.
+    return_all: also the centroids (..., k, D) and the objective after each assignment (iters + 1, ...)."""
+    lead, (N, D) = rows.shape[:-2], rows.shape[-2:]
+    a = rows.reshape(-1, N, D).float()
+    M, k = a.shape[0], min(k, N)
+    ar = torch.arange(M, device=a.device)
+    neg_ent = (a * a.clamp_min(1e-8).log()).sum(-1, keepdim=True)  # (M, N, 1), once
+    u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).to(a.device)
+    # k-means++ under KL
+    first = (u[0] * N).long().clamp_max(N - 1).expand(M)
+    cent = a[ar, first][:, None]  # (M, 1, D)
+    for j in range(1, k):
+        d = _kl_to_centroids(a, neg_ent, cent).amin(-1).clamp_min(0) + 1e-12  # (M, N)
+        cdf = d.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u[j] * cdf[:, -1:]).contiguous()).clamp_max(N - 1)[:, 0]  # (M,)
+        cent = torch.cat([cent, a[ar, pick][:, None]], 1)  # (M, j + 1, D)
+    history = []
+    for it in range(iters + 1):
+        kl = _kl_to_centroids(a, neg_ent, cent)  # (M, N, k)
+        m = kl.argmin(-1)  # (M, N)
+        dist = kl.gather(-1, m[..., None])[..., 0]  # (M, N): each row's KL to its centroid
+        history.append(dist.sum(-1))
+        if it == iters:
+            break
+        onehot = F.one_hot(m, k).float()  # (M, N, k)
+        count = onehot.sum(1)  # (M, k)
+        cent = (onehot.transpose(1, 2) @ a) / count.clamp_min(1)[..., None]  # (M, k, D): member means
+        empty = count == 0
+        if empty.any():  # the e-th empty cluster of a map takes that map's e-th farthest row
+            far = dist.argsort(-1, descending=True)  # (M, N)
+            rank = (empty.cumsum(-1) - 1).clamp(0, N - 1)  # (M, k)
+            cent = torch.where(empty[..., None], a[ar[:, None], far.gather(-1, rank)], cent)
+    m = m.reshape(*lead, N)
+    if return_all:
+        return m, cent.reshape(*lead, k, D), torch.stack(history).reshape(iters + 1, *lead)
+    return m
+
+
+def acr_reliable(attn, assign, delta: float):
+    """DiCLIP Eqs. 5-6's reliable affinity: R = onehot(m) onehot(m)^T (R_ij = 1 iff tokens i, j share a cluster,
+    Eq. 5), A_hat = RowNorm(R * A * 1[A > delta]) with the diagonal always kept (a row left empty becomes e_i).
+    attn (B, N, N), assign (B, N) -> (B, N, N) row-stochastic."""
+    R = assign[..., :, None] == assign[..., None, :]  # (B, N, N) bool: Eq. 5
+    keep = R & (attn > delta)
+    eye = torch.eye(attn.shape[-1], dtype=torch.bool, device=attn.device)
+    a_hat = torch.where(keep | eye, attn, torch.zeros_like(attn))
+    s = a_hat.sum(-1, keepdim=True)
+    a_hat = torch.where(s > 0, a_hat / s.clamp_min(1e-30), eye.to(attn.dtype).expand_as(attn))  # all-zero row guard
+    return a_hat
+
+
+def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: str = "left", iters: int = 10,
+               seed: int = 0):
+    """DiCLIP ACR (Eqs. 4-6; Eq. 6's form was lost in the paper text, reconstruction [I], spec §4.2):
+      m = KL-k-means(rows of A_sd)                                  (Eq. 4)
+      R = onehot(m) onehot(m)^T                                     (Eq. 5)
+      A_hat = RowNorm(R * A_sd * 1[A_sd > delta])                   (Eq. 6, reliable same-cluster relations)
+      A^(0) = A_sd,  A^(t) = A_hat A^(t-1),  t = 1..T               (Eq. 6, recursive propagation; "left")
+    Variants (switch `variant`, [I]): "recluster" re-clusters A^(t-1) each round (new R, A_hat still from A_sd);
+    "right" A^(t) = A^(t-1) A_hat; "sharpen" A^(t) = RowNorm(A^(t-1) * A_hat).
+    a_sd (B, N, N) row-stochastic -> (B, N, N) row-stochastic. rounds = 0 returns a_sd (ACR off)."""
+    if variant not in ACR_VARIANTS:
+        raise WSSSError(f"ACR variant {variant!r} is not one of {', '.join(ACR_VARIANTS)}")
+    a = a_sd.float()
+    if rounds == 0:
+        return a
+    a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
+    for t in range(rounds):
+        if variant == "recluster" and t > 0:  # [I]: R from clustering the current map; A_hat still masks A_sd
+            a_hat = acr_reliable(a_sd.float(), kl_kmeans(a, k, iters, seed), delta)
+        if variant in ("left", "recluster"):
+            a = a_hat @ a
+        elif variant == "right":
+            a = a @ a_hat
+        else:  # sharpen
+            a = a * a_hat
+            a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)  # the diagonal of A_hat keeps every row non-zero
+    return a
+
+
+def vce_attention(frozen, images, cfg: Config, grid):
+    """DiCLIP §4.1-4.2: A_sd of the crops (sd_self_attention), refined by ACR (acr_rounds = 0: A_sd itself)."""
+    a_sd = sd_self_attention(frozen.sd, images, cfg, grid)
+    if not cfg.acr_rounds:
+        return a_sd
+    return acr_refine(a_sd, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.acr_variant, cfg.acr_iters, seed=0)
+
+
+def frozen_pass(frozen, images, cfg: Config, n_attn: int = None) -> dict:
+    """The frozen pass of one batch for any method: [DiCLIP: SD self-attention -> ACR ->] CLIP with the method's
+    calibrated path. fp32 and no gradient whatever the training autocast."""
+    n_attn = attn_blocks_needed(cfg, frozen.num_blocks) if n_attn is None else n_attn
+    with torch.no_grad(), fp32(images.device):
+        bias = None
+        if cfg.vce:  # DiCLIP VCE: A_acr from the SD UNet's decoder self-attention, on the CLIP grid
+            grid = (images.shape[-2] // frozen.patch, images.shape[-1] // frozen.patch)
+            bias = vce_attention(frozen, images, cfg, grid)
+        out = clip_image_forward(frozen.clip, images, n_attn, calib=calib_spec(cfg, bias))
+        out["a_acr"] = bias
+    return out
+
+
+def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S=None, dynamic=False,
+                       with_super=None, use_par=True, size=None, keep_cams=False, bias=None,
+                       bias_weight: float = 1.0, Z=None) -> dict:
+    """The whole label path of one batch: the initial CAMs of every (image, class) [and super-class] row
+    (GradCAM in one pass, or the patch-text CAM of the calibrated tokens, with `bias` added to their
+    patch-patch attention: ExCEL's dynamic CAM), the method's propagation matrix, box masks where the mode
+    uses them, pseudo-labels Y (B, H, W) and, for CD-CLIP's SBE, super-class pseudo-labels Y_s (B, H, W) from
+    DINO prototype CAMs. DiCLIP (tsa): Y from M_st = M_p + alpha N(static retrieval) (tsa static), or Y from
+    M_dt = M_p + alpha N(softmax(Z) fg) and Y_st from M_st (tsa dynamic; Z: the adapter's logits (B, N, C+1))."""
+    with fp32(images.device):  # the label path is fp32 whatever the training autocast (see compute_losses)
+        return _make_pseudo_labels(frozen, out, images.float(), labels, cfg, S, dynamic, with_super, use_par,
+                                   size, keep_cams, bias, bias_weight, Z)
+
+
+def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super, use_par, size, keep_cams, bias,
+                        bias_weight, Z=None):
+    with_super = cfg.lambda_b > 0 if with_super is None else with_super
+    # 1. initial CAMs M_init, one row per (image, present class) [and (image, present super-class)]
+    rows = cam_rows(labels, frozen, with_super=with_super)
+    if cfg.cam == "gradcam":  # WeCLIP / CD-CLIP: one GradCAM backward for all rows
+        cams, attn_last, patch_emb = gradcam(frozen, out, rows)
+        attn_all = attn_last[:, None] if out["attn"] is None else \
+            torch.cat([out["attn"].float(), attn_last[:, None]], 1)  # (B, n_attn + 1, N, N): the last blocks
+    else:  # ExCEL / DiCLIP: the patch-text CAM of the calibrated tokens; no gradient at all
+        tokens = calibrated_tokens(frozen.clip.visual, out, bias, bias_weight, cfg.svc_norm)  # (B, 1+N, E)
+        cam_all = patch_text_cam(tokens, frozen.cam_texts, frozen.num_fg, cfg.cam_sim)  # (B, N, C): M_p
+        h, w = out["grid"]
+        if cfg.tsa != "off":  # DiCLIP TSA: the cache refines M_p (Eq. 11), the adapter too (Eq. 13)
+            feats = cache_features(tokens)
+            m_st = static_cache_fusion(cam_all, static_cache_cam(feats, frozen.tsa["keys"], frozen.tsa["values"],
+                                                                 cfg.cache_beta), cfg.cache_alpha, cfg.cache_negative)
+            if cfg.tsa == "dynamic" and Z is not None:
+                cam_st = m_st[rows["img"], :, rows["cls"] - 1].view(-1, h, w)
+                cam_all = dynamic_cam(cam_all, Z, cfg.cache_alpha, cfg.cache_dyn_softmax)  # M_dt
+            else:
+                cam_all = m_st
+        cams = cam_all[rows["img"], :, rows["cls"] - 1].view(-1, h, w)  # (R, h, w)
+        attn_all = caa_maps(out, cfg) if out["attn"] is not None else None  # (B, n_attn, N, N)
+        patch_emb = F.normalize(tokens[:, 1:], dim=-1)
+    # 2. the affinity: attention of the last blocks (+ the decoder's S, + class distributions) -> A^t
+    if attn_all is None:  # --refine none with a patch-text CAM: nothing to propagate with
+        attn_all = torch.zeros(images.shape[0], 1, cams[0].numel(), cams[0].numel(), device=images.device)
+    A = propagation_matrix(frozen, attn_all, patch_emb, cfg, S=S, dynamic=dynamic)  # (B, N, N)
+    # 3. propagate each class CAM; WeCLIP/CAA first keep only source tokens inside the CAM's boxes
+    c = ~rows["is_super"]
+    use_box = cfg.refine.endswith(("caa", "rfm"))
+    box = box_mask(cams[c], cfg.box_threshold, cfg.box_exclusive_edge) if use_box else None
+    refined = refine_cams(cams[c], rows["img"][c], A, box)
+    groups = [(refined, rows["img"][c], rows["cls"][c])]
+    dual = cfg.cam == "text" and cfg.tsa == "dynamic" and Z is not None
+    if dual:  # DiCLIP: Y_st (the adapter's target) from M_st, through the same CAA and one shared PAR
+        box_st = box_mask(cam_st, cfg.box_threshold, cfg.box_exclusive_edge) if use_box else None
+        groups.append((refine_cams(cam_st, rows["img"], A, box_st), rows["img"], rows["cls"]))
+    if with_super:  # SBE: super-class GradCAMs -> CAP prototypes on DINO tokens -> prototype CAMs
+        s = rows["is_super"]
+        cams_s = minmax(refine_cams(cams[s], rows["img"][s], A)) if cfg.sbe_refine else cams[s]
+        dino_feat = dino_features(frozen.dino, images, cfg.norm)
+        # Y_s by the class recipe: prototype CAMs min-maxed, then upsampled, bg = 1 - max, PAR, argmax [I]
+        groups.append((cap_prototype_cams(cams_s, rows["img"][s], dino_feat, cfg.cap_threshold), rows["img"][s],
+                       rows["cls"][s]))
+    labels = cams_to_labels(groups, images, cfg, use_par, size)  # Y and Y_s (or Y_st) share one PAR
+    result = dict(Y=labels[0], Y_s=labels[1]) if with_super else dict(Y=labels[0])
+    if dual:
+        result["Y_st"] = labels[1]
+    if keep_cams:
+        result.update(rows=rows, cams=cams, refined=refined)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.7 Caches: DiCLIP's TSA key-value cache (Eqs. 2, 8-13): retrieval, the dynamic adapter, building {K, V}
+# ----------------------------------------------------------------------------------------------------
+
+def cache_activation(x, beta: float):
+    """Tip-Adapter's activation phi(x) = exp(-beta (1 - x)) on cosine similarities (DiCLIP Eq. 2): phi(1) = 1."""
+    return torch.exp(-beta * (1 - x))
+
+
+def static_cache_cam(feats, keys, values, beta: float):
+    """DiCLIP Eq. 2, static retrieval: S = phi(F K^T) V. feats (B, N, D) unit patch features F_v, keys (Nk, D) unit,
+    values (Nk, C+1) (column 0 background) -> S (B, N, C+1), before the fg/bg split."""
+    return cache_activation(feats @ keys.to(feats.dtype).T, beta) @ values.to(feats.dtype)
+
+
+def static_cache_fusion(m_p, S, alpha: float, negative: bool = True):
+    """DiCLIP Eq. 11, the static CAM. With N = per-map min-max over the patch axis:
+      M_f = S[..., 1:],  M_b = S[..., 0]
+      M_s = N(M_f) * (1 - N(M_b))     the background (negative) cache suppresses fg where a patch looks like
+                                      cached background ("multiplying them" [T]; the sign [I])
+      M_st = M_p + alpha N(M_s)
+    negative=False is Table IV's "positive cache only": M_s = N(M_f). m_p (B, N, C), S (B, N, C+1) -> (B, N, C)."""
+    m_s = minmax(S[..., 1:], dims=(-2,))
+    if negative:
+        m_s = m_s * (1 - minmax(S[..., :1], dims=(-2,)))
+    return m_p + alpha * minmax(m_s, dims=(-2,))
+
+
+class CacheAdapter(nn.Module):
+    """DiCLIP's dynamic adapter (Eqs. 12-13): the retrieval of Eq. 2 as a two-layer MLP,
+    Z = phi(F W1^T + b1) W2 + b2, initialised W1 = [K; K_p], W2 = [V; V_p], b1 = b2 = 0 [T], with `n_prompts`
+    class-agnostic key/value prompts: K_p random unit vectors (seeded), V_p = 0 [I]. So at initialisation Z equals
+    static_cache_cam(F, K, V, beta). Trained by L_dyn = CE(upsampled Z, Y_st); beta stays fixed."""
+
+    def __init__(self, keys, values, n_prompts: int = 92, beta: float = 1.0, seed: int = 0):
+        super().__init__()
+        nk, D = keys.shape
+        k_p = F.normalize(torch.randn(n_prompts, D, generator=torch.Generator().manual_seed(seed)), dim=-1)
+        self.beta = float(beta)
+        self.w1 = nn.Linear(D, nk + n_prompts)  # weight (Nk+P, D) = [K; K_p]
+        self.w2 = nn.Linear(nk + n_prompts, values.shape[1])  # weight (C+1, Nk+P) = [V; V_p]^T
+        with torch.no_grad():
+            self.w1.weight.copy_(torch.cat([keys.float().cpu(), k_p]))
+            self.w2.weight.copy_(torch.cat([values.float().cpu(), torch.zeros(n_prompts, values.shape[1])]).T)
+            self.w1.bias.zero_()
+            self.w2.bias.zero_()
+
+    def forward(self, feats):  # (B, N, D) -> Z (B, N, C+1) logits
+        return self.w2(cache_activation(self.w1(feats), self.beta))
+
+
+def dynamic_cam(m_p, Z, alpha: float, softmax: bool = True):
+    """DiCLIP Eq. 13: M_dt = M_p + alpha N(softmax(Z)[..., 1:]) (softmax over the C+1 classes, then the fg part
+    [I]); softmax=False uses the raw fg logits N(Z[..., 1:]). A label-path quantity: Z is detached.
+    m_p (B, N, C), Z (B, N, C+1) -> (B, N, C)."""
+    Z = Z.detach().float()
+    fg = Z.softmax(-1)[..., 1:] if softmax else Z[..., 1:]
+    return m_p + alpha * minmax(fg, dims=(-2,))
+
+
+def cache_features(tokens):
+    """The features DiCLIP's cache stores and queries: the calibrated patch tokens, L2-normalised per token, so that
+    phi(F K^T) acts on cosines [I] (ExCEL's token-axis normalisation is kept for the CAM only). (B, 1+N, E) ->
+    (B, N, E); keys and queries use the same function."""
+    return F.normalize(tokens[:, 1:].float(), dim=-1)
+
+
+def patch_coverage(label_map, cls, grid):
+    """Fraction of each patch covered by class cls[b]: (B, H, W) label maps, (B,) class ids -> (B, N) in [0, 1], by
+    area downsampling to the patch grid (h, w) (DiCLIP Eq. 8's m)."""
+    on = (label_map == cls.view(-1, 1, 1).to(label_map.device)).float()[:, None]  # (B, 1, H, W)
+    return F.adaptive_avg_pool2d(on, grid).flatten(1)  # (B, N)
+
+
+def mask_average_pool(feats, masks, lo: float = 0.01, hi: float = 0.99):
+    """DiCLIP Eq. 8, mask average pooling: f_fg = sum_i m_i F_i / sum_i m_i, f_bg the same with 1 - m, both
+    re-L2-normalised [I]. feats (B, N, D), masks (B, N) patch-coverage fractions -> f_fg (B, D), f_bg (B, D),
+    valid (B,) bool: False when the foreground covers < lo or > hi of the image (skipped [I])."""
+    masks = masks.to(feats.dtype)
+    fg = (masks[..., None] * feats).sum(1) / masks.sum(1, keepdim=True).clamp_min(1e-12)
+    bg = ((1 - masks)[..., None] * feats).sum(1) / (1 - masks).sum(1, keepdim=True).clamp_min(1e-12)
+    frac = masks.mean(1)
+    return F.normalize(fg, dim=-1), F.normalize(bg, dim=-1), (frac >= lo) & (frac <= hi)
+
+
+def _kmeans_keys(x, k: int, seed: int, what: str, log=print0):
+    """k unit centroids of the rows of x (n, D) by sklearn KMeans(random_state=seed, n_init=10); fewer rows than k:
+    all rows (unit) with a note."""
+    if x.shape[0] <= k:
+        if x.shape[0] < k:
+            log(f"TSA cache: {what} has only {x.shape[0]} features for {k} keys: using all of them as keys")
+        return F.normalize(x.float(), dim=-1)
+    from sklearn.cluster import KMeans
+    km = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(x.double().cpu().numpy())
+    return F.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=-1)
+
+
+def build_kv_cache(fg_feats_by_class: dict, bg_feats, texts_fg, k_per_class: int, k_bg: int, seed: int = 0,
+                   log=print0) -> dict:
+    """DiCLIP Eqs. 9-10, the key-value cache. fg_feats_by_class {class id 1..C: (n_c, D)} pooled foreground
+    features, bg_feats (n, D) pooled background features of all images, texts_fg (C, D) unit class texts.
+      keys:   per class, K-means with K_c centroids (sklearn, random_state=seed, n_init=10), L2-normalised; one
+              K-means over all background features with K_bg centroids [T*]
+      values: a foreground key of class c: one-hot at column c weighted by cos(key, text_c) (Eq. 10);
+              a background key: e_0 (plain one-hot, "various background semantics")
+    -> dict(keys (Nk, D), values (Nk, C+1), key_class (Nk,) with 0 for background keys)."""
+    C = texts_fg.shape[0]
+    keys, cls = [], []
+    for c in range(1, C + 1):
+        x = fg_feats_by_class.get(c)
+        if x is None or len(x) == 0:
+            log(f"TSA cache: class {c} has no usable foreground feature: it gets no key")
+            continue
+        kc = _kmeans_keys(torch.as_tensor(x), k_per_class, seed, f"class {c}", log)
+        keys.append(kc)
+        cls += [c] * len(kc)
+    kb = _kmeans_keys(torch.as_tensor(bg_feats), k_bg, seed, "the background", log)
+    keys = torch.cat(keys + [kb]) if keys else kb
+    key_class = torch.tensor(cls + [0] * len(kb), dtype=torch.long)
+    values = torch.zeros(len(keys), C + 1)
+    fg = key_class > 0
+    texts = F.normalize(texts_fg.float().cpu(), dim=-1)
+    values[fg, key_class[fg]] = (keys[fg] * texts[key_class[fg] - 1]).sum(-1)  # cos(key, text of its class)
+    values[~fg, 0] = 1.0
+    return dict(keys=keys, values=values, key_class=key_class)
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.8 Decoder: the only trained module (WeCLIP's decoder; ExCEL's adapter and LVC relation; DiCLIP's adapter)
+# ----------------------------------------------------------------------------------------------------
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN transformer block: x + MHA(LN(x)), x + MLP(LN(x)); MLP width -> mlp -> width, QuickGELU."""
+
+    def __init__(self, width: int, heads: int, mlp: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # xavier in_proj, zero biases
+        self.mlp = nn.Sequential(nn.Linear(width, mlp), QuickGELU(), nn.Linear(mlp, width))
+
+    def forward(self, x):  # (B, N, width)
+        x = x + self_attention(self.attn, self.ln_1(x), need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def lvc_relation(fd, alpha: float = 3.0, beta: float = 1.0, mean: str = "batch"):
+    """ExCEL's relation matrix (LVC, spec §4.2): R = alpha (cos(F_d) - beta mean cos(F_d)), the cosine between
+    the adapter's per-token features. The mean is ONE scalar over the whole batch and all pairs, as upstream
+    (so R depends on the batch), or per image (`mean="image"`). fd (B, D, h, w) or (B, N, D) -> R (B, N, N)
+    before any activation: sigmoid(R) is L_div's prediction and CAA's gate, softmax(R masked at < 0) the
+    calibrated path's bias (lvc_bias)."""
+    f = fd.flatten(2).transpose(1, 2) if fd.dim() == 4 else fd  # (B, N, D)
+    f = F.normalize(f.float(), dim=-1)
+    cos = f @ f.transpose(1, 2)  # (B, N, N)
+    m = cos.mean() if mean == "batch" else cos.mean((1, 2), keepdim=True)
+    return alpha * (cos - beta * m)
+
+
+def lvc_bias(R):
+    """ExCEL's LVC attention term: softmax_row(R) with R_ij < 0 masked to -inf (clip_surgery_model.py:128-137).
+    The diagonal R_ii = alpha (1 - beta mean) is >= 0 for beta <= 1; it is kept in any case, so no row is
+    ever all -inf. (B, N, N) -> (B, N, N), rows sum to 1."""
+    eye = torch.eye(R.shape[-1], dtype=torch.bool, device=R.device)
+    return R.float().masked_fill((R < 0) & ~eye, float("-inf")).softmax(-1)
+
+
+class SegDecoder(nn.Module):
+    """WeCLIP decoder. Fuse head: per-block MLP (D -> dim -> dim) over the patch tokens of CLIP blocks
+    1..L-1, concatenated, 1x1 conv -> dim, Dropout2d -> F (B, dim, h, w). Then `layers` pre-LN transformer
+    blocks and a 1x1 conv to the K classes. Affinity head S = sigmoid(F^T F) (B, N, N), which the dynamic
+    RFM uses and the affinity loss trains. VOC + ViT-B/16: 5,985,045 parameters, as upstream.
+    ExCEL builds the same module on all 12 blocks: its "adapter" is this fuse head (F = F_d, spec §4.1) and its
+    decoder these blocks; relation "cos" gives ExCEL's R (lvc_relation) and S = sigmoid(R): 6,313,237
+    parameters for VOC, as upstream."""
+
+    def __init__(self, in_dim: int, n_feats: int, num_classes: int, dim=256, layers=3, heads=8, mlp=1024,
+                 dropout=0.1, relation: str = "dot", alpha: float = 3.0, beta: float = 1.0, rel_mean: str = "batch"):
+        super().__init__()
+        self.relation, self.alpha, self.beta, self.rel_mean = relation, alpha, beta, rel_mean
+        self.cache_adapter = None  # DiCLIP: a CacheAdapter, trained beside the decoder (see build_decoder)
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+                                  for _ in range(n_feats))
+        self.fuse = nn.Conv2d(n_feats * dim, dim, 1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp) for _ in range(layers))
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, feats, grid, return_relation: bool = False, cache_feats=None):
+        """feats: list of (B, N, D) patch tokens; grid (h, w) -> logits (B, K, h, w), S (B, N, N)
+        [and R (B, N, N), S = sigmoid(R)] [and, given cache_feats (B, N, E), the cache adapter's Z (B, N, C+1)]."""
+        (h, w), B = grid, feats[0].shape[0]
+        x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], -1)  # (B, N, n*dim)
+        x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, n*dim, h, w)
+        f = self.dropout(self.fuse(x))  # (B, dim, h, w): F
+        t = f.flatten(2).transpose(1, 2)  # (B, N, dim)
+        for blk in self.blocks:
+            t = blk(t)
+        logits = self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))  # (B, K, h, w)
+        with fp32(f.device):  # the relation feeds the label path (gating, LVC bias): fp32 even under AMP
+            if self.relation == "cos":  # ExCEL: R = alpha (cos(F_d) - beta mean)
+                R = lvc_relation(f.float(), self.alpha, self.beta, self.rel_mean)
+            else:  # WeCLIP: R = F^T F
+                fn = f.flatten(2).float()  # (B, dim, N)
+                R = fn.transpose(1, 2) @ fn  # (B, N, N)
+            S = torch.sigmoid(R)
+        if cache_feats is not None:
+            return logits, S, R, self.cache_adapter(cache_feats)
+        return (logits, S, R) if return_relation else (logits, S)
+
+
+def build_decoder(cfg: Config, frozen: Frozen):
+    """WeCLIP/CD-CLIP: on blocks 1..L-1 (the last block's tokens are GradCAM's). ExCEL: on all L blocks."""
+    width = frozen.clip.visual.conv1.out_channels
+    n_feats = frozen.num_blocks if cfg.cam == "text" else frozen.num_blocks - 1
+    dec = SegDecoder(width, n_feats, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, cfg.dec_mlp,
+                     cfg.dec_dropout, cfg.relation, cfg.lvc_alpha, cfg.lvc_beta, cfg.lvc_mean)
+    if cfg.tsa == "dynamic":  # DiCLIP's adapter, initialised from the cache (Eq. 12)
+        dec.cache_adapter = CacheAdapter(frozen.tsa["keys"], frozen.tsa["values"], cfg.cache_prompts, cfg.cache_beta,
+                                         seed=cfg.seed)
+    return dec
+
+
+def head_outputs(model, out: dict, frozen, cfg: Config):
+    """The trained head on one frozen pass: (logits, S, R, Z or None). DiCLIP's adapter reads the calibrated
+    tokens (cache_features); everything else reads the original path's per-block tokens."""
+    if cfg.tsa == "dynamic":
+        tokens = calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm)
+        return model(out["feats"], out["grid"], return_relation=True, cache_feats=cache_features(tokens))
+    return (*model(out["feats"], out["grid"], return_relation=True), None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.9 Losses: balanced CE (L_seg), affinity loss (WeCLIP L_aff, ExCEL L_div), gated Dice (CD-CLIP L_b)
+# ----------------------------------------------------------------------------------------------------
+
+def balanced_ce_loss(logits, labels):
+    """WeCLIP L_seg = 1/2 CE over background pixels + 1/2 CE over foreground pixels (255 ignored); logits are
+    upsampled (bilinear) to the labels. A batch without foreground (or background) pixels averages the terms
+    that exist instead of giving NaN [upstream bug fixed]. logits (B, K, h, w), labels (B, H, W) -> scalar."""
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")  # (B, H, W)
+    # L_seg = 1/2 CE(bg pixels) + 1/2 CE(fg pixels)
+    groups = [labels == 0, (labels != 0) & (labels != IGNORE)]
+    terms = [ce[g].mean() for g in groups if g.any()]
+    return sum(terms) / len(terms) if terms else logits.sum() * 0.0
+
+
+_RADIUS_MASKS = {}
+
+
+def radius_mask(h: int, w: int, radius: int, device):
+    """(N, N) bool: token pairs within Chebyshev distance `radius` (WeCLIP get_mask_by_radius), cached."""
+    key = (h, w, radius, str(device))
+    if key not in _RADIUS_MASKS:
+        yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        yy, xx = yy.flatten(), xx.flatten()
+        _RADIUS_MASKS[key] = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
+    return _RADIUS_MASKS[key]
+
+
+def affinity_labels(labels, grid, radius: int):
+    """WeCLIP affinity targets: labels downsampled (nearest, i.e. pixel (16u, 16v)) to the token grid;
+    1 where two tokens share a label, 0 where not, 255 outside the radius window or at ignore tokens.
+    labels (B, H, W) -> (B, N, N) int64."""
+    y = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")[:, 0].long().flatten(1)  # (B, N)
+    aff = (y[:, :, None] == y[:, None, :]).long()  # (B, N, N)
+    ignore = (y == IGNORE)[:, :, None] | (y == IGNORE)[:, None, :] | ~radius_mask(*grid, radius, labels.device)
+    return aff.masked_fill(ignore, IGNORE)
+
+
+def affinity_loss(pred, target):
+    """WeCLIP L_aff (utils/losses.py), an L1 form on the sigmoid affinity S:
+    1/2 sum_{Y=1}(1 - S)/(n+ + 1) + 1/2 sum_{Y=0} S/(n- + 1), pooled over the batch. pred, target (B, N, N)."""
+    pos, neg = (target == 1).float(), (target == 0).float()
+    return 0.5 * ((1 - pred) * pos).sum() / (pos.sum() + 1) + 0.5 * (pred * neg).sum() / (neg.sum() + 1)
+
+
+def super_probs(logits, super_of, num_super: int, size):
+    """CD-CLIP §4.7: decoder class probabilities summed per super-class (background stays channel 0).
+    logits (B, K, h, w) -> (B, Ns+1, H, W), sums to 1 per pixel."""
+    p = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(1)  # (B, K, H, W)
+    agg = F.one_hot(super_of, num_super + 1).float()  # (K, Ns+1)
+    return torch.einsum("bkhw,ks->bshw", p, agg)
+
+
+def dice_loss(probs, target, present):
+    """Soft Dice per image over the channels present in it (CD-CLIP §4.7): D_k = 2 sum P_k 1[Y=k] /
+    (sum P_k + sum 1[Y=k] + 1e-7) over valid pixels (Y != 255, masked correctly [upstream bug fixed]),
+    L = 1 - mean_{k present} D_k. probs (B, K, H, W), target (B, H, W), present (B, K) bool -> (B,)."""
+    valid = (target != IGNORE)[:, None].float()  # (B, 1, H, W)
+    onehot = F.one_hot(target.clamp(max=probs.shape[1] - 1) * (target != IGNORE), probs.shape[1])
+    onehot = onehot.permute(0, 3, 1, 2).float() * valid  # (B, K, H, W)
+    inter = (probs * onehot).sum((2, 3))
+    union = (probs * valid).sum((2, 3)) + onehot.sum((2, 3))
+    # D_k = 2 |P_k . Y_k| / (|P_k| + |Y_k|); L_b = 1 - mean_k D_k
+    d = 2 * inter / (union + 1e-7)  # (B, K)
+    present = present.float()
+    return 1 - (d * present).sum(1) / present.sum(1).clamp_min(1)
+
+
+def predicted_superclasses(logits, labels, super_of, num_super: int, size, floor: float):
+    """C_p (CD-CLIP §4.6 [I]): super-classes of the image-label classes that cover >= floor of the pixels of
+    the decoder's argmax. logits (B, K, h, w), labels (B, C) -> (B, Ns+1) bool (channel 0 unused)."""
+    pred = F.interpolate(logits.detach().float(), size=size, mode="bilinear", align_corners=False).argmax(1)
+    K = logits.shape[1]
+    area = F.one_hot(pred.flatten(1), K).float().mean(1)  # (B, K) fraction of pixels per class
+    hit = (area[:, 1:] >= floor) & (labels > 0)  # (B, C)
+    cp = torch.zeros(labels.shape[0], num_super + 1, dtype=torch.bool, device=labels.device)
+    b, c = torch.nonzero(hit, as_tuple=True)
+    cp[b, super_of[c + 1]] = True
+    return cp
+
+
+def sbe_gate(cp, gate: str):
+    """CD-CLIP Table 4: which images receive L_b, from |C_p| (B,) -> (B,) bool."""
+    n = cp[:, 1:].sum(1)
+    return {"ge2": n >= 2, "eq1": n == 1, "all": torch.ones_like(n, dtype=torch.bool),
+            "off": torch.zeros_like(n, dtype=torch.bool)}[gate]
+
+
+def boundary_loss(logits, Y_s, labels, frozen: Frozen, cfg: Config):
+    """CD-CLIP L_b: Dice(P_s, Y_s) on the gated images, averaged over them (0 when none is gated).
+    Returns (loss, number of gated images)."""
+    size = Y_s.shape[-2:]
+    P_s = super_probs(logits, frozen.super_of, frozen.num_super, size)
+    present = torch.zeros(labels.shape[0], frozen.num_super + 1, dtype=torch.bool, device=labels.device)
+    b, c = torch.nonzero(labels > 0, as_tuple=True)
+    present[b, frozen.super_of[c + 1]] = True
+    present[:, 0] = True  # {bg} U S_img
+    gate = sbe_gate(predicted_superclasses(logits, labels, frozen.super_of, frozen.num_super, size,
+                                           cfg.cp_area_floor), cfg.sbe_gate)
+    per_image = dice_loss(P_s, Y_s, present)
+    if not gate.any():
+        return per_image.sum() * 0.0, 0
+    return per_image[gate].mean(), int(gate.sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.10 Evaluation: confusion matrix and mIoU, multi-scale + flip inference, the pseudo-labels of one image
+# ----------------------------------------------------------------------------------------------------
+
+def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = IGNORE):
+    """(K, K) int64 counts, rows = ground truth, columns = prediction; only pixels with 0 <= gt < K count
+    (drops ignore_index), as WeCLIP's evaluate.py."""
+    gt, pred = gt.flatten().long(), pred.flatten().long()
+    valid = (gt >= 0) & (gt < num_classes) & (gt != ignore_index)
+    return torch.bincount(gt[valid] * num_classes + pred[valid], minlength=num_classes ** 2).view(
+        num_classes, num_classes)
+
+
+def miou(conf) -> dict:
+    """IoU_k = TP / (TP + FP + FN); mIoU over the classes present in the ground truth (row sum > 0), as
+    upstream. Also pixel accuracy, mean class accuracy and the confusion ratio FP/TP (mean over classes)."""
+    conf = conf.double()
+    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
+    iou = tp / (gt + pr - tp).clamp_min(1)
+    present = gt > 0
+    ratio = (pr - tp) / tp.clamp_min(1)
+    return dict(miou=float(iou[present].mean()) if present.any() else float("nan"),
+                iou=[float(v) if p else float("nan") for v, p in zip(iou, present)],
+                pixel_acc=float(tp.sum() / conf.sum().clamp_min(1)),
+                mean_acc=float((tp / gt.clamp_min(1))[present].mean()) if present.any() else float("nan"),
+                fp_tp=float(ratio[present].mean()) if present.any() else float("nan"))
+
+
+def resize_long_side(image, long_side: int, min_side: int = 1):
+    """(B, 3, H, W) -> long side `long_side` (WeCLIP test: int(h r), int(w r), bilinear, align_corners=False).
+    The short side stays >= min_side (callers pass one CLIP patch: a 2000x20 image would otherwise get no token
+    row at all; such an image is stretched to one patch instead)."""
+    H, W = image.shape[-2:]
+    r = long_side / max(H, W)
+    size = (max(min_side, int(H * r)), max(min_side, int(W * r)))
+    return image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+def test_resize(image, cfg: Config, s: float = 1.0, min_side: int = 1):
+    """The test-time input at scale s: the long side to s * eval_long_side (WeCLIP), or a square of side
+    s * eval_long_side whatever the aspect ratio (ExCEL: 320 s). The short side keeps at least `min_side` pixels
+    (one CLIP patch), so very wide or tall images still give a token grid."""
+    if cfg.eval_resize == "long":
+        x = resize_long_side(image, cfg.eval_long_side, min_side)
+        if s == 1:
+            return x
+        y = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        if min(y.shape[-2:]) >= min_side:
+            return y
+        size = tuple(max(min_side, int(d * s)) for d in x.shape[-2:])  # a scale < 1 keeps one patch too
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    side = max(min_side, int(cfg.eval_long_side * s))
+    return image if image.shape[-2:] == (side, side) else \
+        F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def predict_logits(decoder, frozen: Frozen, image, cfg: Config, size=None):
+    """Multi-scale + flip test. WeCLIP ("long"): the long side resized to eval_long_side, then each scale; the
+    logits of the image and of its un-flipped flip are averaged and resized to the scale-1 token grid; the
+    mean over scales is upsampled to `size` (default: the input size). ExCEL ("square"): a square of side
+    320 s per scale, each scale's logits resized to `size` and averaged; its VOC script uses the un-flipped
+    logits alone at s = 1 (eval_flip_at_1 off). image (1, 3, H, W) -> logits (1, K, H, W)."""
+    size = size or image.shape[-2:]
+    p = frozen.patch
+    x0 = test_resize(image, cfg, 1.0, p)
+    grid = (x0.shape[-2] // p, x0.shape[-1] // p)
+    acc = 0
+    for s in cfg.eval_scales:
+        x = x0 if s == 1 else test_resize(image, cfg, s, p)
+        flip = cfg.eval_flip and (s != 1 or cfg.eval_flip_at_1)
+        x = torch.cat([x, x.flip(-1)]) if flip else x
+        with fp32(x.device):
+            out = clip_image_forward(frozen.clip, x, full=cfg.cam == "text")
+        logits, _ = decoder(out["feats"], out["grid"])
+        logits = (logits[:1] + logits[1:].flip(-1)) / 2 if flip else logits
+        acc = acc + F.interpolate(logits.float(), size=grid if cfg.eval_resize == "long" else size, mode="bilinear",
+                                  align_corners=False)
+    acc = acc / len(cfg.eval_scales)
+    return acc if cfg.eval_resize == "square" else F.interpolate(acc, size=size, mode="bilinear", align_corners=False)
+
+
+def oracle_affinity(gt, grid, num_classes: int):
+    """DIAGNOSTICS ONLY (it reads the true mask): the perfect class-averaging affinity of one image. Each token
+    takes the majority class of its patch; A_ij = 1 / |{k: y_k = y_i}| when y_j = y_i, else 0, so A . m replaces
+    every token's CAM value by the mean over all tokens of its true class: the best any propagation matrix can
+    do for a CAM that is right somewhere on each object. gt (H, W) ids (255 = void, counted as background) ->
+    (1, N, N), rows sum to 1."""
+    one_hot = F.one_hot(torch.where(gt.long() < num_classes, gt.long(), 0), num_classes)  # (H, W, K)
+    y = F.adaptive_avg_pool2d(one_hot.permute(2, 0, 1)[None].float(), grid)[0].argmax(0).flatten()  # (N,)
+    same = (y[:, None] == y[None]).float()  # (N, N)
+    return (same / same.sum(1, keepdim=True))[None]
+
+
+def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None, gt=None) -> dict:
+    """Pseudo-labels of one full image at its GT size, from the image-level labels: raw CAM, after the
+    method's refinement, after PAR (the last is what training uses); plus a CAM heat-map for overlays.
+    With a decoder, RFM runs in its dynamic mode with the decoder affinity, ExCEL's CAM is the dynamic one
+    and its box threshold the validation one (upstream's val mode)."""
+    size = image.shape[-2:]
+    x = test_resize(image, cfg, 1.0, frozen.patch)
+    bias = None
+    Z = None
+    with torch.no_grad(), fp32(x.device):
+        out = frozen_pass(frozen, x, cfg)
+        S = R = None
+        if decoder is not None:
+            _, S, R, Z = head_outputs(decoder, out, frozen, cfg)
+            bias = lvc_bias(R) if cfg.lvc else None
+            if cfg.val_box_threshold:
+                cfg = dataclasses.replace(cfg, box_threshold=cfg.val_box_threshold)
+    res = make_pseudo_labels(frozen, out, x, labels, cfg, S=S, dynamic=decoder is not None, with_super=False,
+                             size=size, keep_cams=True, bias=bias, Z=Z)
+    rows, c = res["rows"], ~res["rows"]["is_super"]
+    img, cls = rows["img"][c], rows["cls"][c]
+    heat = F.interpolate(minmax(res["refined"]).amax(0)[None, None], size=size, mode="bilinear",
+                         align_corners=False)[0]  # (1, H, W)
+    out_maps = {"cam": cams_to_label(res["cams"][c], img, cls, x, cfg, use_par=False, size=size),
+                "refined": cams_to_label(res["refined"], img, cls, x, cfg, use_par=False, size=size),
+                "refined+PAR": res["Y"], "cam_map": heat}
+    if gt is not None:  # the ceiling: the same CAMs and boxes, propagated by the perfect affinity instead
+        A = oracle_affinity(gt, out["grid"], len(DATASETS[cfg.dataset]["classes"]))
+        box = box_mask(res["cams"][c], cfg.box_threshold, cfg.box_exclusive_edge) \
+            if cfg.refine.endswith(("caa", "rfm")) else None
+        with fp32(x.device):
+            ideal = refine_cams(res["cams"][c], torch.zeros_like(img), A, box)
+            out_maps["oracle"] = cams_to_label(ideal, img, cls, x, cfg, use_par=False, size=size)
+            out_maps["oracle+PAR"] = cams_to_label(ideal, img, cls, x, cfg, use_par=True, size=size)
+    return out_maps
+
+
+# ----------------------------------------------------------------------------------------------------
+# I.11 Training: the lr schedule, one step's losses, the step, the loop
+# ----------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: Config) -> float:
+    """WeCLIP's schedule at 0-based step k: linear warm-up from warmup_ratio over warmup_steps, then poly:
+    lr (1 - k/max_steps)^poly_power. cfg.lr is the *effective* decoder lr (upstream: 2e-4 with a x10 group)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (1 - (1 - step / cfg.warmup_steps) * (1 - cfg.warmup_ratio))
+    return cfg.lr * (1 - step / cfg.max_steps) ** cfg.poly_power
+
+
+def param_groups(decoder, cfg: Config) -> list:
+    """AdamW groups: the decoder (and ExCEL's adapter, its fuse head) at lr; DiCLIP's cache adapter at adapter_lr
+    (`lr_scale` is the group's share of the scheduled lr)."""
+    adapter = list(decoder.cache_adapter.parameters()) if decoder.cache_adapter is not None else []
+    ids = {id(p) for p in adapter}
+    groups = [dict(params=[p for p in decoder.parameters() if id(p) not in ids], lr_scale=1.0)]
+    if adapter:
+        groups.append(dict(params=adapter, lr_scale=(cfg.adapter_lr or cfg.lr) / cfg.lr))
+    return groups
+
+
+def autocast_ctx(cfg: Config, device):
+    """fp32 on CPU; bf16 (or fp16 with a GradScaler) autocast on CUDA."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()) \
+        else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
+
+
+def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int):
+    """One batch of the algorithm: frozen CLIP pass, decoder, pseudo-labels (no gradient into the decoder),
+    L = L_seg + lambda_aff L_aff (WeCLIP; ExCEL's L_div) + lambda_b L_b (CD-CLIP). Returns (loss, float parts,
+    labels). Under AMP only the decoder runs in reduced precision: the frozen pass and the label path run in
+    fp32 with autocast disabled (in bf16 CDA's refined maps collapse to a few dozen levels), as upstream."""
+    out = frozen_pass(frozen, images, cfg)  # fp32, no grad ([DiCLIP: SD attention, ACR,] CLIP's two paths)
+    logits, S, R, Z = head_outputs(model, out, frozen, cfg)
+    # the label path sees the decoder only through a detached S (and R): pseudo-labels never carry gradient
+    dynamic = step >= cfg.rfm_dynamic_after  # WeCLIP counts every forward call, validation too [upstream bug fixed]
+    # ExCEL's dynamic CAM (LVC) from the same switch step: softmax(R) biases the calibrated path
+    bias = lvc_bias(R.detach().float()) if cfg.lvc and dynamic else None
+    pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic, bias=bias,
+                            Z=None if Z is None else Z.detach())
+    loss_seg = balanced_ce_loss(logits.float(), pl["Y"])
+    loss, parts = loss_seg, dict(seg=loss_seg.item())
+    if Z is not None and cfg.lambda_dyn > 0:  # DiCLIP L_dyn = CE(upsampled Z, Y_st): the adapter learns from M_st
+        h, w = out["grid"]
+        z = Z.float().transpose(1, 2).reshape(Z.shape[0], -1, h, w)  # (B, C+1, h, w)
+        z = F.interpolate(z, size=pl["Y_st"].shape[-2:], mode="bilinear", align_corners=False)
+        loss_dyn = F.cross_entropy(z, pl["Y_st"], ignore_index=IGNORE)
+        loss, parts["dyn"] = loss + cfg.lambda_dyn * loss_dyn, loss_dyn.item()
+    if cfg.lambda_aff > 0:
+        target = pl["Y"]
+        if cfg.aff_self_after and step >= cfg.aff_self_after:  # ExCEL VOC: the model's own prediction from 24k
+            target = F.interpolate(logits.detach().float(), size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False).argmax(1)
+        loss_aff = affinity_loss(S.float(), affinity_labels(target, out["grid"], cfg.aff_radius))
+        loss, parts["aff"] = loss + cfg.lambda_aff * loss_aff, loss_aff.item()
+    if cfg.lambda_b > 0:
+        loss_b, parts["gated"] = boundary_loss(logits, pl["Y_s"], labels, frozen, cfg)
+        loss, parts["b"] = loss + cfg.lambda_b * loss_b, loss_b.item()
+    return loss, parts, pl
+
+
+# ====================================================================================================
+# PART II: THE HARNESS. Command line, validation, files, caches, run folders, locks, signals, DDP agreement,
+# model loading, the demo worlds, bench and compare. Nothing below changes a pseudo-label: every equation
+# is in Part I.
+# ====================================================================================================
+# ----------------------------------------------------------------------------------------------------
+# II.1 Command line and validation: flags generated from Config, presets, one table of rules
+# ----------------------------------------------------------------------------------------------------
 
 def parse_config(argv, command: str = "train") -> Config:
     """CLI flags generated from Config's fields. Precedence: field default < dataset preset < method preset <
@@ -609,6 +2309,7 @@ def validate_config(cfg: Config):
 # Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
 MODEL_KEYS = ("dataset", "clip_model", "tiny", "demo_model", "dec_dim", "dec_layers", "dec_heads", "dec_mlp", "cam",
               "relation", "lvc_alpha", "lvc_beta", "lvc_mean", "tsa", "cache_prompts")
+
 # ... and the run: `--resume` also refuses these (max_steps may change, to extend a run).
 RESUME_KEYS = MODEL_KEYS + ("method", "refine", "superclasses", "crop_size", "batch_size", "seed", "lr",
                             "lambda_aff", "lambda_b", "sbe_gate", "lvc", "tse", "svc_layers", "svc_attn",
@@ -616,14 +2317,8 @@ RESUME_KEYS = MODEL_KEYS + ("method", "refine", "superclasses", "crop_size", "ba
 
 
 # ----------------------------------------------------------------------------------------------------
-# Utilities: seeding, device and autocast, distributed helpers, atomic writes
+# II.2 Devices, atomic writes, run folders, locks, Ctrl-C, DDP agreement
 # ----------------------------------------------------------------------------------------------------
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
 
 def get_device(cfg: Config):
     if cfg.device == "auto":
@@ -637,29 +2332,16 @@ def get_device(cfg: Config):
     return device
 
 
-def autocast_ctx(cfg: Config, device):
-    """fp32 on CPU; bf16 (or fp16 with a GradScaler) autocast on CUDA."""
-    if device.type != "cuda" or cfg.amp == "off":
-        return nullcontext(), None
-    dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()) \
-        else torch.float16
-    return torch.autocast("cuda", dtype=dtype), dtype
-
-
-def fp32(device):
-    """A region that runs in float32 even inside a training autocast: the frozen encoders and the whole label
-    path (CAMs, affinities, refinements, PAR). Only the trained head uses AMP."""
-    return torch.autocast(torch.device(device).type, enabled=False)
-
-
-def dist_info():
-    """(rank, world_size, local_rank) from torchrun's environment variables."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def print0(*args, **kw):
-    if dist_info()[0] == 0:
-        print(*args, **kw, flush=True)
+def setup_distributed(cfg: Config):
+    """DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU. Returns the device."""
+    rank, world, local = dist_info()
+    device = get_device(cfg)
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def atomic_save(obj, path):
@@ -859,6 +2541,17 @@ def on_rank0(fn, *args):
     return result
 
 
+def shard(n: int):
+    rank, world, _ = dist_info()
+    return range(rank, n, world)
+
+
+def all_reduce_sum(t):
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
 class RunInterrupted(Exception):
     """Ctrl-C ended a run: `step` is the step of the checkpoint `ckpt` to continue from (None: nothing saved);
     `finished`: training was complete (Ctrl-C hit the final evaluation). main prints one line, exit 130."""
@@ -897,145 +2590,23 @@ def _ignore_sigint(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def minmax(x, dims=(-2, -1), eps: float = 1e-7):
-    """Per-map min-max to [0, 1): (x - min) / (eps + max(x - min)), as pytorch_grad_cam's scale_cam_image."""
-    x = x - x.amin(dim=dims, keepdim=True)
-    return x / (eps + x.amax(dim=dims, keepdim=True))
+def _progress(it, disable=False):
+    """tqdm when available and on a terminal; a silent iterator with the same interface otherwise."""
+    try:
+        from tqdm import tqdm
+        return tqdm(it, disable=disable or not sys.stderr.isatty(), dynamic_ncols=True)
+    except ImportError:
+        class Plain:
+            def __init__(self, it): self.it = it
+            def __iter__(self): return iter(self.it)
+            def set_postfix(self, **kw): pass
+            def close(self): pass
+        return Plain(it)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: the synthetic world, one loader for the VOC folder layout (VOC, COCO in VOC layout, synthetic)
+# II.3 Image files and the label scan
 # ----------------------------------------------------------------------------------------------------
-
-IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # on 0..255 RGB
-CLIP_MEAN = tuple(255 * m for m in (0.48145466, 0.4578275, 0.40821073))
-CLIP_STD = tuple(255 * s for s in (0.26862954, 0.26130258, 0.27577711))
-CAPTION_TEMPLATES = ["a picture of {}.", "a photo of {}.", "an image with {}.", "{} on a noisy background."]
-
-
-def _shape_mask(shape: str, u, v, r: float):
-    """Inside-test of one toy shape in its own rotated frame (u, v), circumradius r."""
-    rho, theta = np.hypot(u, v), np.arctan2(v, u)
-    if shape == "circle":
-        return rho <= r
-    if shape == "square":
-        return (np.abs(u) <= 0.75 * r) & (np.abs(v) <= 0.75 * r)
-    if shape == "triangle":  # equilateral: inside all three edges at distance r/2 from the centre
-        return np.all([u * np.cos(a) + v * np.sin(a) <= r / 2 for a in np.pi / 2 + 2 * np.pi / 3 * np.arange(3)
-                       + np.pi], axis=0)
-    if shape == "star":  # five points; the boundary radius falls linearly from r to 0.45 r between points
-        phase = np.abs(((theta + np.pi / 2) % (2 * np.pi / 5)) / (2 * np.pi / 5) - 0.5) * 2  # 1 at a point
-        return rho <= r * (0.45 + 0.55 * phase)
-    if shape == "ring":
-        return (rho <= r) & (rho >= 0.55 * r)
-    if shape == "cross":
-        return ((np.abs(u) <= 0.3 * r) & (np.abs(v) <= r)) | ((np.abs(v) <= 0.3 * r) & (np.abs(u) <= r))
-    raise ValueError(shape)
-
-
-def _toy_background(rng: np.random.Generator, size: int):
-    """A random grey level, a low-frequency texture and pixel noise -> pixel centres (yy, xx), image (H, W, 3)."""
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    freq, phase = rng.uniform(0.05, 0.3, 2), rng.uniform(0, 2 * np.pi, 2)
-    texture = 18 * np.sin(freq[0] * xx + phase[0]) * np.cos(freq[1] * yy + phase[1])
-    return yy, xx, rng.uniform(90, 160) + texture[..., None] + rng.normal(0, 12, (size, size, 3))
-
-
-def _paint(image, inside, rgb, rng: np.random.Generator, jitter: float = 20):
-    """Fill `inside` with rgb, a per-region colour jitter and per-pixel noise."""
-    image[inside] = np.array(rgb) + rng.uniform(-jitter, jitter, 3) + rng.normal(0, 8, (int(inside.sum()), 3))
-
-
-def _rotated(xx, yy, cx, cy, a: float):
-    """Pixel coordinates in a frame centred at (cx, cy) and rotated by a."""
-    return (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a), -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
-
-
-def _draw_object(image, mask, rng: np.random.Generator, xx, yy, c: int, cx: float, cy: float, rb: float,
-                 layout: list = None):
-    """One object of class c: an elliptic body (semi-axes rb, e rb; a colour from BODY_RGB, shared by all
-    classes) and, overlapping its rim, the class's badge (its TOY_SHAPES shape in its TOY_RGB colour, radius
-    0.6-0.7 rb, centred 0.7 of the way from the body's centre to its rim). The mask labels body and badge c."""
-    a, e = rng.uniform(0, 2 * np.pi), rng.uniform(0.75, 1.0)
-    u, v = _rotated(xx, yy, cx, cy, a)
-    body = (u / rb) ** 2 + (v / (e * rb)) ** 2 <= 1
-    body_rgb = int(rng.integers(len(BODY_RGB)))
-    _paint(image, body, BODY_RGB[body_rgb], rng)
-    phi, rh, spin = rng.uniform(0, 2 * np.pi), rb * rng.uniform(0.6, 0.7), rng.uniform(0, 2 * np.pi)
-    bu, bv = 0.7 * rb * np.cos(phi), 0.7 * e * rb * np.sin(phi)  # badge centre in the body's frame
-    hx, hy = cx + bu * np.cos(a) - bv * np.sin(a), cy + bu * np.sin(a) + bv * np.cos(a)
-    badge = _shape_mask(TOY_SHAPES[c - 1][1], *_rotated(xx, yy, hx, hy, spin), rh)
-    _paint(image, badge, TOY_RGB[TOY_SHAPES[c - 1][0]], rng, jitter=25)
-    mask[body | badge] = c
-    if layout is not None:
-        layout.append(dict(cls=c, body=(cx, cy, rb, e * rb, a), body_rgb=body_rgb, badge=(hx, hy, rh, spin)))
-
-
-def draw_toy_scene(rng: np.random.Generator, size: int = 64, layout: list = None):
-    """One scene of the synthetic world, built so that CAMs under-activate (see the README's demo section):
-    1-2 objects of distinct classes (one large and near the centre, or two in separate quadrants), each a body
-    in a class-free colour carrying its class's badge, over at most one distractor (a class colour on another
-    class's shape, labelled background: colour alone does not tell the class), on a noisy textured background.
-    An image-level classifier needs only the badge; the mask is the whole object. Returns (image uint8
-    (H, W, 3), mask uint8 (H, W) with class ids 0..6, sorted class ids present, a caption naming exactly those
-    classes in random order). `layout`, if a list, receives one dict per object (its geometry)."""
-    yy, xx, image = _toy_background(rng, size)
-    mask = np.zeros((size, size), np.uint8)
-    k = int(rng.integers(1, 3))
-    classes = rng.permutation(len(TOY_SHAPES))[:k] + 1
-    quadrants = rng.permutation(4)
-    for j in range(int(rng.integers(0, 2))):  # the distractor first, so an object may cover part of it
-        colour, shape = rng.choice(len(TOY_SHAPES), 2, replace=False)
-        q, r = quadrants[k + j], size * rng.uniform(0.08, 0.11)
-        cx = size * (0.25 + 0.5 * (q % 2) + rng.uniform(-0.08, 0.08))
-        cy = size * (0.25 + 0.5 * (q // 2) + rng.uniform(-0.08, 0.08))
-        inside = _shape_mask(TOY_SHAPES[shape][1], *_rotated(xx, yy, cx, cy, rng.uniform(0, 2 * np.pi)), r)
-        _paint(image, inside, TOY_RGB[TOY_SHAPES[colour][0]], rng, jitter=25)
-    for j, c in enumerate(classes):
-        if k == 1:
-            rb, (cx, cy) = size * rng.uniform(0.22, 0.3), size * (0.5 + rng.uniform(-0.12, 0.12, 2))
-        else:
-            q, rb = quadrants[j], size * rng.uniform(0.17, 0.22)
-            cx = size * (0.25 + 0.5 * (q % 2) + rng.uniform(-0.03, 0.03))
-            cy = size * (0.25 + 0.5 * (q // 2) + rng.uniform(-0.03, 0.03))
-        _draw_object(image, mask, rng, xx, yy, int(c), cx, cy, rb, layout)
-    present = sorted(int(c) for c in np.unique(mask) if c > 0)  # an object can never vanish, but be exact
-    names = [f"a {SYNTH_CLASSES[c]}" for c in rng.permutation(present)]
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    caption = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(listed)
-    return np.clip(image, 0, 255).astype(np.uint8), mask, present, caption
-
-
-def draw_single_class_scene(rng: np.random.Generator, cls: int, size: int = 64):
-    """One object of class `cls` (1..6), large and near the centre, on draw_toy_scene's kind of background: the
-    demo's stand-in for DiCLIP's SD-generated single-class images (the "centered, fully visible" prompt).
-    Returns (image uint8 (H, W, 3), mask uint8 (H, W) with ids {0, cls})."""
-    yy, xx, image = _toy_background(rng, size)
-    mask = np.zeros((size, size), np.uint8)
-    rb, (cx, cy) = size * rng.uniform(0.22, 0.3), size * (0.5 + rng.uniform(-0.1, 0.1, 2))
-    _draw_object(image, mask, rng, xx, yy, cls, cx, cy, rb)
-    return np.clip(image, 0, 255).astype(np.uint8), mask
-
-
-def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, seed: int = 0) -> Path:
-    """Write the synthetic world in the VOC layout: JPEGImages/*.jpg, SegmentationClass/*.png (exact masks),
-    ImageSets/Segmentation/{train,val}.txt (val holds num_images // 4 further images). Deterministic in seed."""
-    from PIL import Image
-    root = Path(root)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    splits = {"train": range(num_images), "val": range(num_images, num_images + max(1, num_images // 4))}
-    for split, ids in splits.items():
-        names = []
-        for i in ids:
-            image, mask, _, _ = draw_toy_scene(np.random.default_rng([seed, i]), image_size)
-            name = f"synth_{i:05d}"
-            Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
-            Image.fromarray(mask, mode="L").save(root / "SegmentationClass" / f"{name}.png")
-            names.append(name)
-        atomic_write_text("\n".join(names) + "\n", root / "ImageSets" / "Segmentation" / f"{split}.txt")
-    return root
-
 
 def open_image(path, what: str = "image"):
     """PIL.Image.open (lazy: reads the header only) with PIL's decompression-bomb guard as one line: above
@@ -1088,150 +2659,6 @@ def load_mask(path, num_classes: int) -> np.ndarray:
     return mask
 
 
-def normalize_image(rgb: np.ndarray, norm: str):
-    """uint8 (H, W, 3) -> float (3, H, W) normalised with ImageNet (official WeCLIP code) or CLIP statistics."""
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
-    x = (rgb.astype(np.float32) - np.array(mean, np.float32)) / np.array(std, np.float32)
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, H, W)
-
-
-def denormalize_image(x, norm: str) -> np.ndarray:
-    """float (3, H, W) -> uint8 (H, W, 3), the inverse of normalize_image."""
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
-    rgb = x.detach().float().cpu().numpy().transpose(1, 2, 0) * np.array(std) + np.array(mean)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)  # rounded: truncation lost 1 level in 45 % of values
-
-
-def augment(rgb: np.ndarray, mask: np.ndarray, cfg: Config, rng: np.random.Generator):
-    """WeCLIP's train augmentation: random rescale U(scale_min, scale_max) (bilinear image, nearest mask), h-flip
-    p=0.5, random crop of crop_size on a canvas padded with pixel 0 (image) and 255 (mask)."""
-    from PIL import Image
-    h, w = mask.shape
-    r = rng.uniform(cfg.scale_min, cfg.scale_max)
-    nh, nw = max(1, int(r * h)), max(1, int(r * w))
-    rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
-    mask = np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))
-    if rng.random() < 0.5:
-        rgb, mask = rgb[:, ::-1], mask[:, ::-1]
-    s = cfg.crop_size
-    ch, cw = max(s, nh), max(s, nw)
-    canvas = np.zeros((ch, cw, 3), np.uint8)
-    canvas_mask = np.full((ch, cw), IGNORE, np.uint8)
-    oy, ox = int(rng.integers(0, ch - nh + 1)), int(rng.integers(0, cw - nw + 1))
-    canvas[oy:oy + nh, ox:ox + nw], canvas_mask[oy:oy + nh, ox:ox + nw] = rgb, mask
-    y0, x0 = int(rng.integers(0, ch - s + 1)), int(rng.integers(0, cw - s + 1))
-    return canvas[y0:y0 + s, x0:x0 + s], canvas_mask[y0:y0 + s, x0:x0 + s]
-
-
-class SegDataset:
-    """The VOC folder layout: <root>/JPEGImages/<name>.jpg, <root>/SegmentationClassAug/<name>.png (or
-    SegmentationClass/), split lists <root>/ImageSets/Segmentation/<split>.txt (or <root>/<split>.txt).
-    Image-level labels are derived from the masks (classes present minus background and 255), so no label
-    file is needed; they are scanned once and cached. A map-style dataset (DataLoader needs only __len__ and
-    __getitem__). In training, the index encodes (epoch, i) so that augmentation is a pure function of
-    (seed, epoch, i): the same on any number of workers and after --resume."""
-
-    def __init__(self, cfg: Config, split: str, train: bool):
-        self.cfg, self.split, self.train = cfg, split, train
-        info = DATASETS[cfg.dataset]
-        self.num_classes = len(info["classes"])
-        self.root = Path(cfg.data_root)
-        if not cfg.data_root:
-            raise WSSSError(f"no --data-root given for {cfg.dataset}: pass --data-root DIR (e.g. "
-                            f"VOCdevkit/VOC2012; layout in data.md) or set WSSS_DATA_ROOT, or try --demo")
-        if not self.root.is_dir():
-            raise WSSSError(f"data root {str(self.root)!r} not found: pass --data-root DIR (layout in data.md) "
-                            f"or try --demo")
-        lists = [self.root / "ImageSets" / "Segmentation" / f"{split}.txt", self.root / f"{split}.txt"]
-        list_path = next((p for p in lists if p.is_file()), None)
-        if list_path is None:
-            raise WSSSError(f"split list for {split!r} not found; expected {lists[0]} (see data.md)")
-        # one name per line (names may contain spaces; surrounding whitespace and blank lines are ignored)
-        names = [n.strip() for n in read_text(list_path, "split list").splitlines() if n.strip()]
-        unique = list(dict.fromkeys(names))
-        if len(unique) < len(names):  # duplicates would be trained on twice and counted twice in the mIoU
-            print0(f"data: {list_path.name} lists {len(names) - len(unique)} name(s) more than once; each image is "
-                   f"used once")
-            names = unique
-        mask_dir = next((d for d in ("SegmentationClassAug", "SegmentationClass") if (self.root / d).is_dir()), None)
-        if mask_dir is None:
-            raise WSSSError(f"no SegmentationClassAug/ or SegmentationClass/ folder in {self.root} (see data.md)")
-        strip = info["mask_strip"]
-        self.items = []
-        for n in names:
-            image = self.root / "JPEGImages" / f"{n}.jpg"
-            mask = self.root / mask_dir / f"{re.sub(strip, '', n) if strip else n}.png"
-            if not image.is_file():
-                raise WSSSError(f"image listed in {list_path.name} but missing: {image}")
-            self.items.append((n, image, mask))
-        labels = self._scan_labels(list_path)
-        self.labels = [labels[n] for n, _, _ in self.items]
-        if train:  # WeCLIP needs at least one foreground class per image (GradCAM target)
-            keep = [i for i, lab in enumerate(self.labels) if lab]
-            if len(keep) < len(self.items):
-                print0(f"data: skipped {len(self.items) - len(keep)} {split} images with no foreground class")
-            self.items, self.labels = [self.items[i] for i in keep], [self.labels[i] for i in keep]
-        if not self.items:
-            raise WSSSError(f"split {split!r} in {self.root} has no usable images")
-        self.epoch_len = len(self.items)
-
-    def _scan_labels(self, list_path) -> dict:
-        """{name: sorted foreground class ids} from the masks, cached under cache_dir. The cache key covers the
-        root and, for every listed image and mask, its name, size and mtime (one stat each), so an edited
-        dataset is re-scanned; a corrupt cache file is rebuilt (load_cache). The scan also reads each image's
-        header (readable, not a decompression bomb, the size of its mask): a bad image of any split is reported
-        before training starts rather than in a worker or at the final evaluation."""
-        sig = hashlib.sha1(f"{self.root.resolve()}|{list_path.name}|".encode())
-        for n, image, mask in self.items:
-            sig.update(f"{n}|{_stat_key(image)}|{_stat_key(mask)}\n".encode())
-        path = Path(self.cfg.cache_dir) / "labels" / f"{self.cfg.dataset}-{self.split}-{sig.hexdigest()[:12]}.json"
-        names, K = [n for n, _, _ in self.items], self.num_classes
-
-        def read(p):
-            labels = json.loads(p.read_text(encoding="utf-8"))
-            ok = isinstance(labels, dict) and all(
-                isinstance(labels.get(n), list) and all(_is_int(c) and 0 < c < K for c in labels[n]) for n in names)
-            return labels if ok else None
-
-        labels = load_cache(path, read)
-        if labels is not None:
-            return labels
-        labels = {}
-        for n, image, m in self.items:
-            mask = load_mask(m, K)
-            try:
-                with open_image(image) as im:
-                    size = im.size
-            except (OSError, SyntaxError, ValueError) as e:
-                raise WSSSError(f"cannot read image {image}: {e} (corrupt or truncated file?)")
-            if size != mask.shape[::-1]:
-                raise WSSSError(f"image {image} is {size[0]}x{size[1]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
-            labels[n] = [int(c) for c in np.unique(mask) if 0 < c < K]
-        try:
-            clean_stale_temps(path.parent)
-            atomic_write_text(json.dumps(labels), path)
-        except WSSSError:
-            pass  # a read-only cache only costs a re-scan next time
-        return labels
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        epoch, i = divmod(int(index), self.epoch_len)
-        name, image_path, mask_path = self.items[i]
-        rgb, mask = load_rgb(image_path), load_mask(mask_path, self.num_classes)
-        if rgb.shape[:2] != mask.shape:
-            raise WSSSError(f"image {image_path} is {rgb.shape[1]}x{rgb.shape[0]} but its mask is "
-                            f"{mask.shape[1]}x{mask.shape[0]}")
-        if self.train:
-            rgb, mask = augment(rgb, mask, self.cfg, np.random.default_rng([self.cfg.seed, epoch, i]))
-        label = torch.zeros(self.num_classes - 1)
-        label[[c - 1 for c in self.labels[i]]] = 1.0
-        return dict(image=normalize_image(rgb, self.cfg.norm), mask=torch.from_numpy(mask.astype(np.int64)),
-                    label=label, name=name)
-
-
 def _stat_key(path) -> str:
     """size and mtime (ns) of a file, "-" if absent: what a label-cache key needs to notice an edit."""
     try:
@@ -1241,34 +2668,8 @@ def _stat_key(path) -> str:
     return f"{st.st_size},{st.st_mtime_ns}"
 
 
-class EpochSampler:
-    """Shuffled indices, re-drawn each epoch from (seed, epoch), sharded across DDP ranks, starting at any
-    step: what makes --resume exact. Yields epoch * len + i, decoded by SegDataset.__getitem__."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
-                 overfit: bool = False):
-        self.n, self.bs, self.seed, self.rank, self.world, self.overfit = n, batch_size, seed, rank, world, overfit
-        self.steps_per_epoch = n // (batch_size * world)
-        if self.steps_per_epoch == 0:
-            raise WSSSError(f"{n} training images are fewer than one batch ({batch_size} x {world} processes)")
-        self.start_step = start_step
-
-    def __iter__(self):
-        epoch, skip = divmod(self.start_step, self.steps_per_epoch)
-        while True:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            per_rank = order[: self.steps_per_epoch * self.bs * self.world].view(self.steps_per_epoch, self.world,
-                                                                                  self.bs)  # (steps, world, bs)
-            if self.overfit:  # the first batch of epoch 0 (same augmentation) for ever
-                while True:
-                    yield [int(i) for i in per_rank[0, self.rank]]
-            for step in range(skip, self.steps_per_epoch):
-                yield [epoch * self.n + int(i) for i in per_rank[step, self.rank]]
-            epoch, skip = epoch + 1, 0
-
-
 # ----------------------------------------------------------------------------------------------------
-# Frozen feature extractors: CLIP (open_clip) and DINOv2 (transformers). Lazy imports, eval(), no grad.
+# II.4 Model loading: CLIP (open_clip), DINOv2 (transformers), Stable Diffusion (diffusers); tiny configs
 # ----------------------------------------------------------------------------------------------------
 
 # The toy CLIP (the architecture of --tiny, and of the model `pretrain-toy` trains for --demo): the same
@@ -1364,192 +2765,85 @@ def build_dino(cfg: Config, device):
     return model.to(device).eval().requires_grad_(False)
 
 
-def resized_pos_embed(visual, h: int, w: int):
-    """CLIP's positional embedding for an h x w patch grid: the CLS row kept, the pretrained grid resized
-    bilinearly (align_corners=False) as WeCLIP's upsample_pos_emb. Cached per grid."""
-    cache = visual.__dict__.setdefault("_wsss_pos_cache", {})
-    pos = visual.positional_embedding  # (1 + g*g, D)
-    if (h, w) not in cache or cache[(h, w)].device != pos.device:
-        g = int(round(math.sqrt(pos.shape[0] - 1)))
-        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        if (h, w) != (g, g):
-            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)  # (1, D, h, w)
-        cache[(h, w)] = torch.cat([pos[:1], grid.flatten(2)[0].T], 0)  # (1 + h*w, D)
-    return cache[(h, w)]
+# --- Stable Diffusion (DiCLIP §4.1): frozen VAE + UNet + text encoder; self-attention of the UNet decoder ---
+
+# The tiny pipeline of --tiny: the same diffusers/transformers classes as SD 2.1, small. The VAE keeps SD's
+# downsampling factor 8 (four encoder blocks); the UNet has SD's layout of cross-attention down/up blocks, so its
+# decoder (up_blocks.1 and .2) holds attn1 self-attention layers at two resolutions.
+TINY_SD_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True)
+TINY_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                   layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.18215)
+TINY_SD_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=77, projection_dim=32)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD's DDIM settings
 
 
-def self_attention(attn, a, need_weights: bool):
-    """The block's nn.MultiheadAttention on batch-first a (B, L, D), called in its functional form on a
-    contiguous (L, B, D) copy. The module's own batch-first path transposes to a strided view, and when that
-    view needs gradients (GradCAM) CPU matmul runs the projections as a per-token bmm: 3x slower here.
-    -> output (B, L, D), head-averaged attention (B, L, L) or None."""
-    x = a.transpose(0, 1).contiguous()  # (L, B, D)
-    out, w = F.multi_head_attention_forward(
-        x, x, x, attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias, attn.bias_k, attn.bias_v,
-        attn.add_zero_attn, attn.dropout, attn.out_proj.weight, attn.out_proj.bias, training=attn.training,
-        need_weights=need_weights, average_attn_weights=True)
-    return out.transpose(0, 1), w
+def _tiny_sd_tokenizer():
+    """A transformers CLIPTokenizer rebuilt from open_clip's bundled BPE (the vocabulary SD's tokenizer uses), pad
+    "!" as SD 2.x. transformers 5 needs the vocab=/merges= keywords (vocab_file= silently builds 2 tokens)."""
+    import open_clip
+    from transformers import CLIPTokenizer
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    merges = [m for m, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, pad_token="!", bos_token="<start_of_text>",
+                         eos_token="<end_of_text>", unk_token="<end_of_text>", model_max_length=77)
 
 
-def run_block(blk, x, need_attn: bool, a=None):
-    """One open_clip ResidualAttentionBlock, also returning the head-averaged attention (B, 1+N, 1+N).
-    `a` overrides ln_1(x) (GradCAM's hooked activation); the residual still adds x, as in the block."""
-    a = blk.ln_1(x) if a is None else a
-    out, attn = self_attention(blk.attn, a, need_attn)
-    x = x + blk.ls_1(out)
-    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-    return x, attn
+# Stable Diffusion 2.1-base's architecture (its published configs), for `--sd-model random`.
+SD21_UNET = dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, use_linear_projection=True,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD21_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                 num_attention_heads=16, hidden_act="gelu", projection_dim=512, max_position_embeddings=77)
 
 
-def clip_image_forward(clip, images, n_attn: int = 0, full: bool = False, calib: dict = None) -> dict:
-    """The one frozen CLIP pass every method shares, on any image size, without gradients.
-    GradCAM methods (WeCLIP, CD-CLIP): blocks 1..L-1; the block-(L-1) output `x_last` is what GradCAM runs
-    the last block on. Patch-text methods (ExCEL, DiCLIP; `full` or `calib`): all L blocks, and with `calib`
-    the calibrated path of the last calib["n"] blocks beside the original one (see run_dual_block).
-    Returns per-block patch tokens of the ORIGINAL path `feats` (the trained head's inputs), the head-averaged
-    patch-to-patch attention of the last `n_attn` blocks run (B, n_attn, N, N) (the others run fused
-    attention, which never materialises the map), and with `calib`: `x_new` (B, 1+N, D), the calibrated
-    stream before ln_post with its CLS token copied from the original path, `u` (B, 1+N, D), the sum over the
-    calibrated blocks of their values through out_proj (what an additive attention bias multiplies), and
-    `bias_scale` (H for a head sum, 1 for a head mean)."""
-    visual = clip.visual
-    resblocks = visual.transformer.resblocks
-    full = full or calib is not None
-    blocks = resblocks if full else resblocks[:-1]
-    n_calib = min(calib["n"], len(blocks) - 1) if calib else 0  # block 1 always runs plain (tiny models)
-    with torch.no_grad():
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, D, h, w)
-        B, D, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major token order
-        x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, D), x], 1)  # (B, 1+N, D)
-        x = visual.ln_pre(x + resized_pos_embed(visual, h, w).to(x.dtype))
-        feats, attns, x_new, u = [], [], None, 0
-        for i, blk in enumerate(blocks):
-            if i >= len(blocks) - n_calib:  # ExCEL SVC / DiCLIP VCE: both paths read ln_1 of the ORIGINAL stream
-                x_new = x if x_new is None else x_new  # the calibrated path starts from the first SVC block's input
-                x, attn, y_new, u_b = run_dual_block(blk, x, calib)
-                x_new, u = x_new + y_new, u + u_b  # attention read-out only: no ln_2, no MLP on this path
-            else:
-                x, attn = run_block(blk, x, need_attn=i >= len(blocks) - n_attn)
-            feats.append(x[:, 1:])  # (B, N, D): the original path's tokens, clean [upstream bug fixed]
-            if i >= len(blocks) - n_attn:
-                attns.append(attn[:, 1:, 1:])  # (B, N, N): CLS row and column dropped
-        out = dict(feats=feats, attn=torch.stack(attns, 1) if attns else None, x_last=x, grid=(h, w))
-        if n_calib:
-            x_new = torch.cat([x[:, :1], x_new[:, 1:]], 1)  # the CLS token comes from the original path
-            heads = resblocks[-1].attn.num_heads
-            out.update(x_new=x_new, u=u, bias_scale=float(heads if calib.get("heads", "sum") == "sum" else 1),
-                       n_calib=n_calib)
-    return out
+def build_sd(cfg: Config, device) -> SDParts:
+    """Frozen Stable Diffusion for DiCLIP: VAE (AutoencoderKL), UNet (UNet2DConditionModel), DDIM scheduler with the
+    model's own noise schedule, CLIP tokenizer + text encoder. --tiny: the TINY_SD_* architecture, random weights
+    seeded by cfg.seed (global RNG untouched); otherwise --sd-model (hub id or a local diffusers folder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        if cfg.tiny:
+            vae, unet = AutoencoderKL(**TINY_SD_VAE), UNet2DConditionModel(**TINY_SD_UNET)
+            text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**TINY_SD_TEXT)), _tiny_sd_tokenizer()
+            scheduler = DDIMScheduler(**SD_SCHEDULER)
+        elif cfg.sd_model == "random":  # SD 2.1-base's architecture with random weights (bench, shape checks)
+            vae, unet = AutoencoderKL(**SD21_VAE), UNet2DConditionModel(**SD21_UNET)
+            text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**SD21_TEXT)), _tiny_sd_tokenizer()
+            scheduler = DDIMScheduler(**SD_SCHEDULER)
+        else:
+            if cfg.sd_model.startswith(("/", ".", "~")) and not Path(cfg.sd_model).expanduser().is_dir():
+                raise WSSSError(f"Stable Diffusion folder not found: {cfg.sd_model} (pass --sd-model PATH to a "
+                                f"diffusers folder with vae/, unet/, text_encoder/, tokenizer/, scheduler/)")
+            try:
+                vae = AutoencoderKL.from_pretrained(cfg.sd_model, subfolder="vae")
+                unet = UNet2DConditionModel.from_pretrained(cfg.sd_model, subfolder="unet")
+                text_encoder = CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder")
+                tokenizer = CLIPTokenizer.from_pretrained(cfg.sd_model, subfolder="tokenizer")
+                scheduler = DDIMScheduler.from_pretrained(cfg.sd_model, subfolder="scheduler")
+                if len(tokenizer) != 49408:  # transformers 5 offline returns a 2-token dummy instead of raising
+                    raise OSError(f"tokenizer has {len(tokenizer)} tokens, expected 49408")
+            except (OSError, ValueError, RuntimeError) as e:
+                raise WSSSError(f"could not load Stable Diffusion {cfg.sd_model!r} ({type(e).__name__}; no network "
+                                f"or model hub?): pass a local diffusers folder with --sd-model PATH (see data.md), "
+                                f"or run offline with --demo / --tiny")
+    parts = [m.to(device).eval().requires_grad_(False) for m in (vae, unet, text_encoder)]
+    return SDParts(*parts[:2], scheduler, tokenizer, parts[2], device)
 
 
-def attention_qkv(attn, a):
-    """q, k, v of an nn.MultiheadAttention on batch-first a (B, L, D): each (B, H, L, d), and v before the
-    head split (B, L, D)."""
-    B, L, D = a.shape
-    H = attn.num_heads
-    qkv = F.linear(a, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3D)
-    q, k, v = qkv.view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, L, d)
-    return q, k, v, qkv[..., 2 * D:]
-
-
-def svc_attention(q, k, v, scale):
-    """ExCEL SVC intra-correlation, per head: A = 1/3 [softmax(q q^T s) + softmax(k k^T s) + softmax(v v^T s)],
-    each softmax row-wise with CLIP's scale s = d^-1/2. (..., H, L, d) -> (..., H, L, L), rows sum to 1."""
-    return sum(((x @ x.transpose(-1, -2)) * scale).softmax(-1) for x in (q, k, v)) / 3
-
-
-def run_dual_block(blk, x, calib: dict):
-    """One calibrated block (ExCEL §SVC; DiCLIP's VCE uses the same block with calib["attn"] = "qk").
-    X = ln_1(x_ori); q, k, v = heads(X W_in + b_in); the ORIGINAL path is the frozen block:
-    x_ori + out_proj(concat_h softmax(q_h k_h^T s) v_h), then + MLP(ln_2(.)). The CALIBRATED read-out uses
-    the chosen per-head map A_h (ExCEL: svc_attention; "qk": the standard map), reduced over heads to one map
-    Abar (ExCEL sums the heads [code≠paper]: rows sum to H; or the mean), which every head reads its values
-    with: Y_new = out_proj(concat_h(Abar v_h)) = (Abar v) W_o^T + b_o.
-    An additive patch-patch bias w*Bias on each head's map (ExCEL's LVC term, DiCLIP's ACR attention) adds
-    c w Bias (v W_o^T) to the patch rows of Y_new (c = H for a sum, 1 for a mean): it is linear, so the block
-    returns u = v W_o^T and the bias is applied once after the pass (calibrated_tokens), for any bias, with
-    no second CLIP forward. Returns (x_ori next (B, 1+N, D), head-averaged original attention (B, 1+N, 1+N),
-    Y_new (B, 1+N, D), u (B, 1+N, D))."""
-    attn = blk.attn
-    a = blk.ln_1(x)
-    q, k, v, v_all = attention_qkv(attn, a)
-    B, L, D = a.shape
-    scale = q.shape[-1] ** -0.5
-    a0 = ((q @ k.transpose(-1, -2)) * scale).softmax(-1)  # (B, H, L, L): CLIP's own map
-    y_ori = F.linear((a0 @ v).transpose(1, 2).reshape(B, L, D), attn.out_proj.weight, attn.out_proj.bias)
-    amap = svc_attention(q, k, v, scale) if calib.get("attn", "intra") == "intra" else a0
-    if calib.get("bias") is not None:  # DiCLIP Eq. 7: the SD map joins each head's patch-patch block (vce_fusion)
-        amap = amap.clone()
-        amap[..., 1:, 1:] = vce_fusion(amap[..., 1:, 1:], calib["bias"][:, None].to(amap.dtype),
-                                       calib.get("weight", 1.0), calib.get("fusion", "add"))
-    abar = amap.sum(1) if calib.get("heads", "sum") == "sum" else amap.mean(1)  # (B, L, L)
-    y_new = blk.ls_1(F.linear(abar @ v_all, attn.out_proj.weight, attn.out_proj.bias))  # (B, L, D)
-    u = blk.ls_1(F.linear(v_all, attn.out_proj.weight))  # (B, L, D): LayerScale is linear too
-    x = x + blk.ls_1(y_ori)
-    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-    return x, a0.mean(1), y_new, u
-
-
-def calibrated_tokens(visual, out: dict, bias=None, weight: float = 1.0, norm: str = "tokens"):
-    """The calibrated path's final tokens P = ln_post(x_new + c w Bias u) W_proj, L2-normalised along the
-    TOKEN axis as ExCEL's code (per channel, across the 1+N tokens [code≠paper]) or per token ("channels").
-    bias (B, N, N) acts on the patch rows/columns only (CLS untouched). -> (B, 1+N, E) with CLS first."""
-    x = out["x_new"]
-    if bias is not None and weight != 0:
-        x = torch.cat([x[:, :1], x[:, 1:] + (out["bias_scale"] * weight) * (bias @ out["u"][:, 1:])], 1)
-    p = visual.ln_post(x) @ visual.proj  # (B, 1+N, E)
-    return F.normalize(p.float(), dim=1 if norm == "tokens" else -1)
-
-
-def attn_blocks_needed(cfg: Config, num_blocks: int) -> int:
-    """How many blocks must return attention maps for --refine. GradCAM methods: of blocks 1..L-1 (the last
-    block's comes from GradCAM): the static mean uses the last attn_layers blocks, dynamic RFM the last
-    rfm_dynamic_layers. Patch-text methods run all L blocks in the frozen pass."""
-    if cfg.refine == "none":
-        return 0
-    n = max(cfg.attn_layers, cfg.rfm_dynamic_layers if "rfm" in cfg.refine else 0)
-    return min(n, num_blocks) - (0 if cfg.cam == "text" else 1)
-
-
-def calib_spec(cfg: Config, bias=None):
-    """The calibrated path a method asks of clip_image_forward (None: GradCAM methods, no calibrated path):
-    ExCEL's SVC in the last svc_layers blocks; DiCLIP's VCE in the last vce_layers blocks with `bias` (its
-    ACR attention) fused into each head's map inside the blocks."""
-    if cfg.cam != "text":
-        return None
-    n = cfg.vce_layers if cfg.vce else cfg.svc_layers
-    return dict(n=n, attn=cfg.svc_attn, heads=cfg.svc_heads, bias=bias, weight=cfg.vce_weight, fusion=cfg.vce_fusion)
-
-
-def frozen_pass(frozen, images, cfg: Config, n_attn: int = None) -> dict:
-    """The frozen pass of one batch for any method: [DiCLIP: SD self-attention -> ACR ->] CLIP with the method's
-    calibrated path. fp32 and no gradient whatever the training autocast."""
-    n_attn = attn_blocks_needed(cfg, frozen.num_blocks) if n_attn is None else n_attn
-    with torch.no_grad(), fp32(images.device):
-        bias = None
-        if cfg.vce:  # DiCLIP VCE: A_acr from the SD UNet's decoder self-attention, on the CLIP grid
-            grid = (images.shape[-2] // frozen.patch, images.shape[-1] // frozen.patch)
-            bias = vce_attention(frozen, images, cfg, grid)
-        out = clip_image_forward(frozen.clip, images, n_attn, calib=calib_spec(cfg, bias))
-        out["a_acr"] = bias
-    return out
-
-
-def vce_attention(frozen, images, cfg: Config, grid):
-    """DiCLIP §4.1-4.2: A_sd of the crops (sd_self_attention), refined by ACR (acr_rounds = 0: A_sd itself)."""
-    a_sd = sd_self_attention(frozen.sd, images, cfg, grid)
-    if not cfg.acr_rounds:
-        return a_sd
-    return acr_refine(a_sd, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.acr_variant, cfg.acr_iters, seed=0)
-
-
-def encode_texts(clip, tokenizer, names, template: str, device):
-    """L2-normalised text embeddings (T, E) of `template.format(name)` (WeCLIP's zeroshot_classifier)."""
-    with torch.no_grad():
-        tokens = tokenizer([template.format(n) for n in names]).to(device)
-        return F.normalize(clip.encode_text(tokens).float(), dim=-1)
-
+# ----------------------------------------------------------------------------------------------------
+# II.5 ExCEL's TSE inputs: description files, built-in sentences, attribute banks and their cache
+# ----------------------------------------------------------------------------------------------------
 
 # ---- ExCEL TSE: text semantic enrichment with clustered attribute descriptions (ExCEL §TSE, spec §1) ----
 # wsss.py's own attribute sentences (written for this project, 5 per class), used when neither ExCEL's bank
@@ -1642,13 +2936,6 @@ def description_sentences(cfg: Config) -> dict:
     return {c: data[c] for c in classes}
 
 
-def tse_num_clusters(cfg: Config, n_sentences: int) -> int:
-    """B: --tse-clusters, or ExCEL's ratio of sentences to clusters (VOC 400/112, COCO 1600/224) [I]."""
-    if cfg.tse_clusters:
-        return cfg.tse_clusters
-    return max(1, round(n_sentences * DATASETS[cfg.dataset].get("attr_ratio", 112 / 400)))
-
-
 def attribute_bank(clip, tokenizer, cfg: Config, device):
     """ExCEL's attribute bank (spec §1.2-1.4): centroids A (E, B), not re-normalised, and per-class flags
     (C, B) (which clusters hold a sentence of the class; ExCEL never uses them). From --attr-bank (ExCEL's
@@ -1724,955 +3011,14 @@ def _read_bank(path, what: str):
     return obj[0].float().contiguous(), obj[1].float()
 
 
-def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: float = 1.0):
-    """ExCEL TSE retrieval (spec §1.6). class_emb (C, E) unit template embeddings t_c, centroids A (E, B).
-    s_cb = t_c . a_b (raw dot products: no temperature, centroids not normalised); drop the lowest
-    k = floor((1 - K_r) B) scores (K_r = 0.9 keeps the top 90 %: B = 112 keeps 101); w = softmax of the kept;
-    T_c = normalise(t_c + lam sum_b w_cb a_b). Upstream computes k by float truncation (B = 10 drops 0, and
-    k = 0 masked every score: NaN); here k is exact and k = 0 keeps all [upstream bug fixed].
-    -> (C, E) unit rows."""
-    s = class_emb @ centroids  # (C, B)
-    B = s.shape[1]
-    k_drop = int(math.floor((1 - keep_ratio) * B + 1e-9))
-    if k_drop:
-        low = s.topk(k_drop, dim=1, largest=False).indices  # the k lowest scores of each class
-        s = s.scatter(1, low, float("-inf"))
-    w = s.softmax(1)  # (C, B): weights of the kept attributes
-    # T_c = t_c + lambda sum_b w_cb a_b, then L2-normalised
-    return F.normalize(class_emb + lam * w @ centroids.T, dim=-1)
-
-
-def dino_features(dino, images, norm: str):
-    """DINOv2 last-layer normalised patch tokens, L2-normalised per token: (B, Dd, hd, wd). The input is
-    resized to (H//p*p, W//p*p) (308 for a 320 crop with p = 14) and given ImageNet statistics."""
-    p = dino.config.patch_size
-    H, W = images.shape[-2:]
-    x = images if norm == "imagenet" else renormalize(images, "clip", "imagenet")
-    x = F.interpolate(x, size=(H // p * p, W // p * p), mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        tokens = dino(pixel_values=x.to(dino.dtype)).last_hidden_state  # (B, 1 + regs + Nd, Dd)
-    tokens = tokens[:, 1 + getattr(dino.config, "num_register_tokens", 0):]
-    tokens = F.normalize(tokens.float(), dim=-1)
-    return tokens.transpose(1, 2).reshape(images.shape[0], -1, H // p, W // p)  # (B, Dd, hd, wd)
-
-
-def renormalize(x, src: str, dst: str):
-    stats = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
-    (m0, s0), (m1, s1) = stats[src], stats[dst]
-    t = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * t(s0) + t(m0) - t(m1)) / t(s1)
-
-
-class Frozen:
-    """Everything frozen for one run: CLIP, its text bank, DINOv2 (only for methods that need it)."""
-
-    def __init__(self, cfg: Config, device, need_dino: bool = None):
-        info = DATASETS[cfg.dataset]
-        self.cfg, self.device = cfg, device
-        planted = cfg.demo_model == "planted"  # the hand-set CLIP of the demo (see planted_clip)
-        if planted:
-            import open_clip
-            self.clip = planted_clip().to(device)
-            self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
-        else:
-            self.clip, self.tokenizer = build_clip(cfg, device)
-        patch = self.clip.visual.conv1.kernel_size[0]
-        if clip_patch_size(cfg) is None and min(cfg.crop_size, cfg.eval_long_side) < patch:
-            # validate_config checks this up front when the model name gives the patch size
-            raise WSSSError(f"--crop-size {cfg.crop_size} / --eval-long-side {cfg.eval_long_side}: smaller than "
-                            f"one CLIP patch ({patch} px for {cfg.clip_model})")
-        supers = info["superclasses"][cfg.superclasses]
-        self.num_fg, self.num_super = len(info["classes"]) - 1, len(supers)
-        # class id (1..C) -> super-class id (1..Ns); 0 -> 0
-        index = {name: i + 1 for i, name in enumerate(supers)}
-        owner = {c: index[s] for s, members in supers.items() for c in members}
-        self.super_of = torch.tensor([0] + [owner[c] for c in info["classes"][1:]], device=device)
-        # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
-        if planted:  # a lookup table, not encoded prompts: class c -> axis c, background prompts -> axis 0
-            self.texts = planted_texts(self.num_fg, self.num_super, self.super_of, len(info["bg_prompts"]),
-                                       self.clip.text_projection.shape[1]).to(device)
-        else:
-            self.texts = encode_texts(self.clip, self.tokenizer, info["prompts"] + list(supers) + info["bg_prompts"],
-                                      cfg.template, device)
-        need_dino = cfg.lambda_b > 0 if need_dino is None else need_dino
-        self.dino = (planted_dino(PLANTED["patch"]).to(device) if planted else build_dino(cfg, device)) \
-            if need_dino else None
-        self.patch = self.clip.visual.conv1.kernel_size[0]
-        self.num_blocks = len(self.clip.visual.transformer.resblocks)
-        if cfg.cam == "text":  # ExCEL/DiCLIP: [C foreground (TSE-enriched) texts; Nb background texts], (C+Nb, E)
-            fg = self.texts[: self.num_fg]
-            if cfg.tse == "on" and not planted:  # the planted text side knows no attributes: TSE is skipped
-                self.attr_centroids, self.attr_flags = attribute_bank(self.clip, self.tokenizer, cfg, device)
-                fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
-            self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
-        need_sd = cfg.vce or (cfg.tsa != "off" and cfg.cache_source == "sd")
-        self.sd = build_sd(cfg, device) if need_sd else None  # DiCLIP: frozen Stable Diffusion
-        self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" else None  # DiCLIP: {K, V}
-
-
-# --- Stable Diffusion (DiCLIP §4.1): frozen VAE + UNet + text encoder; self-attention of the UNet decoder ---
-
-# The tiny pipeline of --tiny: the same diffusers/transformers classes as SD 2.1, small. The VAE keeps SD's
-# downsampling factor 8 (four encoder blocks); the UNet has SD's layout of cross-attention down/up blocks, so its
-# decoder (up_blocks.1 and .2) holds attn1 self-attention layers at two resolutions.
-TINY_SD_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
-                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True)
-TINY_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                   layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.18215)
-TINY_SD_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=77, projection_dim=32)
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD's DDIM settings
-
-
-def _tiny_sd_tokenizer():
-    """A transformers CLIPTokenizer rebuilt from open_clip's bundled BPE (the vocabulary SD's tokenizer uses), pad
-    "!" as SD 2.x. transformers 5 needs the vocab=/merges= keywords (vocab_file= silently builds 2 tokens)."""
-    import open_clip
-    from transformers import CLIPTokenizer
-    bpe = open_clip.tokenizer.SimpleTokenizer()
-    merges = [m for m, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
-    return CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, pad_token="!", bos_token="<start_of_text>",
-                         eos_token="<end_of_text>", unk_token="<end_of_text>", model_max_length=77)
-
-
-class SDParts:
-    """The frozen Stable Diffusion parts DiCLIP uses, plus the null-prompt text embedding (computed once)."""
-
-    def __init__(self, vae, unet, scheduler, tokenizer, text_encoder, device):
-        self.vae, self.unet, self.scheduler = vae, unet, scheduler
-        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
-        # the UNet halves the latent (len(down_blocks) - 1) times, the VAE 2^(len(blocks) - 1) times
-        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.factor = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        self.null_emb = self.encode_prompt([""])  # (1, 77, Dt): SD's unconditional embedding, "null prompt" [T]
-
-    def encode_prompt(self, prompts):
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        with torch.no_grad():
-            return self.text_encoder(ids)[0].float()  # (P, 77, Dt) last hidden state, as SD conditions on
-
-
-# Stable Diffusion 2.1-base's architecture (its published configs), for `--sd-model random`.
-SD21_UNET = dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, use_linear_projection=True,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD21_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                 num_attention_heads=16, hidden_act="gelu", projection_dim=512, max_position_embeddings=77)
-
-
-def build_sd(cfg: Config, device) -> SDParts:
-    """Frozen Stable Diffusion for DiCLIP: VAE (AutoencoderKL), UNet (UNet2DConditionModel), DDIM scheduler with the
-    model's own noise schedule, CLIP tokenizer + text encoder. --tiny: the TINY_SD_* architecture, random weights
-    seeded by cfg.seed (global RNG untouched); otherwise --sd-model (hub id or a local diffusers folder)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 2)
-        if cfg.tiny:
-            vae, unet = AutoencoderKL(**TINY_SD_VAE), UNet2DConditionModel(**TINY_SD_UNET)
-            text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**TINY_SD_TEXT)), _tiny_sd_tokenizer()
-            scheduler = DDIMScheduler(**SD_SCHEDULER)
-        elif cfg.sd_model == "random":  # SD 2.1-base's architecture with random weights (bench, shape checks)
-            vae, unet = AutoencoderKL(**SD21_VAE), UNet2DConditionModel(**SD21_UNET)
-            text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**SD21_TEXT)), _tiny_sd_tokenizer()
-            scheduler = DDIMScheduler(**SD_SCHEDULER)
-        else:
-            if cfg.sd_model.startswith(("/", ".", "~")) and not Path(cfg.sd_model).expanduser().is_dir():
-                raise WSSSError(f"Stable Diffusion folder not found: {cfg.sd_model} (pass --sd-model PATH to a "
-                                f"diffusers folder with vae/, unet/, text_encoder/, tokenizer/, scheduler/)")
-            try:
-                vae = AutoencoderKL.from_pretrained(cfg.sd_model, subfolder="vae")
-                unet = UNet2DConditionModel.from_pretrained(cfg.sd_model, subfolder="unet")
-                text_encoder = CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder")
-                tokenizer = CLIPTokenizer.from_pretrained(cfg.sd_model, subfolder="tokenizer")
-                scheduler = DDIMScheduler.from_pretrained(cfg.sd_model, subfolder="scheduler")
-                if len(tokenizer) != 49408:  # transformers 5 offline returns a 2-token dummy instead of raising
-                    raise OSError(f"tokenizer has {len(tokenizer)} tokens, expected 49408")
-            except (OSError, ValueError, RuntimeError) as e:
-                raise WSSSError(f"could not load Stable Diffusion {cfg.sd_model!r} ({type(e).__name__}; no network "
-                                f"or model hub?): pass a local diffusers folder with --sd-model PATH (see data.md), "
-                                f"or run offline with --demo / --tiny")
-    parts = [m.to(device).eval().requires_grad_(False) for m in (vae, unet, text_encoder)]
-    return SDParts(*parts[:2], scheduler, tokenizer, parts[2], device)
-
-
-def sd_attention_layers(unet, spec: str) -> list:
-    """Names of the UNet attention processors whose self-attention DiCLIP reads: "up" = every attn1 of the decoder
-    (up_blocks; SD 2.1: up_blocks.{1,2,3}.attentions.{0,1,2}, 9 layers at 16^2, 32^2, 64^2 latent tokens for a
-    512 input [I]); or a comma list of name prefixes (e.g. "up_blocks.3" = the 64^2 layers only)."""
-    names = [n for n in unet.attn_processors if ".attn1." in n]
-    if spec.strip() == "up":
-        chosen = [n for n in names if n.startswith("up_blocks.")]
-    else:
-        prefixes = [p.strip() for p in spec.split(",") if p.strip()]
-        chosen = [n for n in names if any(n.startswith(p) for p in prefixes)]
-    if not chosen:
-        raise WSSSError(f"--sd-layers {spec!r} selects no self-attention (attn1) layer of the UNet; use up, or "
-                        f"prefixes of e.g. {names[-1].rsplit('.attn1', 1)[0]}")
-    return chosen
-
-
-class SDAttentionCapture:
-    """A diffusers attention processor for one self-attention (attn1) layer. It computes the layer's normal output
-    (scaled_dot_product_attention, which never materialises the map) and, on the side, DiCLIP's attention on the
-    CLIP grid [T §IV-B]: q and k (after their projections) are resized bilinearly from the layer's latent grid to
-    the CLIP grid (h, w), then per head softmax(q k^T * scale) on the small grid is averaged over heads and added
-    to `store["sum"]` (B, N, N). So a 4096-token layer costs an N x N map, never 4096 x 4096."""
-
-    def __init__(self, store: dict):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
-        assert encoder_hidden_states is None and attention_mask is None, "self-attention layers only"
-        assert attn.spatial_norm is None and attn.group_norm is None and hidden_states.ndim == 3, \
-            "SDAttentionCapture supports SD's transformer self-attention (B, L, C) layers"
-        B, L, _ = hidden_states.shape
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, L, H*d)
-        H = attn.heads
-        d = q.shape[-1] // H
-        q, k, v = (t.view(B, L, H, d).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # the layer's real output (B, H, L, d)
-        # --- the side computation: resize q and k (not the map) to the CLIP grid ---
-        lh, lw = self.store["latent"]
-        f = int(round(math.sqrt(lh * lw / L)))  # this layer's downsampling of the latent grid
-        gh, gw = self.store["grid"]
-
-        def to_grid(t):  # (B, H, L, d) -> (B, H, N, d)
-            t = t.transpose(2, 3).reshape(B, H * d, lh // f, lw // f)
-            t = F.interpolate(t.float(), size=(gh, gw), mode="bilinear", align_corners=False)
-            return t.reshape(B, H, d, gh * gw).transpose(2, 3)
-
-        probs = (to_grid(q) @ to_grid(k).transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, N, N)
-        self.store["sum"] = self.store.get("sum", 0) + probs.mean(1)  # head mean [T]
-        self.store["count"] = self.store.get("count", 0) + 1
-        out = out.transpose(1, 2).reshape(B, L, H * d).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-def sd_self_attention(sd: SDParts, images, cfg: Config, grid):
-    """DiCLIP's SD attention A_sd (spec §4.1): the CLIP-normalised crops (B, 3, H, W) -> RGB in [0, 1] -> resized to
-    sd_size^2 -> 2x - 1 -> VAE latent mean x scaling factor -> one noising step to t = sd_timestep with noise from a
-    fixed seed (one draw shared by every image, so an image's map does not depend on its batch) -> one UNet pass
-    with the null-prompt embedding. The selected decoder attn1 layers give A_sd (B, N, N) on the CLIP grid (h, w):
-    head mean, then layer mean [I]; rows sum to 1. fp32, no grad; the UNet's processors are restored after."""
-    S, unet = cfg.sd_size, sd.unet
-    if S % sd.factor:
-        raise WSSSError(f"--sd-size {S} is not a multiple of {sd.factor} (the VAE's factor {sd.vae_factor} times "
-                        f"the UNet's {sd.factor // sd.vae_factor}); try {max(1, round(S / sd.factor)) * sd.factor}")
-    gh, gw = grid
-    layers = sd_attention_layers(unet, cfg.sd_layers)
-    stats = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}[cfg.norm]
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in stats)
-    with torch.no_grad(), fp32(images.device):
-        rgb = ((images.float() * std + mean) / 255).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-        x = F.interpolate(rgb, size=(S, S), mode="bilinear", align_corners=False, antialias=True) * 2 - 1
-        z0 = sd.vae.encode(x.to(sd.device)).latent_dist.mean * sd.vae.config.scaling_factor  # (B, 4, S/8, S/8)
-        g = torch.Generator().manual_seed(cfg.seed)  # fixed-seed noise [DS]; the global RNG is not touched
-        noise = torch.randn((1, *z0.shape[1:]), generator=g).to(z0.device).expand_as(z0)
-        t = torch.tensor([cfg.sd_timestep], device=z0.device)
-        zt = sd.scheduler.add_noise(z0, noise, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-        store = dict(latent=tuple(z0.shape[-2:]), grid=(gh, gw))
-        original = dict(unet.attn_processors)
-        capture = SDAttentionCapture(store)
-        unet.set_attn_processor({n: (capture if n in layers else p) for n, p in original.items()})
-        try:
-            unet(zt, t.expand(len(zt)), encoder_hidden_states=sd.null_emb.expand(len(zt), -1, -1))
-        finally:
-            unet.set_attn_processor(dict(original))  # set_attn_processor consumes the dict it is given
-    assert store["count"] == len(layers), "each selected layer runs once"
-    return store["sum"] / store["count"]  # (B, N, N): layer mean, row-stochastic
-
 # ----------------------------------------------------------------------------------------------------
-# CAMs: WeCLIP GradCAM on image-text probabilities, every (image, class) pair in one forward/backward
+# II.6 DiCLIP's TSA cache on disk: generated images, the resumable build, the manifest
 # ----------------------------------------------------------------------------------------------------
-
-def cam_rows(labels, frozen: Frozen, with_super: bool = False) -> dict:
-    """One GradCAM row per (image, present class) and optionally per (image, present super-class).
-    Row r explains text `target[r]` of the bank, competing only with the texts `allowed[r]` (T,): the
-    image's present classes (or super-classes) and all background prompts (WeCLIP §3: absent classes take no
-    part in the softmax). `cls[r]` is the class id (1..C) or super-class id (1..Ns) the row stands for."""
-    B, C = labels.shape
-    T, Ns = frozen.texts.shape[0], frozen.num_super
-    img, cls = torch.nonzero(labels > 0, as_tuple=True)  # ascending class id within each image
-    cls = cls + 1
-    bg = torch.zeros(T, dtype=torch.bool, device=labels.device)
-    bg[C + Ns:] = True
-    allowed_fg = torch.cat([labels > 0, torch.zeros(B, T - C, dtype=torch.bool, device=labels.device)], 1) | bg
-    rows = dict(img=img, cls=cls, target=cls - 1, allowed=allowed_fg[img], is_super=torch.zeros_like(img).bool())
-    if with_super:
-        s_present = torch.zeros(B, Ns + 1, dtype=torch.bool, device=labels.device)
-        s_present[img, frozen.super_of[cls]] = True
-        s_img, s_id = torch.nonzero(s_present[:, 1:], as_tuple=True)
-        allowed_s = torch.zeros(B, T, dtype=torch.bool, device=labels.device)
-        allowed_s[:, C:C + Ns] = s_present[:, 1:]
-        rows = {k: torch.cat([v, extra]) for (k, v), extra in zip(rows.items(), [
-            s_img, s_id + 1, C + s_id, (allowed_s | bg)[s_img], torch.ones_like(s_img).bool()])}
-    return rows
-
-
-def gradcam(frozen: Frozen, out: dict, rows: dict):
-    """WeCLIP GradCAM (spec §3) for all rows at once. Each row replicates its image's block-(L-1) output and
-    runs the last block on it; the hooked activation A is the last block's ln_1 output, whose gradient
-    reaches it only through attention. Target y_r = softmax(s * <e, t_k>)[target_r], e = proj(mean of ln_post
-    patch tokens) normalised, over the row's allowed texts. Rows are independent, so one backward of sum_r y_r
-    yields every row's own gradient: the same CAMs as one backward per class, in one pass.
-    GradCAM: alpha = spatial mean of dy/dA; cam = ReLU(sum_ch alpha_ch A_ch), min-max twice (as upstream).
-    Returns cams (R, h, w), the last block's attention per image (B, N, N) and its final patch embeddings
-    (B, N, E), L2-normalised (CD-CLIP's F)."""
-    clip, h, w = frozen.clip, *out["grid"]
-    visual, blk = clip.visual, clip.visual.transformer.resblocks[-1]
-    x = out["x_last"][rows["img"]]  # (R, 1+N, D)
-    with torch.enable_grad():
-        a = blk.ln_1(x).detach().requires_grad_(True)  # (R, 1+N, D): the hooked activation
-        y, _ = run_block(blk, x, need_attn=False, a=a)  # fused attention: its backward is cheaper
-        post = visual.ln_post(y[:, 1:])  # (R, N, D)
-        # as a 2-D product: a 3-D @ 2-D matmul whose left side needs grad runs as a slow bmm on CPU
-        tokens = (post.reshape(-1, post.shape[-1]) @ visual.proj).view(*post.shape[:2], -1)  # (R, N, E)
-        e = F.normalize(tokens.mean(1).float(), dim=-1)  # (R, E): mean of patch tokens, not CLS
-        scale = frozen.cfg.cam_logit_scale or float(clip.logit_scale.exp())
-        logits = scale * e @ frozen.texts.T  # (R, T)
-        prob = logits.masked_fill(~rows["allowed"], float("-inf")).softmax(-1)
-        target = prob.gather(1, rows["target"][:, None]).sum()
-        (grad,) = torch.autograd.grad(target, a)  # (R, 1+N, D)
-    A, G = a.detach()[:, 1:].float(), grad[:, 1:].float()  # (R, N, D): CLS dropped
-    # GradCAM: alpha_ch = mean_n dy/dA_n,ch; cam_n = ReLU(sum_ch alpha_ch A_n,ch)
-    cam = torch.relu((A * G.mean(1, keepdim=True)).sum(-1))  # (R, N)
-    cam = minmax(minmax(cam.view(-1, h, w)))  # (R, h, w): scale_cam_image per layer, then after the layer mean
-    first = first_row_of_image(rows["img"], out["x_last"].shape[0])  # all rows of an image share these
-    with torch.no_grad():  # the last block's attention map, once per image (identical for its rows)
-        attn_last = self_attention(blk.attn, blk.ln_1(out["x_last"]), True)[1][:, 1:, 1:].float()  # (B, N, N)
-    patch_emb = F.normalize(tokens.detach()[first].float(), dim=-1)  # (B, N, E)
-    return cam, attn_last, patch_emb
-
-
-def first_row_of_image(img, B: int):
-    """Index of the first row of each image (rows are grouped by image, ascending)."""
-    first = torch.full((B,), -1, dtype=torch.long, device=img.device)
-    first.scatter_reduce_(0, img, torch.arange(len(img), device=img.device), reduce="amin", include_self=False)
-    assert (first >= 0).all(), "every image needs at least one GradCAM row (a foreground class)"
-    return first
-
-
-# ---- Patch-text CAMs (ExCEL §3.1, DiCLIP Eq. 1): the calibrated tokens against the class texts ----
-
-def feature_surgery(tokens, texts):
-    """ExCEL's patch-text CAM (CLIP-Surgery feature surgery, spec §3.1). tokens (B, 1+N, E) with CLS first,
-    texts (T, E) unit rows (C foreground then the background words) -> (B, 1+N, T) in [0, 1].
-    p = softmax_t(2 <P_cls, T_t>) (temperature 0.5), w_t = p_t / mean(p); sim_it = w_t <P_i, T_t> minus its
-    mean over ALL texts (the redundant feature); then min-max per text over ALL 1+N tokens, CLS included, no
-    ReLU [code≠paper: the paper writes Norm(cos(P, T))]. A flat map (zero range) gives 0, not NaN."""
-    sim = tokens.float() @ texts.float().T  # (B, 1+N, T)
-    p = (2 * sim[:, :1]).softmax(-1)  # (B, 1, T): the class prior from the CLS token
-    s = (p / p.mean(-1, keepdim=True)) * sim  # w_t <P_i, T_t>
-    s = s - s.mean(-1, keepdim=True)  # minus (1/T) sum_t' w_t' <P_i, T_t'>
-    lo = s.amin(1, keepdim=True)
-    return (s - lo) / (s.amax(1, keepdim=True) - lo).clamp_min(1e-12)  # per text over the tokens
-
-
-def patch_text_cam(tokens, texts, num_fg: int, sim: str = "surgery"):
-    """The static (or, with a bias in `tokens`, dynamic) CAM of every foreground class: (B, N, C) in [0, 1].
-    surgery: feature_surgery, CLS dropped, foreground columns kept (ExCEL code). cosine: the paper-literal
-    Norm(cos(P_i, T_c)), per-token cosine then min-max over the patches."""
-    if sim == "surgery":
-        return feature_surgery(tokens, texts)[:, 1:, :num_fg]
-    cos = F.normalize(tokens[:, 1:].float(), dim=-1) @ texts[:num_fg].float().T  # (B, N, C)
-    lo = cos.amin(1, keepdim=True)
-    return (cos - lo) / (cos.amax(1, keepdim=True) - lo).clamp_min(1e-12)
-
-
-def caa_maps(out: dict, cfg: Config):
-    """The attention maps CAA averages (ExCEL spec §3.3): the original path's patch-patch attention of the last
-    blocks. Upstream's maps of the SVC blocks are head SUMS (rows sum to H) beside a head-averaged one, so the
-    average weights the plain block 1/H as much; `caa_attn_mix upstream` reproduces it, `mean` averages
-    head-averaged maps. -> (B, n, N, N)."""
-    attn = out["attn"].float()
-    n_sum = min(out.get("n_calib", 0), attn.shape[1])
-    if cfg.caa_attn_mix != "upstream" or not n_sum:
-        return attn
-    w = torch.ones(attn.shape[1], device=attn.device)
-    w[attn.shape[1] - n_sum:] = out["bias_scale"] if cfg.svc_heads == "sum" else 1.0
-    return attn * w[None, :, None, None]
-
-
-
-# ----------------------------------------------------------------------------------------------------
-# CAM refinements: transition matrix, box masks, RFM (WeCLIP), CDA (CD-CLIP), PAR, pseudo-label assembly
-# ----------------------------------------------------------------------------------------------------
-
-def sinkhorn_symmetrize(attn, rounds: int = 3):
-    """WeCLIP compute_trans_mat without the final square: `rounds` times normalise columns then rows to sum
-    1, then symmetrise (T + T^T) / 2. (..., N, N) -> (..., N, N); doubly stochastic up to the last round."""
-    t = attn
-    for _ in range(rounds):
-        t = t / t.sum(-2, keepdim=True)  # each column sums to 1
-        t = t / t.sum(-1, keepdim=True)  # each row sums to 1
-    return (t + t.transpose(-1, -2)) / 2
-
-
-def transition_matrix(attn, power: int = 2):
-    """WeCLIP's transition matrix: Sinkhorn-like normalisation (3 rounds), symmetrisation, then T^power
-    (upstream squares: power 2). (..., N, N) -> (..., N, N)."""
-    return torch.linalg.matrix_power(sinkhorn_symmetrize(attn), power)
-
-
-def connected_components(on):
-    """8-connected components of boolean maps (M, h, w) -> int64 ids (M, h, w), 0 off, else the largest flat
-    index + 1 in the component. Label propagation by 3x3 max-pooling until nothing changes (few rounds on
-    a CAM grid); replaces cv2.findContours, whose outer contours are 8-connected too."""
-    M, h, w = on.shape
-    ids = (torch.arange(1, h * w + 1, device=on.device).view(1, h, w) * on).float()
-    while True:
-        grown = F.max_pool2d(ids[:, None], 3, stride=1, padding=1)[:, 0] * on  # (M, h, w)
-        if torch.equal(grown, ids):
-            return ids.long()
-        ids = grown
-
-
-def box_mask(cam, threshold: float, exclusive_edge: bool = False):
-    """WeCLIP box masks (clip/utils.py): s = uint8(255 cam); on <=> s > floor(threshold * max s); the union of
-    the bounding boxes of the on-regions (all contours of cv2.findContours(RETR_TREE): holes' boxes lie
-    inside their region's box, so the union of the 8-connected components' boxes is the same).
-    `exclusive_edge` reproduces upstream's quirk (boxes end one row/column early, and clip to h-1/w-1, so the
-    last row and column are never boxed); by default full boxes [upstream bug fixed].
-    cam (..., h, w) in [0, 1] -> bool (..., h, w)."""
-    shape, (h, w) = cam.shape, cam.shape[-2:]
-    cam = cam.reshape(-1, h, w)
-    # DiCLIP's M_st = M_p + alpha N(M_s) reaches 1 + alpha: such a map is scaled to max 1 first, or uint8 would
-    # wrap around (the threshold is relative to the max, so [0, 1] maps are unchanged) [I]
-    cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1.0)
-    s = (cam * 255).to(torch.uint8).long()  # (M, h, w), truncation as numpy's astype
-    thr = (threshold * s.amax((1, 2), keepdim=True).double()).floor().long()
-    ids = connected_components(s > thr)  # (M, h, w)
-    M, big = ids.shape[0], h * w + 1
-    yy = torch.arange(h, device=cam.device).view(1, h, 1).expand(M, h, w)
-    xx = torch.arange(w, device=cam.device).view(1, 1, w).expand(M, h, w)
-
-    def reduce(v, how):  # per-component min/max of a coordinate, (M, h*w + 1); id 0 = background slot
-        init = torch.full((M, big), big if how == "amin" else -1, device=cam.device, dtype=torch.long)
-        return init.scatter_reduce(1, ids.flatten(1), v.flatten(1), reduce=how, include_self=True)
-
-    y0, y1, x0, x1 = reduce(yy, "amin"), reduce(yy, "amax"), reduce(xx, "amin"), reduce(xx, "amax")
-    if exclusive_edge:
-        y1, x1 = y1.clamp(max=h - 2), x1.clamp(max=w - 2)
-    y0, y1, x0, x1 = (t[:, 1:, None, None] for t in (y0, y1, x0, x1))  # (M, h*w, 1, 1), slot 0 dropped
-    inside = (yy[:, None] >= y0) & (yy[:, None] <= y1) & (xx[:, None] >= x0) & (xx[:, None] <= x1)
-    return inside.any(1).view(shape)  # (M, h*w, h, w) -> any component -> (..., h, w)
-
-
-def rfm_weights(attn_all, cfg: Config, S=None, dynamic: bool = False):
-    """WeCLIP RFM affinity before normalisation (clip_tool.py). attn_all (B, L, N, N) holds every block's
-    head-averaged patch attention (the last from the GradCAM pass).
-    Static: W = mean of the last `attn_layers` blocks.
-    Dynamic (training step >= rfm_dynamic_after, and at test time): among the last `rfm_dynamic_layers`
-    blocks keep those with d_l = sum(S - A_l) <= mean_l d_l (a signed sum, as upstream: since sum S is the
-    same for every l, this keeps the blocks of at least average attention mass), average them, and gate
-    by the decoder affinity: W = mean_sel(A_l) * S."""
-    if not dynamic or S is None:
-        return attn_all[:, -cfg.attn_layers:].mean(1)  # (B, N, N)
-    cand = attn_all[:, -cfg.rfm_dynamic_layers:]  # (B, n, N, N)
-    d = (S[:, None] - cand).sum((-2, -1))  # (B, n)
-    m = (d <= d.mean(1, keepdim=True)).to(cand.dtype)  # (B, n) layer selection
-    W = (m[:, :, None, None] * cand).sum(1) / (m.sum(1)[:, None, None] + 1e-5)  # (B, N, N)
-    return W * S
-
-
-def class_distributions(patch_emb, texts, over: str = "patch"):
-    """CD-CLIP §3.1: P = softmax(S_a) with S_a = Min-max(CosSim(F, T_all)). patch_emb (B, N, E) and texts
-    (K, E) L2-normalised. Min-max per text over the patches (`over="patch"`, default [I]) removes each
-    prompt's global bias; `over="text"` normalises each patch over the texts. -> (B, N, K), rows sum to 1."""
-    s = patch_emb @ texts.T  # (B, N, K) cosine similarities
-    # S_a = Min-max(CosSim(F, T_all)); P = Softmax(S_a) over the C + N texts
-    s_a = minmax(s, dims=(1,)) if over == "patch" else minmax(s, dims=(2,))
-    return s_a.softmax(-1)
-
-
-def js_divergence_matrix(probs, max_elems: int = 2**18):
-    """Pairwise Jensen-Shannon divergences (natural log) between the rows of probs (..., N, K) -> (..., N, N):
-    D_ij = H(M_ij) - H(P_i)/2 - H(P_j)/2 with M_ij = (P_i + P_j) / 2 (CD-CLIP §3.2). Fully broadcast; rows are
-    processed in chunks so the (rows, N, K) mixture never exceeds `max_elems` elements: bounded memory for
-    COCO's 92 texts, and cache-sized chunks are also the fastest (400 x 25: 4 ms vs 8 ms in one piece)."""
-    p = probs.float()
-    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)  # (..., N)
-    N, K = p.shape[-2:]
-    step = max(1, max_elems // max(1, N * K * int(np.prod(p.shape[:-2]))))
-    out = []
-    for i in range(0, N, step):
-        m = (p[..., i:i + step, None, :] + p[..., None, :, :]) / 2  # (..., n, N, K): M_ij = (P_i + P_j) / 2
-        h_m = -(m * m.clamp_min(1e-12).log()).sum(-1)  # (..., n, N)
-        # D_JS(P_i || P_j) = 1/2 KL(P_i || M_ij) + 1/2 KL(P_j || M_ij) = H(M_ij) - (H(P_i) + H(P_j)) / 2
-        out.append(h_m - ent[..., i:i + step, None] / 2 - ent[..., None, :] / 2)
-    return torch.cat(out, -2).clamp_min(0)  # tiny negative rounding -> 0
-
-
-def cda_affinity(probs, a_init, tau: float):
-    """CD-CLIP Eq. for A_d: S_d = (1 - D_JS) / tau; A_d = Softmax(S_d) . A_init, a row-wise softmax and a
-    matrix product [I]. The constant 1 cancels in the softmax: W = softmax(-D_JS / tau).
-    probs (..., N, K), a_init (..., N, N) -> A_d (..., N, N), row-stochastic when A_init is."""
-    # S_d = (1 - D_JS(Softmax(S_a) || Softmax(S_a)^T)) / tau; W = Softmax(S_d), row-wise
-    W = ((1 - js_divergence_matrix(probs)) / tau).softmax(-1)  # (..., N, N)
-    # A_d = Softmax(S_d) . A_init
-    return W @ a_init
-
-
-def propagation_matrix(frozen: Frozen, attn_all, patch_emb, cfg: Config, S=None, dynamic=False):
-    """The matrix A^t that refines the CAMs, per --refine (CD-CLIP Table 3 rows):
-      none      identity (the raw GradCAM)
-      caa       Sinkhorn-symmetrised mean attention of the last blocks, squared; box-masked (CAA)
-      rfm       WeCLIP RFM: the same, with dynamic layer selection and the decoder affinity S once active
-      cda       A_d = softmax(-D_JS/tau) A_init with A_init the Sinkhorn-symmetrised mean attention; no box
-      cda+caa / cda+rfm   A_d on top of that affinity, with box masks.
-    (B, L, N, N) -> (B, N, N)."""
-    if cfg.refine == "none":
-        B, N = attn_all.shape[0], attn_all.shape[-1]
-        return torch.eye(N, device=attn_all.device).expand(B, N, N)
-    W = rfm_weights(attn_all, cfg, S, dynamic=dynamic and "rfm" in cfg.refine)
-    if not cfg.refine.startswith("cda"):  # WeCLIP's T^2 . (B_c * M^c): the power is taken once per image
-        return transition_matrix(W, cfg.power)
-    A_init = sinkhorn_symmetrize(W)  # unsquared
-    texts = frozen.texts if cfg.cda_bg_texts else frozen.texts[: frozen.num_fg + frozen.num_super]  # T_all
-    A_d = cda_affinity(class_distributions(patch_emb, texts, cfg.cda_minmax), A_init, cfg.cda_tau)
-    # M_re^c = (A_d)^t . M_init^c
-    return torch.linalg.matrix_power(A_d, cfg.power)
-
-
-def refine_cams(cams, img, A, box=None):
-    """r_c = A^t (B_c * m_c): propagate each row's CAM with its image's matrix (WeCLIP: box-masked source
-    tokens, i.e. columns). cams (R, h, w), img (R,), A (B, N, N), box (R, h, w) bool or None -> (R, h, w)."""
-    m = cams.flatten(1) if box is None else (cams * box).flatten(1)  # (R, N)
-    # r_c = A^t . vec(B_c * m_c): each token gathers from the tokens it is affine to
-    return torch.bmm(A[img], m[:, :, None])[:, :, 0].view_as(cams)
-
-
-PAR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))  # (dy, dx), upstream order
-
-
-def par_refine(image, masks, dilations=(1, 2, 4, 8, 12, 24), iters: int = 20, w1: float = 0.3, w2: float = 0.01):
-    """PAR, pixel-adaptive refinement (WeCLIP PAR.py). image (B, 3, H', W') is resized to the masks' size
-    (bilinear, align_corners=True). Each pixel p has 8 neighbours per dilation (48), read with replicate
-    padding. kappa_k(p) = -mean_c(|I_k,c - I_c| / (sigma_c(p) + 1e-8) / w1)^2 with sigma_c the unbiased std of
-    the 48 neighbour values; pi_k = softmax(-(rho_k / (sigma_rho + 1e-8) / w1)^2) with rho_k = d or sqrt(2) d;
-    a_k(p) = softmax_k(kappa(p)) + w2 pi_k (weights sum to 1 + w2, as upstream). Then `iters` times
-    M(p) <- sum_k a_k(p) M(p + o_k). masks (B, K, H, W) -> (B, K, H, W), unnormalised (argmax is used)."""
-    B, K, H, W = masks.shape
-    if image.shape[-2:] != (H, W):
-        image = F.interpolate(image, size=(H, W), mode="bilinear", align_corners=True)
-    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in PAR_OFFSETS]
-    pad = max(dilations)
-
-    def neighbours(x):  # (B, C, H, W) -> list over the 48 offsets of (B, C, H, W) views of the padded map
-        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-        return [xp[:, :, pad + dy:pad + dy + H, pad + dx:pad + dx + W] for dy, dx in offsets]
-
-    # Two passes over the 48 neighbour views instead of one (B, 3, 48, H, W) stack (8x less memory traffic).
-    # Pass 1: the unbiased std of the neighbour values, from sums of d_k = I_k - I (std is shift-invariant).
-    image = image.float()
-    views, n = neighbours(image), len(offsets)
-    s1, s2 = torch.zeros_like(image), torch.zeros_like(image)
-    for v in views:
-        d = v - image
-        s1 += d
-        s2.addcmul_(d, d)
-    sigma = ((s2 - s1 * s1 / n) / (n - 1)).clamp_min(0).sqrt()  # (B, 3, H, W)
-    # Pass 2: kappa_k = -mean_c (d_k,c / (sigma_c + 1e-8) / w1)^2, with the per-pixel factors folded in once
-    inv = 1.0 / ((sigma + 1e-8) * w1).pow(2) / image.shape[1]  # (B, 3, H, W)
-    kappa = torch.stack([-((v - image).pow(2) * inv).sum(1) for v in views], 1)  # (B, 48, H, W)
-    rho = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], device=masks.device)
-    pi = (-(rho / (rho.std() + 1e-8) / w1).pow(2)).softmax(0)  # (48,), the same for every pixel
-    aff = kappa.softmax(1) + w2 * pi[None, :, None, None]  # (B, 48, H, W), sums to 1 + w2
-    aff = aff[:, None]  # (B, 1, 48, H, W)
-    m = masks.float()
-    for _ in range(iters):
-        views = neighbours(m)
-        acc = aff[:, :, 0] * views[0]
-        for k in range(1, len(views)):
-            acc = acc.addcmul_(aff[:, :, k], views[k])
-        m = acc
-    return m
-
-
-def contrast_minmax(cams, floor: float = 0.0, eps: float = 1e-7):
-    """minmax with a contrast floor [I] (a guard; upstream has floor 0): (x - min) / max(max - min, floor max).
-    A map whose range is below `floor` of its peak (an almost flat refined CAM: the propagation averaged its
-    evidence away) is no longer stretched to [0, 1], so the residue of noise in it cannot outscore the
-    background; maps with more contrast are min-maxed exactly as upstream. cams (R, h, w) >= 0."""
-    lo, hi = cams.amin((-2, -1), keepdim=True), cams.amax((-2, -1), keepdim=True)
-    return (cams - lo) / torch.maximum(eps + hi - lo, floor * hi)
-
-
-def label_scores(cams, img, cls, B: int, size, bg_pow: float, floor: float = 0.0):
-    """WeCLIP generate_cam_label up to PAR: min-max each refined CAM, upsample (bilinear) to `size`, and pack
-    the rows of each image into channels after a background channel (1 - max_c CAM)^bg_pow. Unused channels
-    are -1 and never win. cams (R, h, w), img (R,), cls (R,) ids -> scores (B, 1+K, H, W) and the channel ->
-    id table (B, 1+K)."""
-    up = F.interpolate(contrast_minmax(cams, floor)[:, None], size=size, mode="bilinear",
-                       align_corners=False)[:, 0]  # (R, H, W)
-    slot = torch.zeros_like(img)
-    for b in range(B):  # rank of each row within its image (B is small)
-        sel = img == b
-        slot[sel] = torch.arange(int(sel.sum()), device=img.device)
-    k = int(slot.max()) + 1 if len(slot) else 0
-    score = torch.full((B, 1 + k, *size), -1.0, device=cams.device)  # (B, 1+K, H, W)
-    score[img, 1 + slot] = up
-    score[:, 0] = (1 - score[:, 1:].amax(1).clamp_min(0)).pow(bg_pow) if k else 1.0
-    lut = torch.zeros(B, 1 + k, dtype=torch.long, device=cams.device)
-    lut[img, 1 + slot] = cls
-    return score, lut
-
-
-def cams_to_labels(groups, images, cfg: Config, use_par: bool = True, size=None):
-    """Pseudo-labels from groups of (cams, img, cls) rows: label_scores, PAR on the image, argmax, channel ->
-    id. PAR's affinity depends on the image only, so all groups (CD-CLIP: the class CAMs and the super-class
-    prototype CAMs) share one PAR call. -> one (B, H, W) int64 map per group (no ignore pixels, as upstream)."""
-    B, size = images.shape[0], tuple(size or images.shape[-2:])
-    scored = [label_scores(cams, img, cls, B, size, cfg.bg_pow, cfg.cam_contrast_floor) for cams, img, cls in groups]
-    score = torch.cat([sc for sc, _ in scored], 1)  # (B, sum_g (1+K_g), H, W)
-    if use_par:
-        score = par_refine(images, score, cfg.par_dilations, cfg.par_iters, cfg.par_w1, cfg.par_w2)
-    labels, start = [], 0
-    for sc, lut in scored:
-        part = score[:, start:start + sc.shape[1]]
-        labels.append(lut.gather(1, part.argmax(1).flatten(1)).view(B, *size))
-        start += sc.shape[1]
-    return labels
-
-
-def cams_to_label(cams, img, cls, images, cfg: Config, use_par: bool = True, size=None):
-    """cams_to_labels for one group: (R, h, w) CAMs -> (B, H, W) pseudo-labels."""
-    return cams_to_labels([(cams, img, cls)], images, cfg, use_par, size)[0]
-
-
-def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
-    """CD-CLIP §4.4. Class-aware pooling (CAP): each super-class CAM, resized to the DINO grid and kept where
-    >= theta_cap, weights an average of the DINO tokens -> prototype f_n (L2-normalised); prototype CAM
-    M_p^n = ReLU(cos(f_n, F_d)). cams_s (R, h, w), img (R,), dino_feat (B, Dd, hd, wd) -> (R, hd, wd) in [0,1]."""
-    m = F.interpolate(cams_s[:, None], size=dino_feat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    m = m * (m >= theta)  # (R, hd, wd)
-    feats = dino_feat[img]  # (R, Dd, hd, wd)
-    # f_s^n = CAP(M_s^n * F_d): the mask-weighted average of the DINO tokens, L2-normalised
-    proto = F.normalize(torch.einsum("rhw,rdhw->rd", m, feats) / (m.sum((1, 2))[:, None] + 1e-5), dim=-1)
-    # M_p^n = ReLU(CosSim(f_s^n, F_d)); the tokens are unit vectors, so the dot product is the cosine
-    return torch.relu(torch.einsum("rd,rdhw->rhw", proto, feats))
-
-
-def make_pseudo_labels(frozen: Frozen, out: dict, images, labels, cfg: Config, S=None, dynamic=False,
-                       with_super=None, use_par=True, size=None, keep_cams=False, bias=None,
-                       bias_weight: float = 1.0, Z=None) -> dict:
-    """The whole label path of one batch: the initial CAMs of every (image, class) [and super-class] row
-    (GradCAM in one pass, or the patch-text CAM of the calibrated tokens, with `bias` added to their
-    patch-patch attention: ExCEL's dynamic CAM), the method's propagation matrix, box masks where the mode
-    uses them, pseudo-labels Y (B, H, W) and, for CD-CLIP's SBE, super-class pseudo-labels Y_s (B, H, W) from
-    DINO prototype CAMs. DiCLIP (tsa): Y from M_st = M_p + alpha N(static retrieval) (tsa static), or Y from
-    M_dt = M_p + alpha N(softmax(Z) fg) and Y_st from M_st (tsa dynamic; Z: the adapter's logits (B, N, C+1))."""
-    with fp32(images.device):  # the label path is fp32 whatever the training autocast (see compute_losses)
-        return _make_pseudo_labels(frozen, out, images.float(), labels, cfg, S, dynamic, with_super, use_par,
-                                   size, keep_cams, bias, bias_weight, Z)
-
-
-def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super, use_par, size, keep_cams, bias,
-                        bias_weight, Z=None):
-    with_super = cfg.lambda_b > 0 if with_super is None else with_super
-    # 1. initial CAMs M_init, one row per (image, present class) [and (image, present super-class)]
-    rows = cam_rows(labels, frozen, with_super=with_super)
-    if cfg.cam == "gradcam":  # WeCLIP / CD-CLIP: one GradCAM backward for all rows
-        cams, attn_last, patch_emb = gradcam(frozen, out, rows)
-        attn_all = attn_last[:, None] if out["attn"] is None else \
-            torch.cat([out["attn"].float(), attn_last[:, None]], 1)  # (B, n_attn + 1, N, N): the last blocks
-    else:  # ExCEL / DiCLIP: the patch-text CAM of the calibrated tokens; no gradient at all
-        tokens = calibrated_tokens(frozen.clip.visual, out, bias, bias_weight, cfg.svc_norm)  # (B, 1+N, E)
-        cam_all = patch_text_cam(tokens, frozen.cam_texts, frozen.num_fg, cfg.cam_sim)  # (B, N, C): M_p
-        h, w = out["grid"]
-        if cfg.tsa != "off":  # DiCLIP TSA: the cache refines M_p (Eq. 11), the adapter too (Eq. 13)
-            feats = cache_features(tokens)
-            m_st = static_cache_fusion(cam_all, static_cache_cam(feats, frozen.tsa["keys"], frozen.tsa["values"],
-                                                                 cfg.cache_beta), cfg.cache_alpha, cfg.cache_negative)
-            if cfg.tsa == "dynamic" and Z is not None:
-                cam_st = m_st[rows["img"], :, rows["cls"] - 1].view(-1, h, w)
-                cam_all = dynamic_cam(cam_all, Z, cfg.cache_alpha, cfg.cache_dyn_softmax)  # M_dt
-            else:
-                cam_all = m_st
-        cams = cam_all[rows["img"], :, rows["cls"] - 1].view(-1, h, w)  # (R, h, w)
-        attn_all = caa_maps(out, cfg) if out["attn"] is not None else None  # (B, n_attn, N, N)
-        patch_emb = F.normalize(tokens[:, 1:], dim=-1)
-    # 2. the affinity: attention of the last blocks (+ the decoder's S, + class distributions) -> A^t
-    if attn_all is None:  # --refine none with a patch-text CAM: nothing to propagate with
-        attn_all = torch.zeros(images.shape[0], 1, cams[0].numel(), cams[0].numel(), device=images.device)
-    A = propagation_matrix(frozen, attn_all, patch_emb, cfg, S=S, dynamic=dynamic)  # (B, N, N)
-    # 3. propagate each class CAM; WeCLIP/CAA first keep only source tokens inside the CAM's boxes
-    c = ~rows["is_super"]
-    use_box = cfg.refine.endswith(("caa", "rfm"))
-    box = box_mask(cams[c], cfg.box_threshold, cfg.box_exclusive_edge) if use_box else None
-    refined = refine_cams(cams[c], rows["img"][c], A, box)
-    groups = [(refined, rows["img"][c], rows["cls"][c])]
-    dual = cfg.cam == "text" and cfg.tsa == "dynamic" and Z is not None
-    if dual:  # DiCLIP: Y_st (the adapter's target) from M_st, through the same CAA and one shared PAR
-        box_st = box_mask(cam_st, cfg.box_threshold, cfg.box_exclusive_edge) if use_box else None
-        groups.append((refine_cams(cam_st, rows["img"], A, box_st), rows["img"], rows["cls"]))
-    if with_super:  # SBE: super-class GradCAMs -> CAP prototypes on DINO tokens -> prototype CAMs
-        s = rows["is_super"]
-        cams_s = minmax(refine_cams(cams[s], rows["img"][s], A)) if cfg.sbe_refine else cams[s]
-        dino_feat = dino_features(frozen.dino, images, cfg.norm)
-        # Y_s by the class recipe: prototype CAMs min-maxed, then upsampled, bg = 1 - max, PAR, argmax [I]
-        groups.append((cap_prototype_cams(cams_s, rows["img"][s], dino_feat, cfg.cap_threshold), rows["img"][s],
-                       rows["cls"][s]))
-    labels = cams_to_labels(groups, images, cfg, use_par, size)  # Y and Y_s (or Y_st) share one PAR
-    result = dict(Y=labels[0], Y_s=labels[1]) if with_super else dict(Y=labels[0])
-    if dual:
-        result["Y_st"] = labels[1]
-    if keep_cams:
-        result.update(rows=rows, cams=cams, refined=refined)
-    return result
-
-
-# --- DiCLIP ACR (§IV-C.2, Eqs. 4-6): cluster the SD attention rows, keep reliable same-cluster relations ---
-
-def _kl_to_centroids(rows, neg_ent, cent):
-    """KL(a_i || c_k) = sum_j a log a - sum_j a log c for rows (M, N, D), their sum_j a log a (M, N, 1) and
-    centroids (M, K, D) -> (M, N, K); 0 log 0 = 0, logs of values clamped at 1e-8."""
-    return neg_ent - rows @ cent.clamp_min(1e-8).log().transpose(-1, -2)
-
-
-def kl_kmeans(rows, k: int, iters: int = 10, seed: int = 0, return_all: bool = False):
-    """K-means of probability rows under the KL divergence (DiCLIP Eq. 4 [T], cites [52]; details [I]).
-    rows (..., N, D), each row a distribution (A_sd: D = N) -> assignments (..., N) int64 in [0, k).
-    Assignment m_i = argmin_k KL(a_i || c_k); update c_k = mean of its members (the exact minimiser for this
-    Bregman divergence, so the objective sum_i KL(a_i || c_{m_i}) never rises); probabilities clamped at 1e-8
-    before logs. Init: k-means++ under KL: the first centre is a row, each next centre a row drawn with probability
-    proportional to its KL to the nearest centre chosen so far. The draws are inverse-CDF lookups of k uniforms from
-    `seed`, shared by every map, so a map's clustering does not depend on its batch. An empty cluster is re-seeded
-    with the row farthest (KL) from its centroid. Vectorised over the leading dims; loops only over iterations.
-    return_all: also the centroids (..., k, D) and the objective after each assignment (iters + 1, ...)."""
-    lead, (N, D) = rows.shape[:-2], rows.shape[-2:]
-    a = rows.reshape(-1, N, D).float()
-    M, k = a.shape[0], min(k, N)
-    ar = torch.arange(M, device=a.device)
-    neg_ent = (a * a.clamp_min(1e-8).log()).sum(-1, keepdim=True)  # (M, N, 1), once
-    u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).to(a.device)
-    # k-means++ under KL
-    first = (u[0] * N).long().clamp_max(N - 1).expand(M)
-    cent = a[ar, first][:, None]  # (M, 1, D)
-    for j in range(1, k):
-        d = _kl_to_centroids(a, neg_ent, cent).amin(-1).clamp_min(0) + 1e-12  # (M, N)
-        cdf = d.cumsum(-1)
-        pick = torch.searchsorted(cdf, (u[j] * cdf[:, -1:]).contiguous()).clamp_max(N - 1)[:, 0]  # (M,)
-        cent = torch.cat([cent, a[ar, pick][:, None]], 1)  # (M, j + 1, D)
-    history = []
-    for it in range(iters + 1):
-        kl = _kl_to_centroids(a, neg_ent, cent)  # (M, N, k)
-        m = kl.argmin(-1)  # (M, N)
-        dist = kl.gather(-1, m[..., None])[..., 0]  # (M, N): each row's KL to its centroid
-        history.append(dist.sum(-1))
-        if it == iters:
-            break
-        onehot = F.one_hot(m, k).float()  # (M, N, k)
-        count = onehot.sum(1)  # (M, k)
-        cent = (onehot.transpose(1, 2) @ a) / count.clamp_min(1)[..., None]  # (M, k, D): member means
-        empty = count == 0
-        if empty.any():  # the e-th empty cluster of a map takes that map's e-th farthest row
-            far = dist.argsort(-1, descending=True)  # (M, N)
-            rank = (empty.cumsum(-1) - 1).clamp(0, N - 1)  # (M, k)
-            cent = torch.where(empty[..., None], a[ar[:, None], far.gather(-1, rank)], cent)
-    m = m.reshape(*lead, N)
-    if return_all:
-        return m, cent.reshape(*lead, k, D), torch.stack(history).reshape(iters + 1, *lead)
-    return m
-
-
-def acr_reliable(attn, assign, delta: float):
-    """DiCLIP Eqs. 5-6's reliable affinity: R = onehot(m) onehot(m)^T (R_ij = 1 iff tokens i, j share a cluster,
-    Eq. 5), A_hat = RowNorm(R * A * 1[A > delta]) with the diagonal always kept (a row left empty becomes e_i).
-    attn (B, N, N), assign (B, N) -> (B, N, N) row-stochastic."""
-    R = assign[..., :, None] == assign[..., None, :]  # (B, N, N) bool: Eq. 5
-    keep = R & (attn > delta)
-    eye = torch.eye(attn.shape[-1], dtype=torch.bool, device=attn.device)
-    a_hat = torch.where(keep | eye, attn, torch.zeros_like(attn))
-    s = a_hat.sum(-1, keepdim=True)
-    a_hat = torch.where(s > 0, a_hat / s.clamp_min(1e-30), eye.to(attn.dtype).expand_as(attn))  # all-zero row guard
-    return a_hat
-
-
-def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: str = "left", iters: int = 10,
-               seed: int = 0):
-    """DiCLIP ACR (Eqs. 4-6; Eq. 6's form was lost in the paper text, reconstruction [I], spec §4.2):
-      m = KL-k-means(rows of A_sd)                                  (Eq. 4)
-      R = onehot(m) onehot(m)^T                                     (Eq. 5)
-      A_hat = RowNorm(R * A_sd * 1[A_sd > delta])                   (Eq. 6, reliable same-cluster relations)
-      A^(0) = A_sd,  A^(t) = A_hat A^(t-1),  t = 1..T               (Eq. 6, recursive propagation; "left")
-    Variants (switch `variant`, [I]): "recluster" re-clusters A^(t-1) each round (new R, A_hat still from A_sd);
-    "right" A^(t) = A^(t-1) A_hat; "sharpen" A^(t) = RowNorm(A^(t-1) * A_hat).
-    a_sd (B, N, N) row-stochastic -> (B, N, N) row-stochastic. rounds = 0 returns a_sd (ACR off)."""
-    if variant not in ACR_VARIANTS:
-        raise WSSSError(f"ACR variant {variant!r} is not one of {', '.join(ACR_VARIANTS)}")
-    a = a_sd.float()
-    if rounds == 0:
-        return a
-    a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
-    for t in range(rounds):
-        if variant == "recluster" and t > 0:  # [I]: R from clustering the current map; A_hat still masks A_sd
-            a_hat = acr_reliable(a_sd.float(), kl_kmeans(a, k, iters, seed), delta)
-        if variant in ("left", "recluster"):
-            a = a_hat @ a
-        elif variant == "right":
-            a = a @ a_hat
-        else:  # sharpen
-            a = a * a_hat
-            a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)  # the diagonal of A_hat keeps every row non-zero
-    return a
-
-
-def vce_fusion(attn, a_acr, w: float = 1.0, mode: str = "add"):
-    """How SD attention enters CLIP's attention (DiCLIP Eq. 7 and Table XII; definitions from §V-A.3 [T], details
-    [I]). attn: CLIP's patch-patch softmax probabilities (..., N, N) (e.g. (B, heads, N, N)); a_acr (B, N, N),
-    broadcast over heads by the caller's shape (pass a_acr[:, None] for heads).
-      add   attn + w A_acr, no re-normalisation (the paper's choice; rows then sum to 1 + w)
-      norm  softmax(attn + w A_acr) over the keys ("an additional softmax after adding")
-      scale attn * (w A_acr) ("multiplies CLIP's attention by the SD map")
-      gate  w A_acr where A_acr > its row mean, attn elsewhere ("replacing only the most confident SD activations")"""
-    if mode == "add":
-        return attn + w * a_acr
-    if mode == "norm":
-        return (attn + w * a_acr).softmax(-1)
-    if mode == "scale":
-        return attn * (w * a_acr)
-    if mode == "gate":
-        return torch.where(a_acr > a_acr.mean(-1, keepdim=True), w * a_acr, attn)
-    raise WSSSError(f"VCE fusion {mode!r} is not one of {', '.join(VCE_FUSIONS)}")
-
-# ----------------------------------------------------------------------------------------------------
-# Caches: DiCLIP's TSA key-value cache (Eqs. 2, 8-13): static retrieval, the dynamic adapter, the cache build
-# ----------------------------------------------------------------------------------------------------
-
-def cache_activation(x, beta: float):
-    """Tip-Adapter's activation phi(x) = exp(-beta (1 - x)) on cosine similarities (DiCLIP Eq. 2): phi(1) = 1."""
-    return torch.exp(-beta * (1 - x))
-
-
-def static_cache_cam(feats, keys, values, beta: float):
-    """DiCLIP Eq. 2, static retrieval: S = phi(F K^T) V. feats (B, N, D) unit patch features F_v, keys (Nk, D) unit,
-    values (Nk, C+1) (column 0 background) -> S (B, N, C+1), before the fg/bg split."""
-    return cache_activation(feats @ keys.to(feats.dtype).T, beta) @ values.to(feats.dtype)
-
-
-def static_cache_fusion(m_p, S, alpha: float, negative: bool = True):
-    """DiCLIP Eq. 11, the static CAM. With N = per-map min-max over the patch axis:
-      M_f = S[..., 1:],  M_b = S[..., 0]
-      M_s = N(M_f) * (1 - N(M_b))     the background (negative) cache suppresses fg where a patch looks like
-                                      cached background ("multiplying them" [T]; the sign [I])
-      M_st = M_p + alpha N(M_s)
-    negative=False is Table IV's "positive cache only": M_s = N(M_f). m_p (B, N, C), S (B, N, C+1) -> (B, N, C)."""
-    m_s = minmax(S[..., 1:], dims=(-2,))
-    if negative:
-        m_s = m_s * (1 - minmax(S[..., :1], dims=(-2,)))
-    return m_p + alpha * minmax(m_s, dims=(-2,))
-
-
-class CacheAdapter(nn.Module):
-    """DiCLIP's dynamic adapter (Eqs. 12-13): the retrieval of Eq. 2 as a two-layer MLP,
-    Z = phi(F W1^T + b1) W2 + b2, initialised W1 = [K; K_p], W2 = [V; V_p], b1 = b2 = 0 [T], with `n_prompts`
-    class-agnostic key/value prompts: K_p random unit vectors (seeded), V_p = 0 [I]. So at initialisation Z equals
-    static_cache_cam(F, K, V, beta). Trained by L_dyn = CE(upsampled Z, Y_st); beta stays fixed."""
-
-    def __init__(self, keys, values, n_prompts: int = 92, beta: float = 1.0, seed: int = 0):
-        super().__init__()
-        nk, D = keys.shape
-        k_p = F.normalize(torch.randn(n_prompts, D, generator=torch.Generator().manual_seed(seed)), dim=-1)
-        self.beta = float(beta)
-        self.w1 = nn.Linear(D, nk + n_prompts)  # weight (Nk+P, D) = [K; K_p]
-        self.w2 = nn.Linear(nk + n_prompts, values.shape[1])  # weight (C+1, Nk+P) = [V; V_p]^T
-        with torch.no_grad():
-            self.w1.weight.copy_(torch.cat([keys.float().cpu(), k_p]))
-            self.w2.weight.copy_(torch.cat([values.float().cpu(), torch.zeros(n_prompts, values.shape[1])]).T)
-            self.w1.bias.zero_()
-            self.w2.bias.zero_()
-
-    def forward(self, feats):  # (B, N, D) -> Z (B, N, C+1) logits
-        return self.w2(cache_activation(self.w1(feats), self.beta))
-
-
-def dynamic_cam(m_p, Z, alpha: float, softmax: bool = True):
-    """DiCLIP Eq. 13: M_dt = M_p + alpha N(softmax(Z)[..., 1:]) (softmax over the C+1 classes, then the fg part
-    [I]); softmax=False uses the raw fg logits N(Z[..., 1:]). A label-path quantity: Z is detached.
-    m_p (B, N, C), Z (B, N, C+1) -> (B, N, C)."""
-    Z = Z.detach().float()
-    fg = Z.softmax(-1)[..., 1:] if softmax else Z[..., 1:]
-    return m_p + alpha * minmax(fg, dims=(-2,))
-
-
-def patch_coverage(label_map, cls, grid):
-    """Fraction of each patch covered by class cls[b]: (B, H, W) label maps, (B,) class ids -> (B, N) in [0, 1], by
-    area downsampling to the patch grid (h, w) (DiCLIP Eq. 8's m)."""
-    on = (label_map == cls.view(-1, 1, 1).to(label_map.device)).float()[:, None]  # (B, 1, H, W)
-    return F.adaptive_avg_pool2d(on, grid).flatten(1)  # (B, N)
-
-
-def mask_average_pool(feats, masks, lo: float = 0.01, hi: float = 0.99):
-    """DiCLIP Eq. 8, mask average pooling: f_fg = sum_i m_i F_i / sum_i m_i, f_bg the same with 1 - m, both
-    re-L2-normalised [I]. feats (B, N, D), masks (B, N) patch-coverage fractions -> f_fg (B, D), f_bg (B, D),
-    valid (B,) bool: False when the foreground covers < lo or > hi of the image (skipped [I])."""
-    masks = masks.to(feats.dtype)
-    fg = (masks[..., None] * feats).sum(1) / masks.sum(1, keepdim=True).clamp_min(1e-12)
-    bg = ((1 - masks)[..., None] * feats).sum(1) / (1 - masks).sum(1, keepdim=True).clamp_min(1e-12)
-    frac = masks.mean(1)
-    return F.normalize(fg, dim=-1), F.normalize(bg, dim=-1), (frac >= lo) & (frac <= hi)
-
-
-def _kmeans_keys(x, k: int, seed: int, what: str, log=print0):
-    """k unit centroids of the rows of x (n, D) by sklearn KMeans(random_state=seed, n_init=10); fewer rows than k:
-    all rows (unit) with a note."""
-    if x.shape[0] <= k:
-        if x.shape[0] < k:
-            log(f"TSA cache: {what} has only {x.shape[0]} features for {k} keys: using all of them as keys")
-        return F.normalize(x.float(), dim=-1)
-    from sklearn.cluster import KMeans
-    km = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(x.double().cpu().numpy())
-    return F.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=-1)
-
-
-def build_kv_cache(fg_feats_by_class: dict, bg_feats, texts_fg, k_per_class: int, k_bg: int, seed: int = 0,
-                   log=print0) -> dict:
-    """DiCLIP Eqs. 9-10, the key-value cache. fg_feats_by_class {class id 1..C: (n_c, D)} pooled foreground
-    features, bg_feats (n, D) pooled background features of all images, texts_fg (C, D) unit class texts.
-      keys:   per class, K-means with K_c centroids (sklearn, random_state=seed, n_init=10), L2-normalised; one
-              K-means over all background features with K_bg centroids [T*]
-      values: a foreground key of class c: one-hot at column c weighted by cos(key, text_c) (Eq. 10);
-              a background key: e_0 (plain one-hot, "various background semantics")
-    -> dict(keys (Nk, D), values (Nk, C+1), key_class (Nk,) with 0 for background keys)."""
-    C = texts_fg.shape[0]
-    keys, cls = [], []
-    for c in range(1, C + 1):
-        x = fg_feats_by_class.get(c)
-        if x is None or len(x) == 0:
-            log(f"TSA cache: class {c} has no usable foreground feature: it gets no key")
-            continue
-        kc = _kmeans_keys(torch.as_tensor(x), k_per_class, seed, f"class {c}", log)
-        keys.append(kc)
-        cls += [c] * len(kc)
-    kb = _kmeans_keys(torch.as_tensor(bg_feats), k_bg, seed, "the background", log)
-    keys = torch.cat(keys + [kb]) if keys else kb
-    key_class = torch.tensor(cls + [0] * len(kb), dtype=torch.long)
-    values = torch.zeros(len(keys), C + 1)
-    fg = key_class > 0
-    texts = F.normalize(texts_fg.float().cpu(), dim=-1)
-    values[fg, key_class[fg]] = (keys[fg] * texts[key_class[fg] - 1]).sum(-1)  # cos(key, text of its class)
-    values[~fg, 0] = 1.0
-    return dict(keys=keys, values=values, key_class=key_class)
-
 
 # --- the TSA cache build (DiCLIP §III-D offline phase): single-class images -> pseudo masks -> MAP -> K-means ---
 
 TSA_FORMAT = "wsss-diclip-tsa-cache-v1"
+
 # Fields that shape the cache: the generated images, the features, the pseudo masks, the clustering. A cache whose
 # manifest differs in any of them is never used.
 TSA_KEYS = ("dataset", "tiny", "clip_model", "clip_pretrained", "template", "norm", "crop_size", "seed",
@@ -2684,6 +3030,7 @@ TSA_KEYS = ("dataset", "tiny", "clip_model", "clip_pretrained", "template", "nor
             "caa_attn_mix", "box_exclusive_edge", "power", "par_dilations", "par_w1", "par_w2", "cam_contrast_floor")
 TSA_IMAGE_KEYS = ("dataset", "tiny", "sd_model", "cache_steps", "cache_guidance", "cache_image_size",
                   "cache_prompt", "cache_source")  # what the generated images depend on
+
 # SD is prompted with plain class names [I] (spec §5.1): the dataset tables' joined names spelled out.
 PLAIN_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
                "motorbike": "motorbike", "aeroplane": "aeroplane"}
@@ -2844,13 +3191,6 @@ def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_f
     return cache
 
 
-def cache_features(tokens):
-    """The features DiCLIP's cache stores and queries: the calibrated patch tokens, L2-normalised per token, so that
-    phi(F K^T) acts on cosines [I] (ExCEL's token-axis normalisation is kept for the CAM only). (B, 1+N, E) ->
-    (B, N, E); keys and queries use the same function."""
-    return F.normalize(tokens[:, 1:].float(), dim=-1)
-
-
 def ensure_tsa_cache(frozen, cfg: Config, device) -> dict:
     """DiCLIP's {K, V}: loaded from the cache folder, or built there (resumable, see build_tsa_cache) with the real
     label path: features = VCE-calibrated tokens, pseudo mask = patch-text CAM -> CAA -> PAR of the image's one
@@ -2905,496 +3245,10 @@ def load_tsa_cache(path, expected: dict):
                         f"delete it to rebuild")
     return obj
 
-# ----------------------------------------------------------------------------------------------------
-# Decoder: the only trained module (WeCLIP §6)
-# ----------------------------------------------------------------------------------------------------
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class DecoderBlock(nn.Module):
-    """Pre-LN transformer block: x + MHA(LN(x)), x + MLP(LN(x)); MLP width -> mlp -> width, QuickGELU."""
-
-    def __init__(self, width: int, heads: int, mlp: int):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # xavier in_proj, zero biases
-        self.mlp = nn.Sequential(nn.Linear(width, mlp), QuickGELU(), nn.Linear(mlp, width))
-
-    def forward(self, x):  # (B, N, width)
-        x = x + self_attention(self.attn, self.ln_1(x), need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-def lvc_relation(fd, alpha: float = 3.0, beta: float = 1.0, mean: str = "batch"):
-    """ExCEL's relation matrix (LVC, spec §4.2): R = alpha (cos(F_d) - beta mean cos(F_d)), the cosine between
-    the adapter's per-token features. The mean is ONE scalar over the whole batch and all pairs, as upstream
-    (so R depends on the batch), or per image (`mean="image"`). fd (B, D, h, w) or (B, N, D) -> R (B, N, N)
-    before any activation: sigmoid(R) is L_div's prediction and CAA's gate, softmax(R masked at < 0) the
-    calibrated path's bias (lvc_bias)."""
-    f = fd.flatten(2).transpose(1, 2) if fd.dim() == 4 else fd  # (B, N, D)
-    f = F.normalize(f.float(), dim=-1)
-    cos = f @ f.transpose(1, 2)  # (B, N, N)
-    m = cos.mean() if mean == "batch" else cos.mean((1, 2), keepdim=True)
-    return alpha * (cos - beta * m)
-
-
-def lvc_bias(R):
-    """ExCEL's LVC attention term: softmax_row(R) with R_ij < 0 masked to -inf (clip_surgery_model.py:128-137).
-    The diagonal R_ii = alpha (1 - beta mean) is >= 0 for beta <= 1; it is kept in any case, so no row is
-    ever all -inf. (B, N, N) -> (B, N, N), rows sum to 1."""
-    eye = torch.eye(R.shape[-1], dtype=torch.bool, device=R.device)
-    return R.float().masked_fill((R < 0) & ~eye, float("-inf")).softmax(-1)
-
-
-class SegDecoder(nn.Module):
-    """WeCLIP decoder. Fuse head: per-block MLP (D -> dim -> dim) over the patch tokens of CLIP blocks
-    1..L-1, concatenated, 1x1 conv -> dim, Dropout2d -> F (B, dim, h, w). Then `layers` pre-LN transformer
-    blocks and a 1x1 conv to the K classes. Affinity head S = sigmoid(F^T F) (B, N, N), which the dynamic
-    RFM uses and the affinity loss trains. VOC + ViT-B/16: 5,985,045 parameters, as upstream.
-    ExCEL builds the same module on all 12 blocks: its "adapter" is this fuse head (F = F_d, spec §4.1) and its
-    decoder these blocks; relation "cos" gives ExCEL's R (lvc_relation) and S = sigmoid(R): 6,313,237
-    parameters for VOC, as upstream."""
-
-    def __init__(self, in_dim: int, n_feats: int, num_classes: int, dim=256, layers=3, heads=8, mlp=1024,
-                 dropout=0.1, relation: str = "dot", alpha: float = 3.0, beta: float = 1.0, rel_mean: str = "batch"):
-        super().__init__()
-        self.relation, self.alpha, self.beta, self.rel_mean = relation, alpha, beta, rel_mean
-        self.cache_adapter = None  # DiCLIP: a CacheAdapter, trained beside the decoder (see build_decoder)
-        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
-                                  for _ in range(n_feats))
-        self.fuse = nn.Conv2d(n_feats * dim, dim, 1)
-        self.dropout = nn.Dropout2d(dropout)
-        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp) for _ in range(layers))
-        self.classifier = nn.Conv2d(dim, num_classes, 1)
-
-    def forward(self, feats, grid, return_relation: bool = False, cache_feats=None):
-        """feats: list of (B, N, D) patch tokens; grid (h, w) -> logits (B, K, h, w), S (B, N, N)
-        [and R (B, N, N), S = sigmoid(R)] [and, given cache_feats (B, N, E), the cache adapter's Z (B, N, C+1)]."""
-        (h, w), B = grid, feats[0].shape[0]
-        x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], -1)  # (B, N, n*dim)
-        x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, n*dim, h, w)
-        f = self.dropout(self.fuse(x))  # (B, dim, h, w): F
-        t = f.flatten(2).transpose(1, 2)  # (B, N, dim)
-        for blk in self.blocks:
-            t = blk(t)
-        logits = self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))  # (B, K, h, w)
-        with fp32(f.device):  # the relation feeds the label path (gating, LVC bias): fp32 even under AMP
-            if self.relation == "cos":  # ExCEL: R = alpha (cos(F_d) - beta mean)
-                R = lvc_relation(f.float(), self.alpha, self.beta, self.rel_mean)
-            else:  # WeCLIP: R = F^T F
-                fn = f.flatten(2).float()  # (B, dim, N)
-                R = fn.transpose(1, 2) @ fn  # (B, N, N)
-            S = torch.sigmoid(R)
-        if cache_feats is not None:
-            return logits, S, R, self.cache_adapter(cache_feats)
-        return (logits, S, R) if return_relation else (logits, S)
-
-
-def build_decoder(cfg: Config, frozen: Frozen):
-    """WeCLIP/CD-CLIP: on blocks 1..L-1 (the last block's tokens are GradCAM's). ExCEL: on all L blocks."""
-    width = frozen.clip.visual.conv1.out_channels
-    n_feats = frozen.num_blocks if cfg.cam == "text" else frozen.num_blocks - 1
-    dec = SegDecoder(width, n_feats, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, cfg.dec_mlp,
-                     cfg.dec_dropout, cfg.relation, cfg.lvc_alpha, cfg.lvc_beta, cfg.lvc_mean)
-    if cfg.tsa == "dynamic":  # DiCLIP's adapter, initialised from the cache (Eq. 12)
-        dec.cache_adapter = CacheAdapter(frozen.tsa["keys"], frozen.tsa["values"], cfg.cache_prompts, cfg.cache_beta,
-                                         seed=cfg.seed)
-    return dec
-
-
-def head_outputs(model, out: dict, frozen, cfg: Config):
-    """The trained head on one frozen pass: (logits, S, R, Z or None). DiCLIP's adapter reads the calibrated
-    tokens (cache_features); everything else reads the original path's per-block tokens."""
-    if cfg.tsa == "dynamic":
-        tokens = calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm)
-        return model(out["feats"], out["grid"], return_relation=True, cache_feats=cache_features(tokens))
-    return (*model(out["feats"], out["grid"], return_relation=True), None)
-
 
 # ----------------------------------------------------------------------------------------------------
-# Losses: balanced CE (L_seg), affinity loss (WeCLIP L_aff), gated super-class Dice (CD-CLIP L_b)
+# II.7 Checkpoints and resume
 # ----------------------------------------------------------------------------------------------------
-
-def balanced_ce_loss(logits, labels):
-    """WeCLIP L_seg = 1/2 CE over background pixels + 1/2 CE over foreground pixels (255 ignored); logits are
-    upsampled (bilinear) to the labels. A batch without foreground (or background) pixels averages the terms
-    that exist instead of giving NaN [upstream bug fixed]. logits (B, K, h, w), labels (B, H, W) -> scalar."""
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")  # (B, H, W)
-    # L_seg = 1/2 CE(bg pixels) + 1/2 CE(fg pixels)
-    groups = [labels == 0, (labels != 0) & (labels != IGNORE)]
-    terms = [ce[g].mean() for g in groups if g.any()]
-    return sum(terms) / len(terms) if terms else logits.sum() * 0.0
-
-
-_RADIUS_MASKS = {}
-
-
-def radius_mask(h: int, w: int, radius: int, device):
-    """(N, N) bool: token pairs within Chebyshev distance `radius` (WeCLIP get_mask_by_radius), cached."""
-    key = (h, w, radius, str(device))
-    if key not in _RADIUS_MASKS:
-        yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        yy, xx = yy.flatten(), xx.flatten()
-        _RADIUS_MASKS[key] = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
-    return _RADIUS_MASKS[key]
-
-
-def affinity_labels(labels, grid, radius: int):
-    """WeCLIP affinity targets: labels downsampled (nearest, i.e. pixel (16u, 16v)) to the token grid;
-    1 where two tokens share a label, 0 where not, 255 outside the radius window or at ignore tokens.
-    labels (B, H, W) -> (B, N, N) int64."""
-    y = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")[:, 0].long().flatten(1)  # (B, N)
-    aff = (y[:, :, None] == y[:, None, :]).long()  # (B, N, N)
-    ignore = (y == IGNORE)[:, :, None] | (y == IGNORE)[:, None, :] | ~radius_mask(*grid, radius, labels.device)
-    return aff.masked_fill(ignore, IGNORE)
-
-
-def affinity_loss(pred, target):
-    """WeCLIP L_aff (utils/losses.py), an L1 form on the sigmoid affinity S:
-    1/2 sum_{Y=1}(1 - S)/(n+ + 1) + 1/2 sum_{Y=0} S/(n- + 1), pooled over the batch. pred, target (B, N, N)."""
-    pos, neg = (target == 1).float(), (target == 0).float()
-    return 0.5 * ((1 - pred) * pos).sum() / (pos.sum() + 1) + 0.5 * (pred * neg).sum() / (neg.sum() + 1)
-
-
-def super_probs(logits, super_of, num_super: int, size):
-    """CD-CLIP §4.7: decoder class probabilities summed per super-class (background stays channel 0).
-    logits (B, K, h, w) -> (B, Ns+1, H, W), sums to 1 per pixel."""
-    p = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(1)  # (B, K, H, W)
-    agg = F.one_hot(super_of, num_super + 1).float()  # (K, Ns+1)
-    return torch.einsum("bkhw,ks->bshw", p, agg)
-
-
-def dice_loss(probs, target, present):
-    """Soft Dice per image over the channels present in it (CD-CLIP §4.7): D_k = 2 sum P_k 1[Y=k] /
-    (sum P_k + sum 1[Y=k] + 1e-7) over valid pixels (Y != 255, masked correctly [upstream bug fixed]),
-    L = 1 - mean_{k present} D_k. probs (B, K, H, W), target (B, H, W), present (B, K) bool -> (B,)."""
-    valid = (target != IGNORE)[:, None].float()  # (B, 1, H, W)
-    onehot = F.one_hot(target.clamp(max=probs.shape[1] - 1) * (target != IGNORE), probs.shape[1])
-    onehot = onehot.permute(0, 3, 1, 2).float() * valid  # (B, K, H, W)
-    inter = (probs * onehot).sum((2, 3))
-    union = (probs * valid).sum((2, 3)) + onehot.sum((2, 3))
-    # D_k = 2 |P_k . Y_k| / (|P_k| + |Y_k|); L_b = 1 - mean_k D_k
-    d = 2 * inter / (union + 1e-7)  # (B, K)
-    present = present.float()
-    return 1 - (d * present).sum(1) / present.sum(1).clamp_min(1)
-
-
-def predicted_superclasses(logits, labels, super_of, num_super: int, size, floor: float):
-    """C_p (CD-CLIP §4.6 [I]): super-classes of the image-label classes that cover >= floor of the pixels of
-    the decoder's argmax. logits (B, K, h, w), labels (B, C) -> (B, Ns+1) bool (channel 0 unused)."""
-    pred = F.interpolate(logits.detach().float(), size=size, mode="bilinear", align_corners=False).argmax(1)
-    K = logits.shape[1]
-    area = F.one_hot(pred.flatten(1), K).float().mean(1)  # (B, K) fraction of pixels per class
-    hit = (area[:, 1:] >= floor) & (labels > 0)  # (B, C)
-    cp = torch.zeros(labels.shape[0], num_super + 1, dtype=torch.bool, device=labels.device)
-    b, c = torch.nonzero(hit, as_tuple=True)
-    cp[b, super_of[c + 1]] = True
-    return cp
-
-
-def sbe_gate(cp, gate: str):
-    """CD-CLIP Table 4: which images receive L_b, from |C_p| (B,) -> (B,) bool."""
-    n = cp[:, 1:].sum(1)
-    return {"ge2": n >= 2, "eq1": n == 1, "all": torch.ones_like(n, dtype=torch.bool),
-            "off": torch.zeros_like(n, dtype=torch.bool)}[gate]
-
-
-def boundary_loss(logits, Y_s, labels, frozen: Frozen, cfg: Config):
-    """CD-CLIP L_b: Dice(P_s, Y_s) on the gated images, averaged over them (0 when none is gated).
-    Returns (loss, number of gated images)."""
-    size = Y_s.shape[-2:]
-    P_s = super_probs(logits, frozen.super_of, frozen.num_super, size)
-    present = torch.zeros(labels.shape[0], frozen.num_super + 1, dtype=torch.bool, device=labels.device)
-    b, c = torch.nonzero(labels > 0, as_tuple=True)
-    present[b, frozen.super_of[c + 1]] = True
-    present[:, 0] = True  # {bg} U S_img
-    gate = sbe_gate(predicted_superclasses(logits, labels, frozen.super_of, frozen.num_super, size,
-                                           cfg.cp_area_floor), cfg.sbe_gate)
-    per_image = dice_loss(P_s, Y_s, present)
-    if not gate.any():
-        return per_image.sum() * 0.0, 0
-    return per_image[gate].mean(), int(gate.sum())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation: bincount confusion matrix -> mIoU table; multi-scale + flip inference; DenseCRF; overlays
-# ----------------------------------------------------------------------------------------------------
-
-def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = IGNORE):
-    """(K, K) int64 counts, rows = ground truth, columns = prediction; only pixels with 0 <= gt < K count
-    (drops ignore_index), as WeCLIP's evaluate.py."""
-    gt, pred = gt.flatten().long(), pred.flatten().long()
-    valid = (gt >= 0) & (gt < num_classes) & (gt != ignore_index)
-    return torch.bincount(gt[valid] * num_classes + pred[valid], minlength=num_classes ** 2).view(
-        num_classes, num_classes)
-
-
-def miou(conf) -> dict:
-    """IoU_k = TP / (TP + FP + FN); mIoU over the classes present in the ground truth (row sum > 0), as
-    upstream. Also pixel accuracy, mean class accuracy and the confusion ratio FP/TP (mean over classes)."""
-    conf = conf.double()
-    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
-    iou = tp / (gt + pr - tp).clamp_min(1)
-    present = gt > 0
-    ratio = (pr - tp) / tp.clamp_min(1)
-    return dict(miou=float(iou[present].mean()) if present.any() else float("nan"),
-                iou=[float(v) if p else float("nan") for v, p in zip(iou, present)],
-                pixel_acc=float(tp.sum() / conf.sum().clamp_min(1)),
-                mean_acc=float((tp / gt.clamp_min(1))[present].mean()) if present.any() else float("nan"),
-                fp_tp=float(ratio[present].mean()) if present.any() else float("nan"))
-
-
-def format_table(results: dict, class_names, title: str = "") -> str:
-    """Per-class IoU table (only columns with a value), then the summary line."""
-    lines = [title] if title else []
-    names = [n for n in results]
-    width = max(len(c) for c in class_names) + 2
-    lines.append("class".ljust(width) + "".join(f"{n:>12}" for n in names))
-    for k, c in enumerate(class_names):
-        vals = [results[n]["iou"][k] for n in names]
-        if all(math.isnan(v) for v in vals):
-            continue
-        lines.append(c.ljust(width) + "".join("         -  " if math.isnan(v) else f"{100 * v:12.1f}" for v in vals))
-    for key, label, scale, digits in (("miou", "mIoU", 100, 1), ("pixel_acc", "pixel acc", 100, 1),
-                                      ("fp_tp", "FP/TP", 1, 2)):
-        lines.append(label.ljust(width) + "".join(f"{scale * results[n][key]:12.{digits}f}" for n in names))
-    return "\n".join(lines)
-
-
-def resize_long_side(image, long_side: int, min_side: int = 1):
-    """(B, 3, H, W) -> long side `long_side` (WeCLIP test: int(h r), int(w r), bilinear, align_corners=False).
-    The short side stays >= min_side (callers pass one CLIP patch: a 2000x20 image would otherwise get no token
-    row at all; such an image is stretched to one patch instead)."""
-    H, W = image.shape[-2:]
-    r = long_side / max(H, W)
-    size = (max(min_side, int(H * r)), max(min_side, int(W * r)))
-    return image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-
-
-def test_resize(image, cfg: Config, s: float = 1.0, min_side: int = 1):
-    """The test-time input at scale s: the long side to s * eval_long_side (WeCLIP), or a square of side
-    s * eval_long_side whatever the aspect ratio (ExCEL: 320 s). The short side keeps at least `min_side` pixels
-    (one CLIP patch), so very wide or tall images still give a token grid."""
-    if cfg.eval_resize == "long":
-        x = resize_long_side(image, cfg.eval_long_side, min_side)
-        if s == 1:
-            return x
-        y = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-        if min(y.shape[-2:]) >= min_side:
-            return y
-        size = tuple(max(min_side, int(d * s)) for d in x.shape[-2:])  # a scale < 1 keeps one patch too
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    side = max(min_side, int(cfg.eval_long_side * s))
-    return image if image.shape[-2:] == (side, side) else \
-        F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False)
-
-
-def predict_logits(decoder, frozen: Frozen, image, cfg: Config, size=None):
-    """Multi-scale + flip test. WeCLIP ("long"): the long side resized to eval_long_side, then each scale; the
-    logits of the image and of its un-flipped flip are averaged and resized to the scale-1 token grid; the
-    mean over scales is upsampled to `size` (default: the input size). ExCEL ("square"): a square of side
-    320 s per scale, each scale's logits resized to `size` and averaged; its VOC script uses the un-flipped
-    logits alone at s = 1 (eval_flip_at_1 off). image (1, 3, H, W) -> logits (1, K, H, W)."""
-    size = size or image.shape[-2:]
-    p = frozen.patch
-    x0 = test_resize(image, cfg, 1.0, p)
-    grid = (x0.shape[-2] // p, x0.shape[-1] // p)
-    acc = 0
-    for s in cfg.eval_scales:
-        x = x0 if s == 1 else test_resize(image, cfg, s, p)
-        flip = cfg.eval_flip and (s != 1 or cfg.eval_flip_at_1)
-        x = torch.cat([x, x.flip(-1)]) if flip else x
-        with fp32(x.device):
-            out = clip_image_forward(frozen.clip, x, full=cfg.cam == "text")
-        logits, _ = decoder(out["feats"], out["grid"])
-        logits = (logits[:1] + logits[1:].flip(-1)) / 2 if flip else logits
-        acc = acc + F.interpolate(logits.float(), size=grid if cfg.eval_resize == "long" else size, mode="bilinear",
-                                  align_corners=False)
-    acc = acc / len(cfg.eval_scales)
-    return acc if cfg.eval_resize == "square" else F.interpolate(acc, size=size, mode="bilinear", align_corners=False)
-
-
-CRF_MISSING = "--crf needs DenseCRF: pip install pydensecrf2==1.1 (builds from source with g++)"
-
-
-def crf_refine(rgb: np.ndarray, probs: np.ndarray, cfg: Config) -> np.ndarray:
-    """DenseCRF with WeCLIP's test parameters. rgb uint8 (H, W, 3), probs (K, H, W) -> labels (H, W)."""
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_softmax
-    except ImportError:
-        raise WSSSError(CRF_MISSING)
-    K, H, W = probs.shape
-    d = dcrf.DenseCRF2D(W, H, K)
-    d.setUnaryEnergy(unary_from_softmax(probs.astype(np.float32)))
-    d.addPairwiseGaussian(sxy=cfg.crf_pos_xy, compat=cfg.crf_pos_w)
-    d.addPairwiseBilateral(sxy=cfg.crf_bi_xy, srgb=cfg.crf_bi_rgb, rgbim=np.ascontiguousarray(rgb),
-                           compat=cfg.crf_bi_w)
-    return np.argmax(np.array(d.inference(cfg.crf_iters)), 0).reshape(H, W)
-
-
-def palette(k: int) -> np.ndarray:
-    """The PASCAL VOC colour map (bit-interleaved), (k, 3) uint8; 255 -> white."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r, g, b = r | ((c >> 0) & 1) << (7 - j), g | ((c >> 1) & 1) << (7 - j), b | ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    pal[IGNORE] = 255
-    return pal
-
-
-def save_overlay(path, rgb, cam, pseudo, pred, gt):
-    """One PNG: image | CAM heat-map | pseudo-label | prediction | ground truth (labels blended on the image)."""
-    from PIL import Image
-    pal = palette(256)
-    heat = np.stack([cam, 1 - np.abs(2 * cam - 1), 1 - cam], -1) * 255  # blue -> green -> red
-    panels = [rgb, (0.5 * rgb + 0.5 * heat)]
-    panels += [np.where((lab == 0)[..., None], rgb * 0.6, 0.4 * rgb + 0.6 * pal[lab]) for lab in (pseudo, pred, gt)]
-    Image.fromarray(np.concatenate([np.asarray(p).astype(np.uint8) for p in panels], 1)).save(path)
-
-
-def shard(n: int):
-    rank, world, _ = dist_info()
-    return range(rank, n, world)
-
-
-def all_reduce_sum(t):
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, cams: bool = False,
-             label_decoder=None, oracle: bool = False) -> dict:
-    """mIoU of the decoder's multi-scale+flip prediction on a split (optionally DenseCRF; skipped when decoder
-    is None), and with `cams` of the label-driven pseudo-labels of the same images (raw CAM, refined, after
-    PAR: the papers' "M" column; with a decoder, RFM runs dynamic, as upstream's val mode). Also writes
-    overlays with --save-vis. Shards over DDP ranks and sums the confusion matrices."""
-    K = len(DATASETS[cfg.dataset]["classes"])
-    names = (["decoder"] if decoder is not None else []) + (["cam", "refined", "refined+PAR"] if cams else []) \
-        + (["oracle", "oracle+PAR"] if cams and oracle else [])
-    conf = {n: torch.zeros(K, K, dtype=torch.long, device=device) for n in names}
-    if decoder is not None:  # upstream's validate() never called eval(): Dropout2d stayed on [upstream bug fixed]
-        decoder.eval()
-    vis_dir = make_dir(cfg.save_vis, "--save-vis") if cfg.save_vis else None
-    failure = None
-    for i in shard(min(len(dataset), cfg.max_images or len(dataset))):
-        try:
-            item = dataset[i]
-        except Exception as e:  # a bad image on one DDP rank: that rank reports it, the others stop (agree)
-            failure = e
-            break
-        image, gt = item["image"][None].to(device), item["mask"].to(device)
-        pred = torch.zeros_like(gt)
-        if decoder is not None:
-            with torch.no_grad():
-                logits = predict_logits(decoder, frozen, image, cfg)
-            if cfg.crf:
-                rgb = denormalize_image(item["image"], cfg.norm)
-                pred = torch.from_numpy(crf_refine(rgb, logits[0].softmax(0).cpu().numpy(), cfg)).to(device)
-            else:
-                pred = logits[0].argmax(0)
-            conf["decoder"] += confusion_matrix(pred, gt, K)
-        want_vis = vis_dir is not None and i < cfg.num_vis
-        if cams or want_vis:
-            has_fg = bool(item["label"].any())  # no foreground: the pseudo-label is all background
-            pl = label_variants(frozen, image, item["label"][None].to(device), cfg,
-                                decoder if decoder is not None else label_decoder,
-                                gt=gt if oracle else None) if has_fg else {}
-            for name in names:
-                if name != "decoder":
-                    conf[name] += confusion_matrix(pl[name][0] if has_fg else torch.zeros_like(gt), gt, K)
-            if want_vis:
-                cam = pl["cam_map"][0].cpu().numpy() if has_fg else np.zeros(gt.shape)
-                pseudo = pl["refined+PAR"][0] if has_fg else torch.zeros_like(gt)
-                planes = [t.cpu().numpy().astype(np.uint8) for t in (pseudo, pred, gt)]
-                save_overlay(vis_dir / f"{item['name'].replace('/', '_')}.png",
-                             denormalize_image(item["image"], cfg.norm), cam, *planes)
-    if decoder is not None:
-        decoder.train()
-    agree(failure)
-    return {name: miou(all_reduce_sum(c)) for name, c in conf.items()}
-
-
-def oracle_affinity(gt, grid, num_classes: int):
-    """DIAGNOSTICS ONLY (it reads the true mask): the perfect class-averaging affinity of one image. Each token
-    takes the majority class of its patch; A_ij = 1 / |{k: y_k = y_i}| when y_j = y_i, else 0, so A . m replaces
-    every token's CAM value by the mean over all tokens of its true class: the best any propagation matrix can
-    do for a CAM that is right somewhere on each object. gt (H, W) ids (255 = void, counted as background) ->
-    (1, N, N), rows sum to 1."""
-    one_hot = F.one_hot(torch.where(gt.long() < num_classes, gt.long(), 0), num_classes)  # (H, W, K)
-    y = F.adaptive_avg_pool2d(one_hot.permute(2, 0, 1)[None].float(), grid)[0].argmax(0).flatten()  # (N,)
-    same = (y[:, None] == y[None]).float()  # (N, N)
-    return (same / same.sum(1, keepdim=True))[None]
-
-
-def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None, gt=None) -> dict:
-    """Pseudo-labels of one full image at its GT size, from the image-level labels: raw CAM, after the
-    method's refinement, after PAR (the last is what training uses); plus a CAM heat-map for overlays.
-    With a decoder, RFM runs in its dynamic mode with the decoder affinity, ExCEL's CAM is the dynamic one
-    and its box threshold the validation one (upstream's val mode)."""
-    size = image.shape[-2:]
-    x = test_resize(image, cfg, 1.0, frozen.patch)
-    bias = None
-    Z = None
-    with torch.no_grad(), fp32(x.device):
-        out = frozen_pass(frozen, x, cfg)
-        S = R = None
-        if decoder is not None:
-            _, S, R, Z = head_outputs(decoder, out, frozen, cfg)
-            bias = lvc_bias(R) if cfg.lvc else None
-            if cfg.val_box_threshold:
-                cfg = dataclasses.replace(cfg, box_threshold=cfg.val_box_threshold)
-    res = make_pseudo_labels(frozen, out, x, labels, cfg, S=S, dynamic=decoder is not None, with_super=False,
-                             size=size, keep_cams=True, bias=bias, Z=Z)
-    rows, c = res["rows"], ~res["rows"]["is_super"]
-    img, cls = rows["img"][c], rows["cls"][c]
-    heat = F.interpolate(minmax(res["refined"]).amax(0)[None, None], size=size, mode="bilinear",
-                         align_corners=False)[0]  # (1, H, W)
-    out_maps = {"cam": cams_to_label(res["cams"][c], img, cls, x, cfg, use_par=False, size=size),
-                "refined": cams_to_label(res["refined"], img, cls, x, cfg, use_par=False, size=size),
-                "refined+PAR": res["Y"], "cam_map": heat}
-    if gt is not None:  # the ceiling: the same CAMs and boxes, propagated by the perfect affinity instead
-        A = oracle_affinity(gt, out["grid"], len(DATASETS[cfg.dataset]["classes"]))
-        box = box_mask(res["cams"][c], cfg.box_threshold, cfg.box_exclusive_edge) \
-            if cfg.refine.endswith(("caa", "rfm")) else None
-        with fp32(x.device):
-            ideal = refine_cams(res["cams"][c], torch.zeros_like(img), A, box)
-            out_maps["oracle"] = cams_to_label(ideal, img, cls, x, cfg, use_par=False, size=size)
-            out_maps["oracle+PAR"] = cams_to_label(ideal, img, cls, x, cfg, use_par=True, size=size)
-    return out_maps
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training: lr schedule, checkpoint dict, the train loop (algorithm zone / diagnostics zone)
-# ----------------------------------------------------------------------------------------------------
-
-def lr_at(step: int, cfg: Config) -> float:
-    """WeCLIP's schedule at 0-based step k: linear warm-up from warmup_ratio over warmup_steps, then poly:
-    lr (1 - k/max_steps)^poly_power. cfg.lr is the *effective* decoder lr (upstream: 2e-4 with a x10 group)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (1 - (1 - step / cfg.warmup_steps) * (1 - cfg.warmup_ratio))
-    return cfg.lr * (1 - step / cfg.max_steps) ** cfg.poly_power
-
-
-def param_groups(decoder, cfg: Config) -> list:
-    """AdamW groups: the decoder (and ExCEL's adapter, its fuse head) at lr; DiCLIP's cache adapter at adapter_lr
-    (`lr_scale` is the group's share of the scheduled lr)."""
-    adapter = list(decoder.cache_adapter.parameters()) if decoder.cache_adapter is not None else []
-    ids = {id(p) for p in adapter}
-    groups = [dict(params=[p for p in decoder.parameters() if id(p) not in ids], lr_scale=1.0)]
-    if adapter:
-        groups.append(dict(params=adapter, lr_scale=(cfg.adapter_lr or cfg.lr) / cfg.lr))
-    return groups
-
 
 def rng_state() -> dict:
     state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
@@ -3492,51 +3346,9 @@ def claim_run_folder(cfg: Config) -> RunLock:
     return lock
 
 
-def setup_distributed(cfg: Config):
-    """DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU. Returns the device."""
-    rank, world, local = dist_info()
-    device = get_device(cfg)
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int):
-    """One batch of the algorithm: frozen CLIP pass, decoder, pseudo-labels (no gradient into the decoder),
-    L = L_seg + lambda_aff L_aff (WeCLIP; ExCEL's L_div) + lambda_b L_b (CD-CLIP). Returns (loss, float parts,
-    labels). Under AMP only the decoder runs in reduced precision: the frozen pass and the label path run in
-    fp32 with autocast disabled (in bf16 CDA's refined maps collapse to a few dozen levels), as upstream."""
-    out = frozen_pass(frozen, images, cfg)  # fp32, no grad ([DiCLIP: SD attention, ACR,] CLIP's two paths)
-    logits, S, R, Z = head_outputs(model, out, frozen, cfg)
-    # the label path sees the decoder only through a detached S (and R): pseudo-labels never carry gradient
-    dynamic = step >= cfg.rfm_dynamic_after  # WeCLIP counts every forward call, validation too [upstream bug fixed]
-    # ExCEL's dynamic CAM (LVC) from the same switch step: softmax(R) biases the calibrated path
-    bias = lvc_bias(R.detach().float()) if cfg.lvc and dynamic else None
-    pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic, bias=bias,
-                            Z=None if Z is None else Z.detach())
-    loss_seg = balanced_ce_loss(logits.float(), pl["Y"])
-    loss, parts = loss_seg, dict(seg=loss_seg.item())
-    if Z is not None and cfg.lambda_dyn > 0:  # DiCLIP L_dyn = CE(upsampled Z, Y_st): the adapter learns from M_st
-        h, w = out["grid"]
-        z = Z.float().transpose(1, 2).reshape(Z.shape[0], -1, h, w)  # (B, C+1, h, w)
-        z = F.interpolate(z, size=pl["Y_st"].shape[-2:], mode="bilinear", align_corners=False)
-        loss_dyn = F.cross_entropy(z, pl["Y_st"], ignore_index=IGNORE)
-        loss, parts["dyn"] = loss + cfg.lambda_dyn * loss_dyn, loss_dyn.item()
-    if cfg.lambda_aff > 0:
-        target = pl["Y"]
-        if cfg.aff_self_after and step >= cfg.aff_self_after:  # ExCEL VOC: the model's own prediction from 24k
-            target = F.interpolate(logits.detach().float(), size=target.shape[-2:], mode="bilinear",
-                                   align_corners=False).argmax(1)
-        loss_aff = affinity_loss(S.float(), affinity_labels(target, out["grid"], cfg.aff_radius))
-        loss, parts["aff"] = loss + cfg.lambda_aff * loss_aff, loss_aff.item()
-    if cfg.lambda_b > 0:
-        loss_b, parts["gated"] = boundary_loss(logits, pl["Y_s"], labels, frozen, cfg)
-        loss, parts["b"] = loss + cfg.lambda_b * loss_b, loss_b.item()
-    return loss, parts, pl
-
+# ----------------------------------------------------------------------------------------------------
+# II.8 A training run and a dataset's evaluation: folders, logging, checkpoints, tables, DenseCRF, overlays
+# ----------------------------------------------------------------------------------------------------
 
 def train(cfg: Config, frozen: Frozen = None) -> dict:
     """Train the decoder on the method's pseudo-labels; returns the final evaluation results. `frozen` may
@@ -3695,22 +3507,254 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     return dict(results=results, last=last)
 
 
-def _progress(it, disable=False):
-    """tqdm when available and on a terminal; a silent iterator with the same interface otherwise."""
+def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, cams: bool = False,
+             label_decoder=None, oracle: bool = False) -> dict:
+    """mIoU of the decoder's multi-scale+flip prediction on a split (optionally DenseCRF; skipped when decoder
+    is None), and with `cams` of the label-driven pseudo-labels of the same images (raw CAM, refined, after
+    PAR: the papers' "M" column; with a decoder, RFM runs dynamic, as upstream's val mode). Also writes
+    overlays with --save-vis. Shards over DDP ranks and sums the confusion matrices."""
+    K = len(DATASETS[cfg.dataset]["classes"])
+    names = (["decoder"] if decoder is not None else []) + (["cam", "refined", "refined+PAR"] if cams else []) \
+        + (["oracle", "oracle+PAR"] if cams and oracle else [])
+    conf = {n: torch.zeros(K, K, dtype=torch.long, device=device) for n in names}
+    if decoder is not None:  # upstream's validate() never called eval(): Dropout2d stayed on [upstream bug fixed]
+        decoder.eval()
+    vis_dir = make_dir(cfg.save_vis, "--save-vis") if cfg.save_vis else None
+    failure = None
+    for i in shard(min(len(dataset), cfg.max_images or len(dataset))):
+        try:
+            item = dataset[i]
+        except Exception as e:  # a bad image on one DDP rank: that rank reports it, the others stop (agree)
+            failure = e
+            break
+        image, gt = item["image"][None].to(device), item["mask"].to(device)
+        pred = torch.zeros_like(gt)
+        if decoder is not None:
+            with torch.no_grad():
+                logits = predict_logits(decoder, frozen, image, cfg)
+            if cfg.crf:
+                rgb = denormalize_image(item["image"], cfg.norm)
+                pred = torch.from_numpy(crf_refine(rgb, logits[0].softmax(0).cpu().numpy(), cfg)).to(device)
+            else:
+                pred = logits[0].argmax(0)
+            conf["decoder"] += confusion_matrix(pred, gt, K)
+        want_vis = vis_dir is not None and i < cfg.num_vis
+        if cams or want_vis:
+            has_fg = bool(item["label"].any())  # no foreground: the pseudo-label is all background
+            pl = label_variants(frozen, image, item["label"][None].to(device), cfg,
+                                decoder if decoder is not None else label_decoder,
+                                gt=gt if oracle else None) if has_fg else {}
+            for name in names:
+                if name != "decoder":
+                    conf[name] += confusion_matrix(pl[name][0] if has_fg else torch.zeros_like(gt), gt, K)
+            if want_vis:
+                cam = pl["cam_map"][0].cpu().numpy() if has_fg else np.zeros(gt.shape)
+                pseudo = pl["refined+PAR"][0] if has_fg else torch.zeros_like(gt)
+                planes = [t.cpu().numpy().astype(np.uint8) for t in (pseudo, pred, gt)]
+                save_overlay(vis_dir / f"{item['name'].replace('/', '_')}.png",
+                             denormalize_image(item["image"], cfg.norm), cam, *planes)
+    if decoder is not None:
+        decoder.train()
+    agree(failure)
+    return {name: miou(all_reduce_sum(c)) for name, c in conf.items()}
+
+
+def format_table(results: dict, class_names, title: str = "") -> str:
+    """Per-class IoU table (only columns with a value), then the summary line."""
+    lines = [title] if title else []
+    names = [n for n in results]
+    width = max(len(c) for c in class_names) + 2
+    lines.append("class".ljust(width) + "".join(f"{n:>12}" for n in names))
+    for k, c in enumerate(class_names):
+        vals = [results[n]["iou"][k] for n in names]
+        if all(math.isnan(v) for v in vals):
+            continue
+        lines.append(c.ljust(width) + "".join("         -  " if math.isnan(v) else f"{100 * v:12.1f}" for v in vals))
+    for key, label, scale, digits in (("miou", "mIoU", 100, 1), ("pixel_acc", "pixel acc", 100, 1),
+                                      ("fp_tp", "FP/TP", 1, 2)):
+        lines.append(label.ljust(width) + "".join(f"{scale * results[n][key]:12.{digits}f}" for n in names))
+    return "\n".join(lines)
+
+
+CRF_MISSING = "--crf needs DenseCRF: pip install pydensecrf2==1.1 (builds from source with g++)"
+
+
+def crf_refine(rgb: np.ndarray, probs: np.ndarray, cfg: Config) -> np.ndarray:
+    """DenseCRF with WeCLIP's test parameters. rgb uint8 (H, W, 3), probs (K, H, W) -> labels (H, W)."""
     try:
-        from tqdm import tqdm
-        return tqdm(it, disable=disable or not sys.stderr.isatty(), dynamic_ncols=True)
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
     except ImportError:
-        class Plain:
-            def __init__(self, it): self.it = it
-            def __iter__(self): return iter(self.it)
-            def set_postfix(self, **kw): pass
-            def close(self): pass
-        return Plain(it)
+        raise WSSSError(CRF_MISSING)
+    K, H, W = probs.shape
+    d = dcrf.DenseCRF2D(W, H, K)
+    d.setUnaryEnergy(unary_from_softmax(probs.astype(np.float32)))
+    d.addPairwiseGaussian(sxy=cfg.crf_pos_xy, compat=cfg.crf_pos_w)
+    d.addPairwiseBilateral(sxy=cfg.crf_bi_xy, srgb=cfg.crf_bi_rgb, rgbim=np.ascontiguousarray(rgb),
+                           compat=cfg.crf_bi_w)
+    return np.argmax(np.array(d.inference(cfg.crf_iters)), 0).reshape(H, W)
+
+
+def palette(k: int) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), (k, 3) uint8; 255 -> white."""
+    pal = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r, g, b = r | ((c >> 0) & 1) << (7 - j), g | ((c >> 1) & 1) << (7 - j), b | ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    pal[IGNORE] = 255
+    return pal
+
+
+def save_overlay(path, rgb, cam, pseudo, pred, gt):
+    """One PNG: image | CAM heat-map | pseudo-label | prediction | ground truth (labels blended on the image)."""
+    from PIL import Image
+    pal = palette(256)
+    heat = np.stack([cam, 1 - np.abs(2 * cam - 1), 1 - cam], -1) * 255  # blue -> green -> red
+    panels = [rgb, (0.5 * rgb + 0.5 * heat)]
+    panels += [np.where((lab == 0)[..., None], rgb * 0.6, 0.4 * rgb + 0.6 * pal[lab]) for lab in (pseudo, pred, gt)]
+    Image.fromarray(np.concatenate([np.asarray(p).astype(np.uint8) for p in panels], 1)).save(path)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The demo's toy CLIP: contrastive pre-training from scratch on the synthetic world (pretrain-toy)
+# II.9 The synthetic world (the demo's data)
+# ----------------------------------------------------------------------------------------------------
+
+TOY_RGB = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), "yellow": (235, 215, 40),
+           "purple": (150, 50, 190), "orange": (245, 140, 30)}
+BODY_RGB = [(120, 85, 60), (50, 120, 120), (85, 90, 135), (115, 120, 55), (180, 160, 135), (150, 110, 130)]
+SYNTH_WORLD = "badges-2"  # the world's version: part of the demo's cached dataset and toy-CLIP names
+CAPTION_TEMPLATES = ["a picture of {}.", "a photo of {}.", "an image with {}.", "{} on a noisy background."]
+
+
+def _shape_mask(shape: str, u, v, r: float):
+    """Inside-test of one toy shape in its own rotated frame (u, v), circumradius r."""
+    rho, theta = np.hypot(u, v), np.arctan2(v, u)
+    if shape == "circle":
+        return rho <= r
+    if shape == "square":
+        return (np.abs(u) <= 0.75 * r) & (np.abs(v) <= 0.75 * r)
+    if shape == "triangle":  # equilateral: inside all three edges at distance r/2 from the centre
+        return np.all([u * np.cos(a) + v * np.sin(a) <= r / 2 for a in np.pi / 2 + 2 * np.pi / 3 * np.arange(3)
+                       + np.pi], axis=0)
+    if shape == "star":  # five points; the boundary radius falls linearly from r to 0.45 r between points
+        phase = np.abs(((theta + np.pi / 2) % (2 * np.pi / 5)) / (2 * np.pi / 5) - 0.5) * 2  # 1 at a point
+        return rho <= r * (0.45 + 0.55 * phase)
+    if shape == "ring":
+        return (rho <= r) & (rho >= 0.55 * r)
+    if shape == "cross":
+        return ((np.abs(u) <= 0.3 * r) & (np.abs(v) <= r)) | ((np.abs(v) <= 0.3 * r) & (np.abs(u) <= r))
+    raise ValueError(shape)
+
+
+def _toy_background(rng: np.random.Generator, size: int):
+    """A random grey level, a low-frequency texture and pixel noise -> pixel centres (yy, xx), image (H, W, 3)."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    freq, phase = rng.uniform(0.05, 0.3, 2), rng.uniform(0, 2 * np.pi, 2)
+    texture = 18 * np.sin(freq[0] * xx + phase[0]) * np.cos(freq[1] * yy + phase[1])
+    return yy, xx, rng.uniform(90, 160) + texture[..., None] + rng.normal(0, 12, (size, size, 3))
+
+
+def _paint(image, inside, rgb, rng: np.random.Generator, jitter: float = 20):
+    """Fill `inside` with rgb, a per-region colour jitter and per-pixel noise."""
+    image[inside] = np.array(rgb) + rng.uniform(-jitter, jitter, 3) + rng.normal(0, 8, (int(inside.sum()), 3))
+
+
+def _rotated(xx, yy, cx, cy, a: float):
+    """Pixel coordinates in a frame centred at (cx, cy) and rotated by a."""
+    return (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a), -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+
+
+def _draw_object(image, mask, rng: np.random.Generator, xx, yy, c: int, cx: float, cy: float, rb: float,
+                 layout: list = None):
+    """One object of class c: an elliptic body (semi-axes rb, e rb; a colour from BODY_RGB, shared by all
+    classes) and, overlapping its rim, the class's badge (its TOY_SHAPES shape in its TOY_RGB colour, radius
+    0.6-0.7 rb, centred 0.7 of the way from the body's centre to its rim). The mask labels body and badge c."""
+    a, e = rng.uniform(0, 2 * np.pi), rng.uniform(0.75, 1.0)
+    u, v = _rotated(xx, yy, cx, cy, a)
+    body = (u / rb) ** 2 + (v / (e * rb)) ** 2 <= 1
+    body_rgb = int(rng.integers(len(BODY_RGB)))
+    _paint(image, body, BODY_RGB[body_rgb], rng)
+    phi, rh, spin = rng.uniform(0, 2 * np.pi), rb * rng.uniform(0.6, 0.7), rng.uniform(0, 2 * np.pi)
+    bu, bv = 0.7 * rb * np.cos(phi), 0.7 * e * rb * np.sin(phi)  # badge centre in the body's frame
+    hx, hy = cx + bu * np.cos(a) - bv * np.sin(a), cy + bu * np.sin(a) + bv * np.cos(a)
+    badge = _shape_mask(TOY_SHAPES[c - 1][1], *_rotated(xx, yy, hx, hy, spin), rh)
+    _paint(image, badge, TOY_RGB[TOY_SHAPES[c - 1][0]], rng, jitter=25)
+    mask[body | badge] = c
+    if layout is not None:
+        layout.append(dict(cls=c, body=(cx, cy, rb, e * rb, a), body_rgb=body_rgb, badge=(hx, hy, rh, spin)))
+
+
+def draw_toy_scene(rng: np.random.Generator, size: int = 64, layout: list = None):
+    """One scene of the synthetic world, built so that CAMs under-activate (see the README's demo section):
+    1-2 objects of distinct classes (one large and near the centre, or two in separate quadrants), each a body
+    in a class-free colour carrying its class's badge, over at most one distractor (a class colour on another
+    class's shape, labelled background: colour alone does not tell the class), on a noisy textured background.
+    An image-level classifier needs only the badge; the mask is the whole object. Returns (image uint8
+    (H, W, 3), mask uint8 (H, W) with class ids 0..6, sorted class ids present, a caption naming exactly those
+    classes in random order). `layout`, if a list, receives one dict per object (its geometry)."""
+    yy, xx, image = _toy_background(rng, size)
+    mask = np.zeros((size, size), np.uint8)
+    k = int(rng.integers(1, 3))
+    classes = rng.permutation(len(TOY_SHAPES))[:k] + 1
+    quadrants = rng.permutation(4)
+    for j in range(int(rng.integers(0, 2))):  # the distractor first, so an object may cover part of it
+        colour, shape = rng.choice(len(TOY_SHAPES), 2, replace=False)
+        q, r = quadrants[k + j], size * rng.uniform(0.08, 0.11)
+        cx = size * (0.25 + 0.5 * (q % 2) + rng.uniform(-0.08, 0.08))
+        cy = size * (0.25 + 0.5 * (q // 2) + rng.uniform(-0.08, 0.08))
+        inside = _shape_mask(TOY_SHAPES[shape][1], *_rotated(xx, yy, cx, cy, rng.uniform(0, 2 * np.pi)), r)
+        _paint(image, inside, TOY_RGB[TOY_SHAPES[colour][0]], rng, jitter=25)
+    for j, c in enumerate(classes):
+        if k == 1:
+            rb, (cx, cy) = size * rng.uniform(0.22, 0.3), size * (0.5 + rng.uniform(-0.12, 0.12, 2))
+        else:
+            q, rb = quadrants[j], size * rng.uniform(0.17, 0.22)
+            cx = size * (0.25 + 0.5 * (q % 2) + rng.uniform(-0.03, 0.03))
+            cy = size * (0.25 + 0.5 * (q // 2) + rng.uniform(-0.03, 0.03))
+        _draw_object(image, mask, rng, xx, yy, int(c), cx, cy, rb, layout)
+    present = sorted(int(c) for c in np.unique(mask) if c > 0)  # an object can never vanish, but be exact
+    names = [f"a {SYNTH_CLASSES[c]}" for c in rng.permutation(present)]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    caption = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(listed)
+    return np.clip(image, 0, 255).astype(np.uint8), mask, present, caption
+
+
+def draw_single_class_scene(rng: np.random.Generator, cls: int, size: int = 64):
+    """One object of class `cls` (1..6), large and near the centre, on draw_toy_scene's kind of background: the
+    demo's stand-in for DiCLIP's SD-generated single-class images (the "centered, fully visible" prompt).
+    Returns (image uint8 (H, W, 3), mask uint8 (H, W) with ids {0, cls})."""
+    yy, xx, image = _toy_background(rng, size)
+    mask = np.zeros((size, size), np.uint8)
+    rb, (cx, cy) = size * rng.uniform(0.22, 0.3), size * (0.5 + rng.uniform(-0.1, 0.1, 2))
+    _draw_object(image, mask, rng, xx, yy, cls, cx, cy, rb)
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, seed: int = 0) -> Path:
+    """Write the synthetic world in the VOC layout: JPEGImages/*.jpg, SegmentationClass/*.png (exact masks),
+    ImageSets/Segmentation/{train,val}.txt (val holds num_images // 4 further images). Deterministic in seed."""
+    from PIL import Image
+    root = Path(root)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    splits = {"train": range(num_images), "val": range(num_images, num_images + max(1, num_images // 4))}
+    for split, ids in splits.items():
+        names = []
+        for i in ids:
+            image, mask, _, _ = draw_toy_scene(np.random.default_rng([seed, i]), image_size)
+            name = f"synth_{i:05d}"
+            Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+            Image.fromarray(mask, mode="L").save(root / "SegmentationClass" / f"{name}.png")
+            names.append(name)
+        atomic_write_text("\n".join(names) + "\n", root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# II.10 The demo's toy CLIP: contrastive pre-training from scratch on the synthetic world (pretrain-toy)
 # ----------------------------------------------------------------------------------------------------
 
 def toy_batch(rng: np.random.Generator, n: int, norm: str):
@@ -3781,7 +3825,7 @@ def pretrain_toy(cfg: Config, path=None, log=print0) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The demo's planted-signal CLIP (--demo-model planted): a hand-set open_clip.CLIP that under-activates on purpose
+# II.11 The demo's planted CLIP (--demo-model planted): hand-set weights that under-activate on purpose
 # ----------------------------------------------------------------------------------------------------
 
 # The planted model is the clearly labelled alternative to the pre-trained toy CLIP: nothing in it is learned.
@@ -3810,6 +3854,7 @@ PLANTED = dict(patch=4, width=64, layers=7, mlp_ratio=8, embed_dim=16,
                object_gamma=0.02,   # ... - gamma |token distance|^2 (a length scale of ~5 tokens)
                readout=1.0,         # gamma_out: the last block writes back its attention read-out of (E, B)
                logit_scale=10.0)    # the planted CLIP's temperature (the GradCAM softmax with --cam-logit-scale 0)
+
 # Residual-stream slots (feature f stored as +f in channel s and -f in channel s + width/2, so the token mean is 0)
 _PS = dict(rgb=0, pos=3, pos2=5, cls=6, votes=7, cls_ev=14, obj=20, bg=21, ballast=22)  # ballast: slots 22..31
 
@@ -3994,6 +4039,17 @@ def planted_dino(patch: int = 4, image_size: int = 64, grey: float = 0.1):
     return dino.eval().requires_grad_(False)
 
 
+# ----------------------------------------------------------------------------------------------------
+# II.12 The demo: presets, assets, baselines
+# ----------------------------------------------------------------------------------------------------
+
+# --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
+DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
+            warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240, eval_long_side=64,
+            cam_logit_scale=0.0,  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
+            cam_contrast_floor=0.05)  # the toy's diffuse attention leaves flat refined CAMs: guard them (README)
+
+
 def prepare_demo(cfg: Config):
     """--demo assets, made on first use and then reused from cache_dir: the synthetic dataset and the
     pre-trained toy CLIP. Rank 0 makes them; other DDP ranks wait."""
@@ -4039,7 +4095,7 @@ def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Benchmark: per-stage time of one training step against the frozen encoders' forward pass
+# II.13 Benchmark: per-stage time of one training step against the frozen encoders' forward pass
 # ----------------------------------------------------------------------------------------------------
 
 def bench(cfg: Config) -> dict:
@@ -4195,7 +4251,7 @@ def bench(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# CLI: train | eval | cams | synth | pretrain-toy | bench  ->  main(argv)
+# II.14 Commands: train | eval | cams | cache | compare | synth | pretrain-toy | bench  ->  main(argv)
 # ----------------------------------------------------------------------------------------------------
 
 def cmd_train(cfg: Config):
