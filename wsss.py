@@ -52,9 +52,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -217,170 +219,147 @@ DICLIP_PROMPT = ("a realistic photograph of a fully visible, entire {category} w
                  "the entire frame, ensuring it is completely visible without cropping.")
 
 
+class Affects(enum.Flag):
+    """What a setting can change. Checkpoints, --resume and DiCLIP's cache compare exactly the settings that
+    affect what they hold (Part II derives the sets from these tags: see fields_affecting)."""
+    NOTHING = 0
+    LABELS = enum.auto()  # a pseudo-label, or what DiCLIP's cache stores: the label path
+    IMAGES = enum.auto()  # DiCLIP's generated cache images
+    MODEL = enum.auto()   # the shape of the trained modules (a checkpoint of another shape cannot load)
+    RUN = enum.auto()     # the result of a training run (schedule, losses, optimiser, data order)
+
+
+LABELS, IMAGES, MODEL, RUN = Affects.LABELS, Affects.IMAGES, Affects.MODEL, Affects.RUN
+
+
+def setting(default, affects: Affects = Affects.NOTHING):
+    """A Config field with its default and what it affects (its help text is the comment after it)."""
+    return dataclasses.field(default=default, metadata=dict(affects=affects))
+
+
 @dataclass
-class Config:
+class MethodConfig:
+    """Every setting of the four methods, with the defaults of the paper or the official code. Presets: DATASETS
+    (per dataset), METHODS (per method). Part II's Config adds the harness's settings (folders, devices, logging,
+    the demo); the command line is generated from both (`--crop-size 448` sets crop_size)."""
     # --- run ---
-    method: str = "weclip"        # one of METHODS
-    dataset: str = "voc"          # one of DATASETS
-    data_root: str = ""           # dataset folder in the VOC layout (see data.md); env WSSS_DATA_ROOT
-    train_split: str = "train_aug"  # split list for training (dataset preset)
-    val_split: str = "val"        # split list for evaluation
-    out_dir: str = ""             # run folder; derived: runs/<method>-<dataset>
-    overwrite: bool = False       # train: replace the run in --out-dir (without it: refuse; --resume continues it)
-    cache_dir: str = ""           # caches (labels, synthetic data, toy CLIP); derived: env WSSS_CACHE or ~/.cache/wsss
-    demo: bool = False            # synthetic world + toy CLIP + short schedule (see DEMO)
-    demo_images: int = 240        # images in the demo's synthetic train split (val gets a quarter)
-    tiny: bool = False            # tiny models of the same library classes (toy architecture, random weights)
-    seed: int = 1                 # seeds python, numpy and torch (WeCLIP setup_seed(1))
-    device: str = "auto"          # auto | cpu | cuda | cuda:N
-    amp: str = "auto"             # auto (bf16 if supported on CUDA, else fp16) | bf16 | fp16 | off; CPU: off
-    num_workers: int = 2          # DataLoader workers (WeCLIP: 10)
+    method: str = setting("weclip", RUN)  # one of METHODS: weclip | cdclip | excel | diclip
+    dataset: str = setting("voc", LABELS | IMAGES | MODEL)  # one of DATASETS: voc | coco | synthetic
+    train_split: str = setting("train_aug", RUN)  # split list for training (dataset preset)
+    val_split: str = "val"              # split list for evaluation
+    seed: int = setting(1, LABELS | RUN)  # seeds python, numpy and torch (WeCLIP setup_seed(1))
     # --- frozen backbones ---
-    clip_model: str = "ViT-B-16"  # open_clip architecture name
-    clip_pretrained: str = "openai"  # open_clip tag, a local checkpoint path, or "random"
-    dino_model: str = "facebook/dinov2-base"  # transformers id, a local folder, or "random" (CD-CLIP's ViT-B/14)
-    template: str = "a clean origami {}."  # WeCLIP's prompt: "clean" in its code, "clear" in the paper [code≠paper]
+    clip_model: str = setting("ViT-B-16", LABELS | MODEL)  # open_clip architecture name
+    clip_pretrained: str = setting("openai", LABELS)  # open_clip tag, a local checkpoint path, or "random"
+    dino_model: str = setting("facebook/dinov2-base", LABELS)  # DINOv2 (CD-CLIP's ViT-B/14): id, folder or "random"
+    template: str = setting("a clean origami {}.", LABELS)  # WeCLIP's prompt ("clear" in the paper [code≠paper])
     # --- data ---
-    crop_size: int = 320          # training crop (WeCLIP 320 -> 20x20 tokens)
-    scale_min: float = 0.5        # random rescale range (WeCLIP U(0.5, 2.0))
-    scale_max: float = 2.0        # upper end of the random rescale range
-    norm: str = "imagenet"        # pixel statistics fed to CLIP: imagenet (official code [code≠paper]) | clip
-    # --- CAMs (WeCLIP §3) ---
-    cam_logit_scale: float = 100.0  # GradCAM target softmax scale (OpenAI CLIP's exp(logit_scale)); 0: the model's own
-    bg_pow: float = 1.0           # background score (1 - max_c CAM)^bg_pow (WeCLIP cam_bg_thres = 1)
-    cam_contrast_floor: float = 0.0  # [I] guard: a refined CAM is min-maxed by at least this fraction of its peak (0 = upstream)
+    crop_size: int = setting(320, LABELS | RUN)  # training crop (WeCLIP 320 -> 20x20 tokens)
+    scale_min: float = setting(0.5, RUN)  # random rescale range (WeCLIP U(0.5, 2.0))
+    scale_max: float = setting(2.0, RUN)  # upper end of the random rescale range
+    norm: str = setting("imagenet", LABELS)  # pixel statistics fed to CLIP: imagenet (code [code≠paper]) | clip
+    # --- CAMs (WeCLIP) ---
+    cam_logit_scale: float = setting(100.0, LABELS)  # GradCAM softmax scale (OpenAI CLIP's 100); 0: the model's own
+    bg_pow: float = setting(1.0, LABELS)  # background score (1 - max_c CAM)^bg_pow (WeCLIP cam_bg_thres = 1)
+    cam_contrast_floor: float = setting(0.0, LABELS)  # [I] guard: min-max a refined CAM by >= this share of its peak
     # --- refinement ---
-    refine: str = "rfm"           # none | caa | rfm | cda | cda+caa | cda+rfm (CD-CLIP Table 3 rows)
-    attn_layers: int = 8          # static affinity: mean attention of the last n blocks (WeCLIP 8)
-    rfm_dynamic_layers: int = 6   # dynamic RFM: candidate blocks, the last n (VOC 6, COCO 10)
-    rfm_dynamic_after: int = 15000  # dynamic RFM from this training step on ([upstream bug fixed]: counts steps)
-    power: int = 2                # t: refined CAM = A^t m (WeCLIP squares the transition matrix)
-    box_threshold: float = 0.4    # box mask threshold theta (VOC 0.4, COCO 0.7)
-    box_exclusive_edge: bool = False  # reproduce upstream's box quirk (last token row/col never boxed)
-    # --- CDA (CD-CLIP §3) ---
-    cda_tau: float = 0.002        # tau in W = softmax(-D_JS / tau) [I]
-    cda_minmax: str = "patch"     # min-max of S_a per text over patches (patch) or per patch over texts (text) [I]
-    cda_bg_texts: bool = False    # add background words to T_all (an ablation [I])
+    refine: str = setting("rfm", LABELS)  # none | caa | rfm | cda | cda+caa | cda+rfm (CD-CLIP Table 3 rows)
+    attn_layers: int = setting(8, LABELS)  # static affinity: mean attention of the last n blocks (WeCLIP 8)
+    rfm_dynamic_layers: int = setting(6, LABELS)  # dynamic RFM: candidate blocks, the last n (VOC 6, COCO 10)
+    rfm_dynamic_after: int = setting(15000, LABELS)  # dynamic RFM from this training step ([upstream bug fixed])
+    power: int = setting(2, LABELS)     # t: refined CAM = A^t m (WeCLIP squares the transition matrix)
+    box_threshold: float = setting(0.4, LABELS)  # box mask threshold theta (VOC 0.4, COCO 0.7)
+    box_exclusive_edge: bool = setting(False, LABELS)  # upstream's box quirk (last token row/col never boxed)
+    # --- CDA (CD-CLIP) ---
+    cda_tau: float = setting(0.002, LABELS)  # tau in W = softmax(-D_JS / tau) [I]
+    cda_minmax: str = setting("patch", LABELS)  # min-max of S_a per text over patches (patch) | per patch (text) [I]
+    cda_bg_texts: bool = setting(False, LABELS)  # add background words to T_all (an ablation [I])
     # --- PAR (WeCLIP PAR.py) ---
-    par_iters: int = 20           # PAR propagation iterations
-    par_dilations: tuple = (1, 2, 4, 8, 12, 24)  # PAR neighbourhood dilations (8 neighbours each)
-    par_w1: float = 0.3           # image-term temperature
-    par_w2: float = 0.01          # weight of the positional term (weights sum to 1 + w2, as upstream)
-    # --- ExCEL (CVPR 2025): patch-text CAMs on a calibrated CLIP path, TSE, SVC, LVC ---
-    cam: str = "gradcam"          # CAM source: gradcam (WeCLIP, CD-CLIP) | text (ExCEL/DiCLIP patch-text CAM)
-    cam_sim: str = "surgery"      # patch-text similarity: surgery (ExCEL code) | cosine (paper: Norm(cos)) [code≠paper]
-    svc_layers: int = 5           # calibrated (SVC) blocks: the last n (ExCEL 5: 0-indexed 7..11)
-    svc_attn: str = "intra"       # calibrated map: intra (mean of qq, kk, vv softmaxes; ExCEL) | qk (standard; DiCLIP)
-    svc_heads: str = "sum"        # head reduction of the calibrated map: sum (ExCEL code: rows sum to H) | mean [code≠paper]
-    svc_norm: str = "tokens"      # output L2 norm: tokens (ExCEL code: per channel across tokens) | channels [code≠paper]
-    caa_attn_mix: str = "upstream"  # CAA maps: upstream (1 head-averaged + 5 head-summed blocks) | mean (all averaged)
-    tse: str = "on"               # text semantic enrichment: on | off (template only: the "Global" ablation)
-    tse_keep: float = 0.9         # K_r: fraction of the attribute centroids kept per class (0.9: the top 90 percent)
-    tse_lambda: float = 1.0       # lambda: weight of the attribute sum (ExCEL hard-codes 1)
-    tse_clusters: int = 0         # B attribute centroids (ExCEL: VOC 112, COCO 224); 0: ExCEL's sentences/B ratio
-    attr_bank: str = ""           # ExCEL's attribute bank .pth [centroids (E x B), flags (C x B)] (preferred input)
-    descriptions: str = ""        # ExCEL's description JSON {class: [sentences]}; default: wsss.py's own (VOC, synth)
-    lvc: bool = False             # LVC: the adapter's softmax(R) biases the calibrated path (the dynamic CAM)
-    relation: str = "dot"         # decoder affinity S: dot (WeCLIP sigmoid(F^T F)) | cos (ExCEL sigmoid(R))
-    lvc_alpha: float = 3.0        # alpha in R = alpha (cos(F_d) - beta mean cos(F_d))
-    lvc_beta: float = 1.0         # beta in R = alpha (cos(F_d) - beta mean cos(F_d))
-    lvc_mean: str = "batch"       # the mean in R: batch (ExCEL code: one scalar over the batch) | image
-    aff_self_after: int = 0       # affinity-loss targets from the model's own argmax from this step (ExCEL VOC 24k; 0 never)
-    val_box_threshold: float = 0.0  # box threshold of pseudo-labels scored at validation (ExCEL 0.75); 0: box_threshold
-    # --- SBE (CD-CLIP §4) ---
-    superclasses: int = 5         # which super-class table (VOC 4|5|7, COCO 12, synthetic 3)
-    sbe_refine: bool = False      # also refine the super-class CAMs with the method's A^t before CAP [I]
-    cap_threshold: float = 0.5    # theta_cap: CAP keeps super-class CAM values >= this [I]
-    cp_area_floor: float = 0.001  # a class is "predicted" if it covers >= this fraction of pixels [I]
-    sbe_gate: str = "ge2"         # apply L_b when |C_p| >= 2 (ge2), == 1 (eq1), always (all), never (off)
-    lambda_b: float = 0.0         # weight of the boundary Dice loss L_b (CD-CLIP 0.6)
-    # --- DiCLIP (TIP 2026) ---
-    sd_model: str = "stabilityai/stable-diffusion-2-1-base"  # SD: diffusers hub id or local folder [T: 2.1; I: -base]
-    sd_size: int = 512            # SD input side for the attention pass; a multiple of the VAE x UNet factor [I]
-    sd_timestep: int = 100        # noising step t of the single UNet pass (DiffSegmenter) [I]
-    sd_layers: str = "up"         # SD attn1 layers: up (all up-block attn1) or comma list of name prefixes [I]
-    acr_k: int = 9                # ACR: KL k-means clusters K (Eq. 4) [T]
-    acr_delta: float = 5e-4       # ACR: reliability threshold delta on A_sd (Eq. 6) [T]
-    acr_rounds: int = 3           # ACR: refinement rounds T (Eq. 6; 0 = ACR off) [T]
-    acr_variant: str = "left"     # ACR Eq. 6 reading: left (A_hat A) | recluster | right (A A_hat) | sharpen [I]
-    acr_iters: int = 10           # ACR: Lloyd iterations of the KL k-means [I]
-    vce_layers: int = 3           # VCE: calibrated last L CLIP blocks (Eq. 7) [T]
-    vce_weight: float = 1.0       # VCE: weight w of A_acr added to CLIP's attention (Eq. 7) [T]
-    vce_fusion: str = "add"       # VCE: SD-into-CLIP attention fusion (Table XII): add | norm | scale | gate [T]
-    cache_beta: float = 1.0       # TSA: sharpness beta of phi(x) = exp(-beta (1 - x)) (Eq. 2) [I: Tip-Adapter]
-    cache_alpha: float = 0.5      # TSA: cache weight alpha in M_st / M_dt (Eqs. 11, 13) [T]
-    cache_negative: bool = True   # TSA: refine M_f by the background (negative) cache, Table IV "+N.C." [T]
-    cache_per_class: int = 10     # TSA: foreground keys K_c per class (VOC 10, COCO 5) [T, L]
-    cache_bg: int = 20            # TSA: background keys K_bg (one K-means over all images) [T*]
-    cache_prompts: int = 92       # TSA: learnable key/value prompts of the adapter (Eq. 12) [T]
-    cache_images_per_class: int = 50  # TSA: generated single-class images per class [T*]
-    cache_steps: int = 50         # TSA: SD sampling steps per generated image [I]
-    cache_guidance: float = 7.5   # TSA: classifier-free guidance scale of the generation [I]
-    cache_image_size: int = 512   # TSA: generated image side [I]
-    cache_prompt: str = DICLIP_PROMPT  # TSA: generation prompt, {category} = class name (default: the paper's) [T]
-    cache_source: str = "sd"      # TSA: cache images from sd, or synthetic (the demo's stand-in: the toy renderer) [I]
-    cache_dyn_softmax: bool = True  # TSA: Eq. 13 takes softmax(Z)'s fg part (else the raw fg logits) [I]
-    lambda_dyn: float = 0.1       # weight of the adapter loss L_dyn (Eq. 15) [T]
-    vce: bool = False             # DiCLIP VCE: ACR-refined SD self-attention added in the calibrated path (Eq. 7)
-    tsa: str = "off"              # DiCLIP TSA cache: off | static (M_st, Eq. 11) | dynamic (adapter: Y_dt, Eqs. 12-13)
-    adapter_lr: float = 0.0       # lr of the cache adapter; 0: --lr (DiCLIP: base 2e-4 vs the decoder's 2e-3 [I])
-    # --- decoder (WeCLIP §6) ---
-    dec_dim: int = 256            # decoder width (fuse MLPs and transformer)
-    dec_layers: int = 3           # decoder transformer blocks
-    dec_heads: int = 8            # decoder attention heads
-    dec_mlp: int = 1024           # decoder MLP hidden width (QuickGELU)
-    dec_dropout: float = 0.1      # Dropout2d after the fuse conv
+    par_iters: int = setting(20, LABELS)  # PAR propagation iterations
+    par_dilations: tuple = setting((1, 2, 4, 8, 12, 24), LABELS)  # PAR neighbourhood dilations (8 neighbours each)
+    par_w1: float = setting(0.3, LABELS)  # image-term temperature
+    par_w2: float = setting(0.01, LABELS)  # weight of the positional term (weights sum to 1 + w2, as upstream)
+    # --- ExCEL: patch-text CAMs on a calibrated CLIP path, TSE, SVC, LVC ---
+    cam: str = setting("gradcam", LABELS | MODEL)  # CAM source: gradcam (WeCLIP, CD-CLIP) | text (ExCEL, DiCLIP)
+    cam_sim: str = setting("surgery", LABELS)  # patch-text similarity: surgery (code) | cosine (paper) [code≠paper]
+    svc_layers: int = setting(5, LABELS)  # calibrated (SVC) blocks: the last n (ExCEL 5: 0-indexed 7..11)
+    svc_attn: str = setting("intra", LABELS)  # calibrated map: intra (qq, kk, vv softmaxes; ExCEL) | qk (DiCLIP)
+    svc_heads: str = setting("sum", LABELS)  # heads of the calibrated map: sum (code: rows sum to H) | mean [code≠paper]
+    svc_norm: str = setting("tokens", LABELS)  # L2 norm: tokens (code: per channel over tokens) | channels [code≠paper]
+    caa_attn_mix: str = setting("upstream", LABELS)  # CAA maps: upstream (1 head-mean + 5 head-sum blocks) | mean
+    tse: str = setting("on", LABELS)    # text semantic enrichment: on | off (template only: the "Global" ablation)
+    tse_keep: float = setting(0.9, LABELS)  # K_r: fraction of the attribute centroids kept per class (top 90 %)
+    tse_lambda: float = setting(1.0, LABELS)  # lambda: weight of the attribute sum (ExCEL hard-codes 1)
+    tse_clusters: int = setting(0, LABELS)  # B attribute centroids (VOC 112, COCO 224); 0: ExCEL's sentences/B ratio
+    lvc: bool = setting(False, LABELS)  # LVC: the adapter's softmax(R) biases the calibrated path (the dynamic CAM)
+    relation: str = setting("dot", LABELS | MODEL)  # decoder affinity S: dot (WeCLIP sigmoid(F^T F)) | cos (ExCEL R)
+    lvc_alpha: float = setting(3.0, LABELS | MODEL)  # alpha in R = alpha (cos(F_d) - beta mean cos(F_d))
+    lvc_beta: float = setting(1.0, LABELS | MODEL)  # beta in R = alpha (cos(F_d) - beta mean cos(F_d))
+    lvc_mean: str = setting("batch", LABELS | MODEL)  # the mean in R: batch (code: one scalar per batch) | image
+    aff_self_after: int = setting(0, RUN)  # affinity-loss targets from the model's own argmax from this step (0 never)
+    val_box_threshold: float = setting(0.0, LABELS)  # box threshold of validation pseudo-labels; 0: box_threshold
+    # --- SBE (CD-CLIP) ---
+    superclasses: int = setting(5, LABELS)  # which super-class table (VOC 4|5|7, COCO 12, synthetic 3)
+    sbe_refine: bool = setting(False, LABELS)  # also refine the super-class CAMs with the method's A^t before CAP [I]
+    cap_threshold: float = setting(0.5, LABELS)  # theta_cap: CAP keeps super-class CAM values >= this [I]
+    cp_area_floor: float = setting(0.001, RUN)  # a class is "predicted" if it covers >= this fraction of pixels [I]
+    sbe_gate: str = setting("ge2", RUN)  # apply L_b when |C_p| >= 2 (ge2), == 1 (eq1), always (all), never (off)
+    lambda_b: float = setting(0.0, RUN)  # weight of the boundary Dice loss L_b (CD-CLIP 0.6)
+    # --- DiCLIP ---
+    sd_model: str = setting("stabilityai/stable-diffusion-2-1-base", LABELS | IMAGES)  # SD: id or folder [T; I: base]
+    sd_size: int = setting(512, LABELS)  # SD input side for the attention pass; a multiple of the VAE x UNet factor [I]
+    sd_timestep: int = setting(100, LABELS)  # noising step t of the single UNet pass (DiffSegmenter) [I]
+    sd_layers: str = setting("up", LABELS)  # SD attn1 layers: up (all up-block attn1) | comma list of prefixes [I]
+    acr_k: int = setting(9, LABELS)     # ACR: KL k-means clusters K (Eq. 4) [T]
+    acr_delta: float = setting(5e-4, LABELS)  # ACR: reliability threshold delta on A_sd (Eq. 6) [T]
+    acr_rounds: int = setting(3, LABELS)  # ACR: refinement rounds T (Eq. 6; 0 = ACR off) [T]
+    acr_variant: str = setting("left", LABELS)  # ACR Eq. 6 reading: left | recluster | right | sharpen [I]
+    acr_iters: int = setting(10, LABELS)  # ACR: Lloyd iterations of the KL k-means [I]
+    vce_layers: int = setting(3, LABELS)  # VCE: calibrated last L CLIP blocks (Eq. 7) [T]
+    vce_weight: float = setting(1.0, LABELS)  # VCE: weight w of A_acr added to CLIP's attention (Eq. 7) [T]
+    vce_fusion: str = setting("add", LABELS)  # VCE: SD-into-CLIP fusion (Table XII): add | norm | scale | gate [T]
+    cache_beta: float = setting(1.0, LABELS)  # TSA: sharpness beta of phi(x) = exp(-beta (1 - x)) (Eq. 2) [I]
+    cache_alpha: float = setting(0.5, LABELS)  # TSA: cache weight alpha in M_st / M_dt (Eqs. 11, 13) [T]
+    cache_negative: bool = setting(True, LABELS)  # TSA: the background (negative) cache refines M_f (Table IV) [T]
+    cache_per_class: int = setting(10, LABELS | MODEL)  # TSA: foreground keys K_c per class (VOC 10, COCO 5) [T, L]
+    cache_bg: int = setting(20, LABELS | MODEL)  # TSA: background keys K_bg (one K-means over all images) [T*]
+    cache_prompts: int = setting(92, MODEL)  # TSA: learnable key/value prompts of the adapter (Eq. 12) [T]
+    cache_images_per_class: int = setting(50, LABELS)  # TSA: generated single-class images per class [T*]
+    cache_steps: int = setting(50, IMAGES)  # TSA: SD sampling steps per generated image [I]
+    cache_guidance: float = setting(7.5, IMAGES)  # TSA: classifier-free guidance scale of the generation [I]
+    cache_image_size: int = setting(512, IMAGES)  # TSA: generated image side [I]
+    cache_prompt: str = setting(DICLIP_PROMPT, IMAGES)  # TSA: generation prompt, {category} = class name [T]
+    cache_dyn_softmax: bool = setting(True, LABELS)  # TSA: Eq. 13 uses softmax(Z)'s fg part (else fg logits) [I]
+    lambda_dyn: float = setting(0.1, RUN)  # weight of the adapter loss L_dyn (Eq. 15) [T]
+    vce: bool = setting(False, LABELS)  # VCE: ACR-refined SD self-attention added in the calibrated path (Eq. 7)
+    tsa: str = setting("off", LABELS | MODEL)  # TSA cache: off | static (M_st, Eq. 11) | dynamic (Eqs. 12-13)
+    adapter_lr: float = setting(0.0, RUN)  # lr of the cache adapter; 0: --lr (DiCLIP 2e-4 vs decoder 2e-3 [I])
+    # --- decoder (WeCLIP) ---
+    dec_dim: int = setting(256, MODEL)  # decoder width (fuse MLPs and transformer)
+    dec_layers: int = setting(3, MODEL)  # decoder transformer blocks
+    dec_heads: int = setting(8, MODEL)  # decoder attention heads
+    dec_mlp: int = setting(1024, MODEL)  # decoder MLP hidden width (QuickGELU)
+    dec_dropout: float = setting(0.1, RUN)  # Dropout2d after the fuse conv
     # --- losses ---
-    lambda_aff: float = 0.1       # weight of the affinity loss (WeCLIP 0.1)
-    aff_radius: int = 8           # affinity-label window (Chebyshev, token grid)
-    # --- optimisation (WeCLIP §8) ---
+    lambda_aff: float = setting(0.1, RUN)  # weight of the affinity loss (WeCLIP 0.1)
+    aff_radius: int = setting(8, RUN)   # affinity-label window (Chebyshev, token grid)
+    # --- optimisation (WeCLIP) ---
     # cdclip keeps it [I]: CD-CLIP's stated 2e-5 would be 100x below the decoder lr that reproduces WeCLIP
-    lr: float = 2e-3              # effective decoder lr; official 2e-4 x10 group [code≠paper on its face]; CD-CLIP 2e-5
-    weight_decay: float = 0.01    # AdamW weight decay
-    beta1: float = 0.9            # AdamW beta1
-    beta2: float = 0.999          # AdamW beta2
-    warmup_steps: int = 50        # linear warm-up steps
-    warmup_ratio: float = 1e-6    # warm-up starts at lr * this
-    poly_power: float = 1.0       # poly decay power after warm-up
-    batch_size: int = 4           # per process (COCO too; CD-CLIP's COCO batch is 8 [code≠paper])
-    max_steps: int = 30000        # training steps (VOC 30k, COCO 80k)
-    # --- evaluation / logging ---
-    eval_long_side: int = 512     # test images are resized so the long side is this
-    eval_scales: tuple = (1.0, 0.75)  # multi-scale test (WeCLIP 1, 0.75; CD-CLIP 1, 1.5)
-    eval_flip: bool = True        # average each scale with its horizontal flip
-    eval_flip_at_1: bool = True   # ... also at scale 1 (ExCEL's VOC script uses the un-flipped logits there)
-    eval_resize: str = "long"     # test resize: long (long side eval_long_side, WeCLIP) | square (ExCEL: side 320 s)
-    eval_every: int = 2000        # validate every n steps (0: only at the end)
-    # off by default (pydensecrf2 is an optional install), though CD-CLIP's reported numbers use it [code≠paper]
-    crf: bool = False             # DenseCRF post-processing (needs pydensecrf2)
-    crf_iters: int = 10           # DenseCRF mean-field iterations (WeCLIP utils/dcrf.py)
-    crf_pos_xy: float = 3.0       # Gaussian kernel: spatial std (pixels)
-    crf_pos_w: float = 3.0        # Gaussian kernel: compatibility weight
-    crf_bi_xy: float = 64.0       # bilateral kernel: spatial std (pixels)
-    crf_bi_rgb: float = 5.0       # bilateral kernel: colour std (0..255)
-    crf_bi_w: float = 4.0         # bilateral kernel: compatibility weight
-    log_every: int = 200          # print/log a line every n steps
-    save_every: int = 2000        # checkpoint every n steps (and at the end)
-    resume: str = ""              # checkpoint to continue from
-    overfit_batch: bool = False   # debug: train on the first batch only (the loss should go towards 0)
-    ckpt: str = ""                # checkpoint for `eval` (derived: <out_dir>/ckpt.pt)
-    save_vis: str = ""            # `eval`: folder for PNG overlays
-    num_vis: int = 8              # overlays written with --save-vis
-    cam_split: str = "train"      # `cams`: split whose pseudo-labels are scored (the papers' "M": VOC train)
-    bench_repeats: int = 3        # `bench`: timed repeats per stage (median reported, after one warm-up)
-    max_images: int = 0           # evaluate / measure on at most this many images (0: all)
-    eval_cams: bool = False       # the final evaluation also scores the pseudo-labels (always on with --demo)
-    compare_methods: str = "weclip,cdclip,excel,diclip"  # `compare`: the methods run side by side
-    # --- synthetic world / toy CLIP (for --demo) ---
-    num_images: int = 200         # `synth`: number of train images (val gets a quarter)
-    image_size: int = 64          # `synth`: image side
-    toy_steps: int = 160          # `pretrain-toy`: contrastive steps (~45 s on 2 CPU cores)
-    toy_batch: int = 128          # `pretrain-toy`: image-caption pairs per step
-    toy_lr: float = 2e-3          # `pretrain-toy`: peak AdamW lr
-    toy_weight_decay: float = 0.1  # `pretrain-toy`: AdamW weight decay (CLIP's)
-    toy_warmup: float = 0.1       # `pretrain-toy`: fraction of the steps spent in linear warm-up, then cosine
-    toy_seed: int = 1             # `pretrain-toy`: seed of the toy CLIP (one toy CLIP for every method's demo)
-    demo_model: str = "toy"       # demo CLIP: toy (pre-trained) | planted (hand-set: part-CAM, semantic attention)
+    lr: float = setting(2e-3, RUN)      # effective decoder lr (code: 2e-4 x10 group [code≠paper on its face])
+    weight_decay: float = setting(0.01, RUN)  # AdamW weight decay
+    beta1: float = setting(0.9, RUN)    # AdamW beta1
+    beta2: float = setting(0.999, RUN)  # AdamW beta2
+    warmup_steps: int = setting(50, RUN)  # linear warm-up steps
+    warmup_ratio: float = setting(1e-6, RUN)  # warm-up starts at lr * this
+    poly_power: float = setting(1.0, RUN)  # poly decay power after warm-up
+    batch_size: int = setting(4, RUN)   # per process (COCO too; CD-CLIP's COCO batch is 8 [code≠paper])
+    max_steps: int = setting(30000, RUN)  # training steps (VOC 30k, COCO 80k); --resume may raise it
+    # --- evaluation ---
+    eval_long_side: int = 512           # test images are resized so the long side is this
+    eval_scales: tuple = (1.0, 0.75)    # multi-scale test (WeCLIP 1, 0.75; CD-CLIP 1, 1.5)
+    eval_flip: bool = True              # average each scale with its horizontal flip
+    eval_flip_at_1: bool = True         # ... also at scale 1 (ExCEL's VOC script uses the un-flipped logits there)
+    eval_resize: str = "long"           # test resize: long (long side eval_long_side, WeCLIP) | square (ExCEL: 320 s)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -467,95 +446,25 @@ def augment(rgb: np.ndarray, mask: np.ndarray, cfg: Config, rng: np.random.Gener
 
 
 class SegDataset:
-    """The VOC folder layout: <root>/JPEGImages/<name>.jpg, <root>/SegmentationClassAug/<name>.png (or
-    SegmentationClass/), split lists <root>/ImageSets/Segmentation/<split>.txt (or <root>/<split>.txt).
-    Image-level labels are derived from the masks (classes present minus background and 255), so no label
-    file is needed; they are scanned once and cached. A map-style dataset (DataLoader needs only __len__ and
-    __getitem__). In training, the index encodes (epoch, i) so that augmentation is a pure function of
+    """The dataset item: an image, its mask (the ground truth: scored, never trained on), its image-level labels
+    (the only supervision) and WeCLIP's augmentation for training. Part II reads the files: the split list and
+    the images it names (read_split), the image-level labels (scan_labels: from the masks, cached) and each image
+    (load_rgb, load_mask). In training, the index encodes (epoch, i) so that augmentation is a pure function of
     (seed, epoch, i): the same on any number of workers and after --resume."""
 
     def __init__(self, cfg: Config, split: str, train: bool):
         self.cfg, self.split, self.train = cfg, split, train
-        info = DATASETS[cfg.dataset]
-        self.num_classes = len(info["classes"])
-        self.root = Path(cfg.data_root)
-        if not cfg.data_root:
-            raise WSSSError(f"no --data-root given for {cfg.dataset}: pass --data-root DIR (e.g. "
-                            f"VOCdevkit/VOC2012; layout in data.md) or set WSSS_DATA_ROOT, or try --demo")
-        if not self.root.is_dir():
-            raise WSSSError(f"data root {str(self.root)!r} not found: pass --data-root DIR (layout in data.md) "
-                            f"or try --demo")
-        lists = [self.root / "ImageSets" / "Segmentation" / f"{split}.txt", self.root / f"{split}.txt"]
-        list_path = next((p for p in lists if p.is_file()), None)
-        if list_path is None:
-            raise WSSSError(f"split list for {split!r} not found; expected {lists[0]} (see data.md)")
-        # one name per line (names may contain spaces; surrounding whitespace and blank lines are ignored)
-        names = [n.strip() for n in read_text(list_path, "split list").splitlines() if n.strip()]
-        unique = list(dict.fromkeys(names))
-        if len(unique) < len(names):  # duplicates would be trained on twice and counted twice in the mIoU
-            print0(f"data: {list_path.name} lists {len(names) - len(unique)} name(s) more than once; each image is "
-                   f"used once")
-            names = unique
-        mask_dir = next((d for d in ("SegmentationClassAug", "SegmentationClass") if (self.root / d).is_dir()), None)
-        if mask_dir is None:
-            raise WSSSError(f"no SegmentationClassAug/ or SegmentationClass/ folder in {self.root} (see data.md)")
-        strip = info["mask_strip"]
-        self.items = []
-        for n in names:
-            image = self.root / "JPEGImages" / f"{n}.jpg"
-            mask = self.root / mask_dir / f"{re.sub(strip, '', n) if strip else n}.png"
-            if not image.is_file():
-                raise WSSSError(f"image listed in {list_path.name} but missing: {image}")
-            self.items.append((n, image, mask))
-        labels = self._scan_labels(list_path)
-        self.labels = [labels[n] for n, _, _ in self.items]
+        self.num_classes = len(DATASETS[cfg.dataset]["classes"])
+        self.items = read_split(cfg, split)  # [(name, image path, mask path)]
+        self.labels = scan_labels(cfg, split, self.items)  # [sorted foreground class ids] per item
         if train:  # WeCLIP needs at least one foreground class per image (GradCAM target)
             keep = [i for i, lab in enumerate(self.labels) if lab]
             if len(keep) < len(self.items):
                 print0(f"data: skipped {len(self.items) - len(keep)} {split} images with no foreground class")
             self.items, self.labels = [self.items[i] for i in keep], [self.labels[i] for i in keep]
         if not self.items:
-            raise WSSSError(f"split {split!r} in {self.root} has no usable images")
+            raise WSSSError(f"split {split!r} in {cfg.data_root} has no usable images")
         self.epoch_len = len(self.items)
-
-    def _scan_labels(self, list_path) -> dict:
-        """{name: sorted foreground class ids} from the masks, cached under cache_dir. The cache key covers the
-        root and, for every listed image and mask, its name, size and mtime (one stat each), so an edited
-        dataset is re-scanned; a corrupt cache file is rebuilt (load_cache). The scan also reads each image's
-        header (readable, not a decompression bomb, the size of its mask): a bad image of any split is reported
-        before training starts rather than in a worker or at the final evaluation."""
-        sig = hashlib.sha1(f"{self.root.resolve()}|{list_path.name}|".encode())
-        for n, image, mask in self.items:
-            sig.update(f"{n}|{_stat_key(image)}|{_stat_key(mask)}\n".encode())
-        path = Path(self.cfg.cache_dir) / "labels" / f"{self.cfg.dataset}-{self.split}-{sig.hexdigest()[:12]}.json"
-        names, K = [n for n, _, _ in self.items], self.num_classes
-
-        def read(p):
-            labels = json.loads(p.read_text(encoding="utf-8"))
-            ok = isinstance(labels, dict) and all(
-                isinstance(labels.get(n), list) and all(_is_int(c) and 0 < c < K for c in labels[n]) for n in names)
-            return labels if ok else None
-
-        labels = load_cache(path, read)
-        if labels is not None:
-            return labels
-        labels = {}
-        for n, image, m in self.items:
-            mask = load_mask(m, K)
-            try:
-                with open_image(image) as im:
-                    size = im.size
-            except (OSError, SyntaxError, ValueError) as e:
-                raise WSSSError(f"cannot read image {image}: {e} (corrupt or truncated file?)")
-            if size != mask.shape[::-1]:
-                raise WSSSError(f"image {image} is {size[0]}x{size[1]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
-            labels[n] = [int(c) for c in np.unique(mask) if 0 < c < K]
-        try:
-            clean_stale_temps(path.parent)
-            atomic_write_text(json.dumps(labels), path)
-        except WSSSError:
-            pass  # a read-only cache only costs a re-scan next time
-        return labels
 
     def __len__(self):
         return len(self.items)
@@ -569,7 +478,7 @@ class SegDataset:
                             f"{mask.shape[1]}x{mask.shape[0]}")
         if self.train:
             rgb, mask = augment(rgb, mask, self.cfg, np.random.default_rng([self.cfg.seed, epoch, i]))
-        label = torch.zeros(self.num_classes - 1)
+        label = torch.zeros(self.num_classes - 1)  # multi-hot over the C foreground classes
         label[[c - 1 for c in self.labels[i]]] = 1.0
         return dict(image=normalize_image(rgb, self.cfg.norm), mask=torch.from_numpy(mask.astype(np.int64)),
                     label=label, name=name)
@@ -606,50 +515,35 @@ class EpochSampler:
 # ----------------------------------------------------------------------------------------------------
 
 class Frozen:
-    """Everything frozen for one run: CLIP, its text bank, DINOv2 (only for methods that need it)."""
+    """Everything frozen for one run: CLIP and its text bank, DINOv2 (CD-CLIP's SBE), Stable Diffusion and the TSA
+    cache (DiCLIP). The models come from Part II (load_assets: the real checkpoints, the tiny test models or the
+    demo's planted one); the text bank is built here.
+    texts: (T, E) unit rows [C foreground prompts; Ns super-class prompts; Nb background prompts] (WeCLIP's
+    template); super_of: class id (1..C) -> super-class id (1..Ns), 0 -> 0; cam_texts (patch-text CAMs only):
+    [C foreground texts, TSE-enriched for ExCEL; Nb background texts]."""
 
     def __init__(self, cfg: Config, device, need_dino: bool = None):
         info = DATASETS[cfg.dataset]
         self.cfg, self.device = cfg, device
-        planted = cfg.demo_model == "planted"  # the hand-set CLIP of the demo (see planted_clip)
-        if planted:
-            import open_clip
-            self.clip = planted_clip().to(device)
-            self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
-        else:
-            self.clip, self.tokenizer = build_clip(cfg, device)
-        patch = self.clip.visual.conv1.kernel_size[0]
-        if clip_patch_size(cfg) is None and min(cfg.crop_size, cfg.eval_long_side) < patch:
-            # validate_config checks this up front when the model name gives the patch size
-            raise WSSSError(f"--crop-size {cfg.crop_size} / --eval-long-side {cfg.eval_long_side}: smaller than "
-                            f"one CLIP patch ({patch} px for {cfg.clip_model})")
+        assets = load_assets(cfg, device, need_dino)  # Part II: checkpoints, hub, tiny or planted models, files
+        self.clip, self.tokenizer, self.dino, self.sd = assets["clip"], assets["tokenizer"], assets["dino"], assets["sd"]
+        self.patch = self.clip.visual.conv1.kernel_size[0]
+        self.num_blocks = len(self.clip.visual.transformer.resblocks)
         supers = info["superclasses"][cfg.superclasses]
         self.num_fg, self.num_super = len(info["classes"]) - 1, len(supers)
-        # class id (1..C) -> super-class id (1..Ns); 0 -> 0
         index = {name: i + 1 for i, name in enumerate(supers)}
         owner = {c: index[s] for s, members in supers.items() for c in members}
         self.super_of = torch.tensor([0] + [owner[c] for c in info["classes"][1:]], device=device)
-        # text bank: [C foreground prompts; Ns super-class prompts; Nb background prompts], (T, E)
-        if planted:  # a lookup table, not encoded prompts: class c -> axis c, background prompts -> axis 0
-            self.texts = planted_texts(self.num_fg, self.num_super, self.super_of, len(info["bg_prompts"]),
-                                       self.clip.text_projection.shape[1]).to(device)
-        else:
-            self.texts = encode_texts(self.clip, self.tokenizer, info["prompts"] + list(supers) + info["bg_prompts"],
-                                      cfg.template, device)
-        need_dino = cfg.lambda_b > 0 if need_dino is None else need_dino
-        self.dino = (planted_dino(PLANTED["patch"]).to(device) if planted else build_dino(cfg, device)) \
-            if need_dino else None
-        self.patch = self.clip.visual.conv1.kernel_size[0]
-        self.num_blocks = len(self.clip.visual.transformer.resblocks)
-        if cfg.cam == "text":  # ExCEL/DiCLIP: [C foreground (TSE-enriched) texts; Nb background texts], (C+Nb, E)
+        prompts = info["prompts"] + list(supers) + info["bg_prompts"]
+        self.texts = assets["texts"] if assets["texts"] is not None else \
+            encode_texts(self.clip, self.tokenizer, prompts, cfg.template, device)  # (T, E)
+        if cfg.cam == "text":  # ExCEL / DiCLIP: [C foreground (TSE-enriched) texts; Nb background texts]
             fg = self.texts[: self.num_fg]
-            if cfg.tse == "on" and not planted:  # the planted text side knows no attributes: TSE is skipped
-                self.attr_centroids, self.attr_flags = attribute_bank(self.clip, self.tokenizer, cfg, device)
+            if assets["attr_bank"] is not None:  # ExCEL TSE: t_c enriched by the attribute centroids A (E, B)
+                self.attr_centroids, self.attr_flags = assets["attr_bank"]
                 fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
             self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
-        need_sd = cfg.vce or (cfg.tsa != "off" and cfg.cache_source == "sd")
-        self.sd = build_sd(cfg, device) if need_sd else None  # DiCLIP: frozen Stable Diffusion
-        self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" else None  # DiCLIP: {K, V}
+        self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" else None  # DiCLIP: {K, V} (Part II)
 
 
 def encode_texts(clip, tokenizer, names, template: str, device):
@@ -2091,6 +1985,75 @@ def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int
 # II.1 Command line and validation: flags generated from Config, presets, one table of rules
 # ----------------------------------------------------------------------------------------------------
 
+@dataclass
+class Config(MethodConfig):
+    """MethodConfig plus the harness's settings: where data, runs and caches live, devices, logging and
+    checkpoints, test-time DenseCRF, the demo. Only `tiny`, `demo_model`, ExCEL's input files and DiCLIP's cache
+    source (which choose the models and inputs the methods read) affect anything a checkpoint or a cache holds."""
+    # --- run ---
+    data_root: str = ""                 # dataset folder in the VOC layout (see data.md); env WSSS_DATA_ROOT
+    out_dir: str = ""                   # run folder; derived: runs/<method>-<dataset>
+    overwrite: bool = False             # train: replace the run in --out-dir (else refuse; --resume continues it)
+    cache_dir: str = ""                 # caches (labels, data, toy CLIP, banks); env WSSS_CACHE or ~/.cache/wsss
+    demo: bool = False                  # synthetic world + toy CLIP + short schedule (see DEMO)
+    demo_images: int = 240              # images in the demo's synthetic train split (val gets a quarter)
+    tiny: bool = setting(False, LABELS | IMAGES | MODEL)  # tiny models of the same library classes, random weights
+    demo_model: str = setting("toy", LABELS | MODEL)  # demo CLIP: toy (pre-trained) | planted (hand-set weights)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    amp: str = "auto"                   # auto (bf16 if supported on CUDA, else fp16) | bf16 | fp16 | off; CPU: off
+    num_workers: int = 2                # DataLoader workers (WeCLIP: 10)
+    # --- method inputs from files ---
+    attr_bank: str = setting("", LABELS)  # ExCEL's attribute bank .pth [centroids (E x B), flags (C x B)]
+    descriptions: str = setting("", LABELS)  # ExCEL's description JSON {class: [sentences]}; default: built-in
+    cache_source: str = setting("sd", LABELS | IMAGES)  # DiCLIP cache images: sd | synthetic (the demo's stand-in)
+    # --- evaluation / logging ---
+    eval_every: int = 2000              # validate every n steps (0: only at the end)
+    # off by default (pydensecrf2 is an optional install), though CD-CLIP's reported numbers use it [code≠paper]
+    crf: bool = False                   # DenseCRF post-processing (needs pydensecrf2)
+    crf_iters: int = 10                 # DenseCRF mean-field iterations (WeCLIP utils/dcrf.py)
+    crf_pos_xy: float = 3.0             # Gaussian kernel: spatial std (pixels)
+    crf_pos_w: float = 3.0              # Gaussian kernel: compatibility weight
+    crf_bi_xy: float = 64.0             # bilateral kernel: spatial std (pixels)
+    crf_bi_rgb: float = 5.0             # bilateral kernel: colour std (0..255)
+    crf_bi_w: float = 4.0               # bilateral kernel: compatibility weight
+    log_every: int = 200                # print/log a line every n steps
+    save_every: int = 2000              # checkpoint every n steps (and at the end)
+    resume: str = ""                    # checkpoint to continue from
+    overfit_batch: bool = setting(False, RUN)  # debug: train on the first batch only (the loss should go to 0)
+    ckpt: str = ""                      # checkpoint for `eval` (derived: <out_dir>/ckpt.pt)
+    save_vis: str = ""                  # `eval`: folder for PNG overlays
+    num_vis: int = 8                    # overlays written with --save-vis
+    cam_split: str = "train"            # `cams`: split whose pseudo-labels are scored (the papers' "M": VOC train)
+    bench_repeats: int = 3              # `bench`: timed repeats per stage (median reported, after one warm-up)
+    max_images: int = 0                 # evaluate / measure on at most this many images (0: all)
+    eval_cams: bool = False             # the final evaluation also scores the pseudo-labels (always on with --demo)
+    compare_methods: str = "weclip,cdclip,excel,diclip"  # `compare`: the methods run side by side
+    # --- synthetic world / toy CLIP (for --demo) ---
+    num_images: int = 200               # `synth`: number of train images (val gets a quarter)
+    image_size: int = 64                # `synth`: image side
+    toy_steps: int = 160                # `pretrain-toy`: contrastive steps (~90 s on 2 CPU cores)
+    toy_batch: int = 128                # `pretrain-toy`: image-caption pairs per step
+    toy_lr: float = 2e-3                # `pretrain-toy`: peak AdamW lr
+    toy_weight_decay: float = 0.1       # `pretrain-toy`: AdamW weight decay (CLIP's)
+    toy_warmup: float = 0.1             # `pretrain-toy`: fraction of the steps spent in linear warm-up, then cosine
+    toy_seed: int = 1                   # `pretrain-toy`: seed of the toy CLIP (one toy CLIP for every method's demo)
+
+
+def fields_affecting(what: Affects) -> tuple:
+    """The names of the Config fields tagged with any flag of `what` (see Affects): the one source of truth for
+    which settings a checkpoint, a resume and DiCLIP's cache depend on."""
+    return tuple(f.name for f in fields(Config) if f.metadata.get("affects", Affects.NOTHING) & what)
+
+
+# `eval` refuses a checkpoint whose model-shaping settings differ; `--resume` refuses any change of a setting that
+# affects the labels, the model or the run (except max_steps: a run may be extended); DiCLIP's cache is keyed by
+# the settings that affect the labels and the generated images, its image folder by the latter alone.
+MODEL_KEYS = fields_affecting(MODEL)
+RESUME_KEYS = tuple(k for k in fields_affecting(LABELS | IMAGES | MODEL | RUN) if k != "max_steps")
+TSA_KEYS = fields_affecting(LABELS | IMAGES)
+TSA_IMAGE_KEYS = fields_affecting(IMAGES)
+
+
 def parse_config(argv, command: str = "train") -> Config:
     """CLI flags generated from Config's fields. Precedence: field default < dataset preset < method preset <
     --demo < explicit flags. Unknown flags and ill-typed values are errors (argparse exits with status 2)."""
@@ -2124,13 +2087,17 @@ def _number_list(text: str) -> tuple:
 
 
 def _field_help() -> dict:
-    """Each field's trailing comment becomes its --help text (one source of truth: the dataclass above)."""
-    try:
-        src = Path(__file__).read_text()
-    except OSError:
-        return {}
-    body = src[src.index("class Config:"):src.index("def parse_config")]
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): \w+ = .*?#(.*)$", body, re.M)}
+    """Each field's trailing comment becomes its --help text (one source of truth: the dataclasses MethodConfig
+    and Config)."""
+    helps = {}
+    for cls in (MethodConfig, Config):
+        try:
+            body = inspect.getsource(cls)
+        except (OSError, TypeError):  # no source (a frozen app): flags without help
+            continue
+        helps.update((m.group(1), m.group(2).strip())
+                     for m in re.finditer(r"^    (\w+): \w+ = .*?  # (.*)$", body, re.M))
+    return helps
 
 
 _FIELD_HELP = _field_help()
@@ -2178,8 +2145,16 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-# Range rules of the numeric fields: (field, test, what the test asks). A tuple field passes if every element
-# does. validate_config applies them; a new field adds one line here.
+# The allowed values of the fields with choices, and the range rules of the numeric fields: (field, test, what
+# the test asks); a tuple field passes if every element does. validate_config applies both tables; a new field adds
+# one line to one of them.
+CHOICES = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=("imagenet", "clip"),
+               amp=("auto", "bf16", "fp16", "off"), cda_minmax=("patch", "text"), cam=("gradcam", "text"),
+               cam_sim=("surgery", "cosine"), svc_attn=("intra", "qk"), svc_heads=("sum", "mean"),
+               svc_norm=("tokens", "channels"), caa_attn_mix=("upstream", "mean"), tse=("on", "off"),
+               relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"),
+               tsa=("off", "static", "dynamic"), demo_model=("toy", "planted"), acr_variant=ACR_VARIANTS,
+               vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"))
 _RULES = [(name, lambda v, lo=lo: v >= lo, f">= {lo}") for name, lo in (
     ("batch_size", 1), ("crop_size", 1), ("max_steps", 1), ("attn_layers", 1), ("rfm_dynamic_layers", 1),
     ("rfm_dynamic_after", 0), ("par_iters", 0), ("power", 0), ("aff_radius", 0), ("dec_dim", 1),
@@ -2188,7 +2163,13 @@ _RULES = [(name, lambda v, lo=lo: v >= lo, f">= {lo}") for name, lo in (
     ("bench_repeats", 1), ("max_images", 0), ("num_vis", 0), ("demo_images", 1), ("num_images", 1),
     ("image_size", 16), ("toy_steps", 1), ("toy_batch", 2), ("seed", 0), ("par_dilations", 1),
     ("weight_decay", 0), ("toy_weight_decay", 0), ("poly_power", 0), ("lambda_aff", 0), ("lambda_b", 0),
-    ("cam_logit_scale", 0), ("par_w2", 0))] + [
+    ("cam_logit_scale", 0), ("par_w2", 0), ("tse_clusters", 0), ("svc_layers", 1), ("adapter_lr", 0),
+    ("sd_size", 8), ("sd_timestep", 0), ("acr_k", 1), ("acr_rounds", 0), ("acr_iters", 0), ("vce_layers", 1),
+    ("cache_per_class", 1), ("cache_bg", 1), ("cache_prompts", 0), ("cache_images_per_class", 1),
+    ("cache_steps", 1), ("cache_image_size", 8), ("acr_delta", 0), ("vce_weight", 0), ("cache_alpha", 0),
+    ("lambda_dyn", 0), ("cache_guidance", 0))] + [
+    ("sd_timestep", lambda v: v < 1000, "< 1000 (the scheduler's training steps)"),
+    ("cache_beta", lambda v: v > 0, "> 0"),
     ("seed", lambda v: v < 2**32, "< 2**32"),
     ("lr", lambda v: v > 0, "> 0 (0 would train nothing)"),
     ("toy_lr", lambda v: v > 0, "> 0"),
@@ -2217,15 +2198,9 @@ def validate_config(cfg: Config):
     """Every flag is checked here, once, before any work: names and choices, numeric ranges (_RULES; NaN and inf
     never pass), cross-field constraints, the device string, --crf's package, and that no folder the run writes
     sits under a regular file. A failure is one WSSSError line (main: exit status 2)."""
-    choices = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=("imagenet", "clip"),
-                   amp=("auto", "bf16", "fp16", "off"), cda_minmax=("patch", "text"), cam=("gradcam", "text"),
-                   cam_sim=("surgery", "cosine"), svc_attn=("intra", "qk"), svc_heads=("sum", "mean"),
-                   svc_norm=("tokens", "channels"), caa_attn_mix=("upstream", "mean"), tse=("on", "off"),
-                   relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"),
-                   tsa=("off", "static", "dynamic"), demo_model=("toy", "planted"))
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+            raise WSSSError(f"{_flag(name)} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     if cfg.demo_model == "planted" and cfg.dataset != "synthetic":
         raise WSSSError("--demo-model planted is hand-set for the synthetic world: it needs --dataset synthetic "
                         "(or --demo)")
@@ -2251,33 +2226,12 @@ def validate_config(cfg: Config):
         raise WSSSError(f"need 0 < --scale-min <= --scale-max, got {cfg.scale_min}, {cfg.scale_max}")
     if not (0 < cfg.tse_keep <= 1):  # K_r = 0 would keep nothing; upstream's K_r = 1 gave NaN (fixed below)
         raise WSSSError(f"--tse-keep (K_r) must be in (0, 1], got {cfg.tse_keep}")
-    if cfg.tse_clusters < 0 or cfg.svc_layers < 1:
-        raise WSSSError(f"need --tse-clusters >= 0 and --svc-layers >= 1, got {cfg.tse_clusters}, {cfg.svc_layers}")
     if cfg.lvc and cfg.relation != "cos":
         raise WSSSError("--lvc needs --relation cos (the bias is softmax of ExCEL's relation R)")
     if cfg.lvc and cfg.cam != "text":
         raise WSSSError("--lvc calibrates the patch-text CAM: it needs --cam text")
     if (cfg.vce or cfg.tsa != "off") and cfg.cam != "text":
         raise WSSSError("--vce and --tsa act on the patch-text CAM: they need --cam text")
-    if cfg.adapter_lr < 0 or cfg.adapter_lr != cfg.adapter_lr:
-        raise WSSSError(f"--adapter-lr must be >= 0, got {cfg.adapter_lr}")
-    # DiCLIP
-    diclip_choices = dict(acr_variant=ACR_VARIANTS, vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"))
-    for name, allowed in diclip_choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise WSSSError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    for name, low in (("sd_size", 8), ("sd_timestep", 0), ("acr_k", 1), ("acr_rounds", 0), ("acr_iters", 0),
-                      ("vce_layers", 1), ("cache_per_class", 1), ("cache_bg", 1), ("cache_prompts", 0),
-                      ("cache_images_per_class", 1), ("cache_steps", 1), ("cache_image_size", 8)):
-        if getattr(cfg, name) < low:
-            raise WSSSError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if cfg.sd_timestep >= 1000:
-        raise WSSSError(f"--sd-timestep must be < 1000 (the scheduler's training steps), got {cfg.sd_timestep}")
-    for name in ("acr_delta", "vce_weight", "cache_alpha", "lambda_dyn", "cache_guidance"):
-        if not getattr(cfg, name) >= 0:  # also refuses NaN
-            raise WSSSError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.cache_beta > 0:
-        raise WSSSError(f"--cache-beta must be > 0, got {cfg.cache_beta}")
     if "{category}" not in cfg.cache_prompt:
         raise WSSSError("--cache-prompt must contain {category} (replaced by each class name)")
     if not cfg.sd_layers.strip():
@@ -2304,16 +2258,6 @@ def validate_config(cfg: Config):
             check_folder(getattr(cfg, name), _flag(name))
     if cfg.ckpt:
         check_folder(Path(cfg.ckpt).parent, "--ckpt")
-
-
-# Fields that define the trained decoder: `eval` refuses a checkpoint whose values differ.
-MODEL_KEYS = ("dataset", "clip_model", "tiny", "demo_model", "dec_dim", "dec_layers", "dec_heads", "dec_mlp", "cam",
-              "relation", "lvc_alpha", "lvc_beta", "lvc_mean", "tsa", "cache_prompts")
-
-# ... and the run: `--resume` also refuses these (max_steps may change, to extend a run).
-RESUME_KEYS = MODEL_KEYS + ("method", "refine", "superclasses", "crop_size", "batch_size", "seed", "lr",
-                            "lambda_aff", "lambda_b", "sbe_gate", "lvc", "tse", "svc_layers", "svc_attn",
-                            "cam_sim", "aff_self_after", "vce", "tsa", "adapter_lr", "lambda_dyn")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2659,6 +2603,84 @@ def load_mask(path, num_classes: int) -> np.ndarray:
     return mask
 
 
+def read_split(cfg: Config, split: str) -> list:
+    """The VOC folder layout: <root>/JPEGImages/<name>.jpg, <root>/SegmentationClassAug/<name>.png (or
+    SegmentationClass/), split lists <root>/ImageSets/Segmentation/<split>.txt (or <root>/<split>.txt): one name
+    per line (names may contain spaces; surrounding whitespace and blank lines are ignored; a name listed twice is
+    used once). -> [(name, image path, mask path)]; every missing piece is one line."""
+    root = Path(cfg.data_root)
+    if not cfg.data_root:
+        raise WSSSError(f"no --data-root given for {cfg.dataset}: pass --data-root DIR (e.g. "
+                        f"VOCdevkit/VOC2012; layout in data.md) or set WSSS_DATA_ROOT, or try --demo")
+    if not root.is_dir():
+        raise WSSSError(f"data root {str(root)!r} not found: pass --data-root DIR (layout in data.md) or try --demo")
+    lists = [root / "ImageSets" / "Segmentation" / f"{split}.txt", root / f"{split}.txt"]
+    list_path = next((p for p in lists if p.is_file()), None)
+    if list_path is None:
+        raise WSSSError(f"split list for {split!r} not found; expected {lists[0]} (see data.md)")
+    names = [n.strip() for n in read_text(list_path, "split list").splitlines() if n.strip()]
+    unique = list(dict.fromkeys(names))
+    if len(unique) < len(names):  # duplicates would be trained on twice and counted twice in the mIoU
+        print0(f"data: {list_path.name} lists {len(names) - len(unique)} name(s) more than once; each image is "
+               f"used once")
+        names = unique
+    mask_dir = next((d for d in ("SegmentationClassAug", "SegmentationClass") if (root / d).is_dir()), None)
+    if mask_dir is None:
+        raise WSSSError(f"no SegmentationClassAug/ or SegmentationClass/ folder in {root} (see data.md)")
+    strip = DATASETS[cfg.dataset]["mask_strip"]
+    items = []
+    for n in names:
+        image = root / "JPEGImages" / f"{n}.jpg"
+        mask = root / mask_dir / f"{re.sub(strip, '', n) if strip else n}.png"
+        if not image.is_file():
+            raise WSSSError(f"image listed in {list_path.name} but missing: {image}")
+        items.append((n, image, mask))
+    return items
+
+
+def scan_labels(cfg: Config, split: str, items: list) -> list:
+    """Image-level labels [sorted foreground class ids] of `items`, derived from the masks (classes present
+    minus background and 255), so no label file is needed. Cached under cache_dir; the cache key covers the root
+    and, for every listed image and mask, its name, size and mtime (one stat each), so an edited dataset is
+    re-scanned; a corrupt cache file is rebuilt (load_cache). The scan also reads each image's header (readable,
+    not a decompression bomb, the size of its mask): a bad image of any split is reported before training starts
+    rather than in a worker or at the final evaluation."""
+    root, K = Path(cfg.data_root), len(DATASETS[cfg.dataset]["classes"])
+    lists = [root / "ImageSets" / "Segmentation" / f"{split}.txt", root / f"{split}.txt"]
+    list_name = next((p.name for p in lists if p.is_file()), f"{split}.txt")
+    sig = hashlib.sha1(f"{root.resolve()}|{list_name}|".encode())
+    for n, image, mask in items:
+        sig.update(f"{n}|{_stat_key(image)}|{_stat_key(mask)}\n".encode())
+    path = Path(cfg.cache_dir) / "labels" / f"{cfg.dataset}-{split}-{sig.hexdigest()[:12]}.json"
+    names = [n for n, _, _ in items]
+
+    def read(p):
+        labels = json.loads(p.read_text(encoding="utf-8"))
+        ok = isinstance(labels, dict) and all(
+            isinstance(labels.get(n), list) and all(_is_int(c) and 0 < c < K for c in labels[n]) for n in names)
+        return labels if ok else None
+
+    labels = load_cache(path, read)
+    if labels is None:
+        labels = {}
+        for n, image, m in items:
+            mask = load_mask(m, K)
+            try:
+                with open_image(image) as im:
+                    size = im.size
+            except (OSError, SyntaxError, ValueError) as e:
+                raise WSSSError(f"cannot read image {image}: {e} (corrupt or truncated file?)")
+            if size != mask.shape[::-1]:
+                raise WSSSError(f"image {image} is {size[0]}x{size[1]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
+            labels[n] = [int(c) for c in np.unique(mask) if 0 < c < K]
+        try:
+            clean_stale_temps(path.parent)
+            atomic_write_text(json.dumps(labels), path)
+        except WSSSError:
+            pass  # a read-only cache only costs a re-scan next time
+    return [labels[n] for n in names]
+
+
 def _stat_key(path) -> str:
     """size and mtime (ns) of a file, "-" if absent: what a label-cache key needs to notice an edit."""
     try:
@@ -2840,6 +2862,42 @@ def build_sd(cfg: Config, device) -> SDParts:
     parts = [m.to(device).eval().requires_grad_(False) for m in (vae, unet, text_encoder)]
     return SDParts(*parts[:2], scheduler, tokenizer, parts[2], device)
 
+def load_assets(cfg: Config, device, need_dino: bool = None) -> dict:
+    """The frozen models and inputs a run needs, for Frozen: CLIP and its tokenizer (the real checkpoint, the tiny
+    test model or, with --demo-model planted, the demo's hand-set model and its lookup-table text bank), DINOv2
+    when CD-CLIP's SBE trains (or `need_dino`), Stable Diffusion when DiCLIP's VCE or its SD cache needs it, and
+    ExCEL's attribute bank when TSE is on. -> dict(clip, tokenizer, texts (None: encode the prompts), dino, sd,
+    attr_bank (None or (centroids (E, B), flags (C, B))))."""
+    info = DATASETS[cfg.dataset]
+    planted = cfg.demo_model == "planted"  # the hand-set CLIP of the demo (see planted_clip)
+    if planted:
+        import open_clip
+        clip = planted_clip().to(device)
+        tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+    else:
+        clip, tokenizer = build_clip(cfg, device)
+    patch = clip.visual.conv1.kernel_size[0]
+    if clip_patch_size(cfg) is None and min(cfg.crop_size, cfg.eval_long_side) < patch:
+        # validate_config checks this up front when the model name gives the patch size
+        raise WSSSError(f"--crop-size {cfg.crop_size} / --eval-long-side {cfg.eval_long_side}: smaller than "
+                        f"one CLIP patch ({patch} px for {cfg.clip_model})")
+    texts = None
+    if planted:  # a lookup table, not encoded prompts: class c -> axis c, background prompts -> axis 0
+        supers = info["superclasses"][cfg.superclasses]
+        index = {name: i + 1 for i, name in enumerate(supers)}
+        owner = {c: index[s] for s, members in supers.items() for c in members}
+        super_of = torch.tensor([0] + [owner[c] for c in info["classes"][1:]])
+        texts = planted_texts(len(info["classes"]) - 1, len(supers), super_of, len(info["bg_prompts"]),
+                              clip.text_projection.shape[1]).to(device)
+    need_dino = cfg.lambda_b > 0 if need_dino is None else need_dino
+    dino = (planted_dino(PLANTED["patch"]).to(device) if planted else build_dino(cfg, device)) if need_dino else None
+    # the planted text side knows no attributes: TSE is skipped with it
+    bank = attribute_bank(clip, tokenizer, cfg, device) if cfg.cam == "text" and cfg.tse == "on" and not planted \
+        else None
+    need_sd = cfg.vce or (cfg.tsa != "off" and cfg.cache_source == "sd")
+    sd = build_sd(cfg, device) if need_sd else None  # DiCLIP: frozen Stable Diffusion
+    return dict(clip=clip, tokenizer=tokenizer, texts=texts, dino=dino, sd=sd, attr_bank=bank)
+
 
 # ----------------------------------------------------------------------------------------------------
 # II.5 ExCEL's TSE inputs: description files, built-in sentences, attribute banks and their cache
@@ -3019,17 +3077,6 @@ def _read_bank(path, what: str):
 
 TSA_FORMAT = "wsss-diclip-tsa-cache-v1"
 
-# Fields that shape the cache: the generated images, the features, the pseudo masks, the clustering. A cache whose
-# manifest differs in any of them is never used.
-TSA_KEYS = ("dataset", "tiny", "clip_model", "clip_pretrained", "template", "norm", "crop_size", "seed",
-            "sd_model", "sd_size", "sd_timestep", "sd_layers", "acr_k", "acr_delta", "acr_rounds", "acr_variant",
-            "demo_model", "acr_iters", "vce_layers", "vce_weight", "vce_fusion", "box_threshold", "bg_pow", "par_iters",
-            "cache_per_class", "cache_bg", "cache_images_per_class", "cache_steps", "cache_guidance",
-            "cache_image_size", "cache_prompt", "cache_source", "vce", "svc_attn", "svc_heads", "svc_norm", "cam_sim",
-            "tse", "tse_keep", "tse_lambda", "tse_clusters", "attr_bank", "descriptions", "refine", "attn_layers",
-            "caa_attn_mix", "box_exclusive_edge", "power", "par_dilations", "par_w1", "par_w2", "cam_contrast_floor")
-TSA_IMAGE_KEYS = ("dataset", "tiny", "sd_model", "cache_steps", "cache_guidance", "cache_image_size",
-                  "cache_prompt", "cache_source")  # what the generated images depend on
 
 # SD is prompted with plain class names [I] (spec §5.1): the dataset tables' joined names spelled out.
 PLAIN_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
