@@ -288,7 +288,7 @@ class MethodConfig:
     svc_norm: str = setting("tokens", LABELS)  # L2 norm: tokens (code: per channel over tokens) | channels [code≠paper]
     caa_attn_mix: str = setting("upstream", LABELS)  # CAA maps: upstream (1 head-mean + 5 head-sum blocks) | mean
     tse: str = setting("on", LABELS)    # text semantic enrichment: on | off (template only: the "Global" ablation)
-    tse_keep: float = setting(0.9, LABELS)  # K_r: fraction of the attribute centroids kept per class (top 90 %)
+    tse_keep: float = setting(0.9, LABELS)  # K_r: fraction of the attribute centroids kept per class (0.9: the top 90 percent)
     tse_lambda: float = setting(1.0, LABELS)  # lambda: weight of the attribute sum (ExCEL hard-codes 1)
     tse_clusters: int = setting(0, LABELS)  # B attribute centroids (VOC 112, COCO 224); 0: ExCEL's sentences/B ratio
     lvc: bool = setting(False, LABELS)  # LVC: the adapter's softmax(R) biases the calibrated path (the dynamic CAM)
@@ -931,6 +931,25 @@ def tse_num_clusters(cfg: Config, n_sentences: int) -> int:
         return cfg.tse_clusters
     return max(1, round(n_sentences * DATASETS[cfg.dataset].get("attr_ratio", 112 / 400)))
 
+def cluster_attributes(clip, tokenizer, flat: list, classes: list, B: int, device):
+    """ExCEL's attribute bank (TSE knowledge base, Supp. §1): the description sentences (class, lower-cased
+    sentence) in `flat` -> CLIP text encoder -> per-sentence L2 norm -> sklearn KMeans(B, random_state=0,
+    n_init=10). -> centroids A (E, B), NOT re-normalised (as upstream), and per-class flags (C, B): which clusters
+    hold a sentence of the class (ExCEL never uses them)."""
+    from sklearn.cluster import KMeans
+    emb = []
+    with torch.no_grad():
+        for i in range(0, len(flat), 256):
+            tokens = tokenizer([s for _, s in flat[i:i + 256]]).to(device)
+            emb.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
+    emb = torch.cat(emb).double().numpy()  # (n, E), unit rows
+    km = KMeans(n_clusters=B, random_state=0, n_init=10).fit(emb)
+    A = torch.from_numpy(km.cluster_centers_.T.copy()).float()  # (E, B): centroids a_b
+    flags = torch.zeros(len(classes), B)
+    for (c, _), b in zip(flat, km.labels_):
+        flags[classes.index(c), int(b)] = 1.0
+    return A, flags
+
 
 def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: float = 1.0):
     """ExCEL TSE retrieval (spec §1.6). class_emb (C, E) unit template embeddings t_c, centroids A (E, B).
@@ -1563,6 +1582,37 @@ def build_kv_cache(fg_feats_by_class: dict, bg_feats, texts_fg, k_per_class: int
     values[~fg, 0] = 1.0
     return dict(keys=keys, values=values, key_class=key_class)
 
+def tsa_label_fns(frozen, cfg: Config):
+    """What DiCLIP's offline phase (§III-B, §III-D.1) computes on each generated single-class image, as two
+    functions of a batch of crops (B, 3, S, S): the features F_v (B, N, D) it stores (cache_features of the
+    VCE-calibrated tokens) and the pseudo mask (B, S, S) of the image's one class (the method's own label path:
+    VCE -> patch-text CAM -> CAA -> PAR; no cache involved: tsa off)."""
+    plain = dataclasses.replace(cfg, tsa="off")
+
+    def feature_fn(images):
+        out = frozen_pass(frozen, images, plain)
+        return cache_features(calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm))
+
+    def pseudo_mask_fn(images, cls):
+        labels = F.one_hot(cls - 1, frozen.num_fg).float()
+        return make_pseudo_labels(frozen, frozen_pass(frozen, images, plain), images, labels, plain)["Y"]
+
+    return feature_fn, pseudo_mask_fn
+
+
+def pool_cache_features(images, cls, feature_fn, pseudo_mask_fn):
+    """One batch of DiCLIP's offline phase (Eq. 8): features F_v and pseudo masks of the crops (B, 3, S, S) of
+    classes cls (B,), then mask average pooling over each image's patch coverage by its class.
+    -> f_fg (B, D), f_bg (B, D), valid (B,) (foreground between 1 % and 99 % of the image)."""
+    with torch.no_grad():
+        feats = feature_fn(images).float()  # (B, N, D)
+        labels = pseudo_mask_fn(images, cls)  # (B, S, S)
+    N = feats.shape[1]
+    h = math.isqrt(N)
+    if h * h != N:
+        raise WSSSError(f"TSA cache: feature_fn returned {N} tokens, not a square grid")
+    return mask_average_pool(feats, patch_coverage(labels, cls, (h, h)))
+
 
 # ----------------------------------------------------------------------------------------------------
 # I.8 Decoder: the only trained module (WeCLIP's decoder; ExCEL's adapter and LVC relation; DiCLIP's adapter)
@@ -1974,6 +2024,48 @@ def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int
         loss_b, parts["gated"] = boundary_loss(logits, pl["Y_s"], labels, frozen, cfg)
         loss, parts["b"] = loss + cfg.lambda_b * loss_b, loss_b.item()
     return loss, parts, pl
+
+
+def train_step(model, frozen, optimizer, scaler, batch: dict, cfg: Config, step: int, ctx=nullcontext()) -> tuple:
+    """One step of the algorithm at 0-based `step`: the scheduled lr (each parameter group at its share), the
+    losses of one batch (compute_losses: frozen pass, pseudo-labels, decoder, L), backward, AdamW. Under DDP the
+    ranks agree (Part II's agree) that the forward pass worked everywhere before any backward, so one failing rank
+    cannot leave the others waiting in the gradient all-reduce. -> (loss, parts, pseudo-labels, lr)."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    images = batch["image"].to(frozen.device, non_blocking=True)
+    labels = batch["label"].to(frozen.device, non_blocking=True)
+    failure = None
+    try:
+        with ctx:  # autocast for the decoder; the frozen pass and the label path stay fp32 (compute_losses)
+            loss, parts, pl = compute_losses(model, frozen, images, labels, cfg, step)
+        if not torch.isfinite(loss):
+            raise WSSSError(f"loss became {loss.item()} at step {step}: lower --lr or check the data")
+    except Exception as e:  # one rank's batch (NaN, a label-path error): it reports, the others stop
+        failure = e
+    agree(failure)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler:  # fp16 autocast: scaled gradients
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, parts, pl, lr
+
+
+def train_loop(model, frozen, optimizer, scaler, cfg: Config, start: int, batches, ctx=nullcontext(),
+               after_step=None):
+    """The training loop: steps start .. max_steps - 1, one batch each from `batches` (Part II's loader, which
+    also stops the run cleanly on Ctrl-C), one train_step each. `after_step(done, batch, loss, parts, pl, lr)` is
+    Part II's logging, validation and checkpointing; it changes nothing the next step computes."""
+    for step in range(start, cfg.max_steps):
+        batch = next(batches)
+        loss, parts, pl, lr = train_step(model, frozen, optimizer, scaler, batch, cfg, step, ctx)
+        if after_step is not None:
+            after_step(step + 1, batch, loss, parts, pl, lr)
 
 
 # ====================================================================================================
@@ -2544,6 +2636,7 @@ def _progress(it, disable=False):
             def __init__(self, it): self.it = it
             def __iter__(self): return iter(self.it)
             def set_postfix(self, **kw): pass
+            def update(self, n=1): pass
             def close(self): pass
         return Plain(it)
 
@@ -3025,19 +3118,8 @@ def attribute_bank(clip, tokenizer, cfg: Config, device):
         if bank is not None and bank[0].shape == (E, B) and bank[1].shape == (C, B):
             return bank[0].to(device), bank[1].to(device)
         print0(f"TSE: cached attribute bank {path} is unreadable or foreign; rebuilding it")
-    from sklearn.cluster import KMeans
-    emb = []
-    with torch.no_grad():
-        for i in range(0, len(flat), 256):
-            tokens = tokenizer([s for _, s in flat[i:i + 256]]).to(device)
-            emb.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
-    emb = torch.cat(emb).double().numpy()  # (n, E), unit rows
-    km = KMeans(n_clusters=B, random_state=0, n_init=10).fit(emb)
-    A = torch.from_numpy(km.cluster_centers_.T.copy()).float()  # (E, B): centroids, NOT re-normalised
-    flags = torch.zeros(C, B)
-    names = list(sentences)
-    for (c, _), b in zip(flat, km.labels_):
-        flags[names.index(c), int(b)] = 1.0
+    A, flags = cluster_attributes(clip, tokenizer, flat, list(sentences), B, device)
+    A, flags = A.cpu(), flags.cpu()
     try:
         atomic_save([A, flags], path)
     except OSError as e:
@@ -3205,14 +3287,7 @@ def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_f
         images = torch.stack([normalize_image(r, cfg.norm) for r in rgbs])
         images = images.to(device) if device is not None else images
         cls = torch.tensor([c for c, _ in chunk], device=images.device)
-        with torch.no_grad():
-            feats = feature_fn(images).float()  # (B, N, D)
-            labels = pseudo_mask_fn(images, cls)  # (B, S, S)
-        N = feats.shape[1]
-        h = math.isqrt(N)
-        if h * h != N:
-            raise WSSSError(f"TSA cache: feature_fn returned {N} tokens, not a square grid")
-        f_fg, f_bg, valid = mask_average_pool(feats, patch_coverage(labels, cls, (h, h)))
+        f_fg, f_bg, valid = pool_cache_features(images, cls, feature_fn, pseudo_mask_fn)
         for j, (c, p) in enumerate(chunk):
             hashes[p.name] = hashlib.sha1(p.read_bytes()).hexdigest()[:16]
             if valid[j]:
@@ -3240,18 +3315,9 @@ def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_f
 
 def ensure_tsa_cache(frozen, cfg: Config, device) -> dict:
     """DiCLIP's {K, V}: loaded from the cache folder, or built there (resumable, see build_tsa_cache) with the real
-    label path: features = VCE-calibrated tokens, pseudo mask = patch-text CAM -> CAA -> PAR of the image's one
-    class (no cache involved: tsa off)."""
-    plain = dataclasses.replace(cfg, tsa="off")
-
-    def feature_fn(images):
-        out = frozen_pass(frozen, images, plain)
-        return cache_features(calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm))
-
-    def pseudo_mask_fn(images, cls):
-        labels = F.one_hot(cls - 1, frozen.num_fg).float()
-        return make_pseudo_labels(frozen, frozen_pass(frozen, images, plain), images, labels, plain)["Y"]
-
+    label path (tsa_label_fns: features = VCE-calibrated tokens, pseudo mask = patch-text CAM -> CAA -> PAR of the
+    image's one class, no cache involved)."""
+    feature_fn, pseudo_mask_fn = tsa_label_fns(frozen, cfg)
     if cfg.cache_source == "synthetic":
         if cfg.dataset != "synthetic":
             raise WSSSError("--cache-source synthetic draws the synthetic world's shapes: use it with "
@@ -3464,48 +3530,31 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     pl_conf = torch.zeros(len(DATASETS[cfg.dataset]["classes"]), len(DATASETS[cfg.dataset]["classes"]),
                           dtype=torch.long, device=device)
     bar = _progress(range(start, cfg.max_steps), disable=rank != 0)
-    stop.install()  # Ctrl-C from here on: the step finishes, every rank stops, rank 0 saves (GracefulStop)
-    data, t0, last = iter(loader), time.time(), {}
-    for step in bar:
-        failure = None
-        try:
-            batch = next(data)
-        except Exception as e:  # e.g. a bad image met by one rank's loader: that rank reports it (agree)
-            failure = e
-        if agree(failure, stop.requested):  # Ctrl-C on any rank: every rank stops before this step
-            bar.close()
-            if step > start and (stop.saved is None or stop.saved[0] != step):
-                if rank == 0:
-                    save_checkpoint(cfg.ckpt, decoder, optimizer, scaler, step, cfg, best)
-                stop.saved = (step, cfg.ckpt)
-            raise RunInterrupted(*(stop.saved or (None, None)))
-        # ---- algorithm ----
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        failure = None
-        try:
-            with ctx:
-                loss, parts, pl = compute_losses(model, frozen, images, labels, cfg, step)
-            if not torch.isfinite(loss):
-                raise WSSSError(f"loss became {loss.item()} at step {step}: lower --lr or check the data")
-        except Exception as e:  # one rank's batch (NaN, a label-path error): it reports, the others stop
-            failure = e
-        agree(failure)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        # ---- diagnostics ----
-        done = step + 1
-        pl_conf += confusion_matrix(pl["Y"], batch["mask"].to(device), pl_conf.shape[0])  # crop GT vs pseudo-label
+    t0, last = time.time(), {}
+
+    def batches():  # the loader's batches; before each step every rank learns of a Ctrl-C or a failure anywhere
+        data, step = iter(loader), start
+        while True:
+            failure, batch = None, None
+            try:
+                batch = next(data)
+            except Exception as e:  # e.g. a bad image met by one rank's loader: that rank reports it (agree)
+                failure = e
+            if agree(failure, stop.requested):  # Ctrl-C on any rank: every rank stops before this step
+                bar.close()
+                if step > start and (stop.saved is None or stop.saved[0] != step):
+                    if rank == 0:
+                        save_checkpoint(cfg.ckpt, decoder, optimizer, scaler, step, cfg, best)
+                    stop.saved = (step, cfg.ckpt)
+                raise RunInterrupted(*(stop.saved or (None, None)))
+            yield batch
+            step += 1
+
+    def after_step(done, batch, loss, parts, pl, lr):  # diagnostics, logging, validation, checkpoints
+        nonlocal best, last
+        pl_conf.add_(confusion_matrix(pl["Y"], batch["mask"].to(device), pl_conf.shape[0]))  # crop GT vs label
         last = dict(step=done, loss=loss.item(), **parts, lr=lr)
+        bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.1e}")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             ms = 1000 * (time.time() - t0) / (done - start)
@@ -3526,6 +3575,9 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
             stop.saved = (done, cfg.ckpt)
             if done % cfg.save_every == 0 and done < cfg.max_steps:
                 save_checkpoint(out_dir / f"ckpt-{done:06d}.pt", decoder, optimizer, scaler, done, cfg, best)
+
+    stop.install()  # Ctrl-C from here on: the step finishes, every rank stops, rank 0 saves (GracefulStop)
+    train_loop(model, frozen, optimizer, scaler, cfg, start, batches(), ctx, after_step)
     bar.close()
     stop.restore()  # the final evaluation: Ctrl-C stops it at once (the trained checkpoint is saved)
     if cfg.demo and not cfg.save_vis:
