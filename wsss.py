@@ -2,15 +2,14 @@
 semantic segmentation (WSSS): image-level labels -> frozen CLIP -> class activation maps (CAMs) ->
 affinity refinement -> pixel pseudo-labels -> a light trained decoder.
 
-Methods (`--method` is the one dial; each preset is a few Config overrides, see METHODS):
+Methods (`--method` is the one dial; each preset is a few settings, see METHODS):
   weclip  WeCLIP, "Frozen CLIP: A Strong Backbone for Weakly Supervised Semantic Segmentation",
           Zhang et al., CVPR 2024, arXiv:2406.11189. GradCAM CAMs on frozen CLIP, attention-affinity
           refinement (RFM), pixel-adaptive refinement (PAR), a 3-block transformer decoder.
   cdclip  CD-CLIP, "Leveraging Class Distributions in CLIP for Weakly Supervised Semantic Segmentation",
-          CVPR 2026 (no public code; every inferred choice is a Config field, tagged [I] below).
-          Class-distribution-aware affinity (CDA, Jensen-Shannon divergence between the patches'
-          distributions over all class texts) and super-class boundary exploration (SBE, DINOv2 prototypes
-          supervising a gated Dice loss).
+          CVPR 2026 (no public code; every inferred choice is a setting, tagged [I]). Class-distribution-aware
+          affinity (CDA, Jensen-Shannon divergence between the patches' distributions over all class texts) and
+          super-class boundary exploration (SBE, DINOv2 prototypes supervising a gated Dice loss).
   excel   ExCEL, "Exploring CLIP's Dense Knowledge for Weakly Supervised Semantic Segmentation", Yang et al.,
           CVPR 2025 (official code zwyang6/ExCEL). Patch-text CAMs by feature surgery on a parameter-free
           calibrated CLIP path (SVC), class texts enriched with clustered attribute sentences (TSE), the
@@ -20,19 +19,29 @@ Methods (`--method` is the one dial; each preset is a few Config overrides, see 
           Stable Diffusion self-attention refined by KL k-means clustering (ACR) added to CLIP's attention
           (VCE); a key-value cache built from generated single-class images (TSA) with a trainable adapter.
 
-Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
-  python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~3 min on 2 CPU cores
-  python wsss.py train --method cdclip --data-root VOCdevkit/VOC2012   # real VOC, real checkpoints (GPU)
-  python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
-  python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
-  python wsss.py cache --method diclip --data-root ... # build DiCLIP's TSA key-value cache (resumable)
-  python wsss.py compare --demo                        # the four methods on the same data, one table
-  python wsss.py compare --demo --demo-model planted   # the same with a hand-set CLIP whose attention is semantic
-  python wsss.py synth --data-root /tmp/synth          # write the synthetic dataset in the VOC layout
-  python wsss.py pretrain-toy                          # contrastively pre-train the toy CLIP used by --demo
-  python wsss.py bench --method cdclip --clip-pretrained random --dino-model random  # timings of a step
-  torchrun --nproc_per_node=4 wsss.py train ...        # DDP (nccl on GPU, gloo on CPU)
-  pytest test_wsss.py                                  # the test-suite (CPU, tiny models, ~4 min)
+How to read it. Part I (the methods) comes first, in the order the data flows: configuration -> data -> frozen
+encoders -> CAMs -> refinements -> caches -> decoder -> losses -> evaluation -> the training step. Part II (the
+harness: command line, files, caches on disk, run folders, DDP, the demo, bench) comes after a banner; nothing in
+it changes a pseudo-label. Part I reaches Part II only through a few named functions: load_assets (the models),
+read_split / scan_labels / load_rgb / load_mask (the files), attribute_bank (ExCEL's bank file or its cache),
+ensure_tsa_cache (DiCLIP's cache on disk) and agree (DDP ranks agreeing that a step worked).
+Reading map, the functions of each method in the order to visit them:
+  weclip  METHODS, MethodConfig, augment, SegDataset, Frozen, encode_texts, clip_image_forward, run_block,
+          cam_rows, gradcam, rfm_weights, sinkhorn_symmetrize, transition_matrix, box_mask, propagation_matrix,
+          refine_cams, par_refine, label_scores, cams_to_labels, make_pseudo_labels, SegDecoder,
+          balanced_ce_loss, affinity_labels, affinity_loss, predict_logits, miou, lr_at, compute_losses,
+          train_step, train_loop
+  cdclip  WeCLIP's path, then gradcam's patch embeddings, class_distributions, js_divergence_matrix,
+          cda_affinity, propagation_matrix (refine cda), cap_prototype_cams, dino_features, make_pseudo_labels
+          (Y_s), super_probs, predicted_superclasses, sbe_gate, dice_loss, boundary_loss, compute_losses
+  excel   METHODS, attention_qkv, svc_attention, run_dual_block, calibrated_tokens, calib_spec,
+          clip_image_forward, cluster_attributes, tse_text_embeddings, Frozen (cam_texts), feature_surgery,
+          patch_text_cam, caa_maps, box_mask, propagation_matrix, par_refine, make_pseudo_labels, SegDecoder
+          (relation cos), lvc_relation, lvc_bias, compute_losses (the dynamic CAM), label_variants
+  diclip  METHODS, sd_self_attention, SDAttentionCapture, kl_kmeans, acr_reliable, acr_refine, vce_attention,
+          vce_fusion, run_dual_block, frozen_pass, patch_text_cam, tsa_label_fns, pool_cache_features,
+          mask_average_pool, build_kv_cache, cache_activation, static_cache_cam, static_cache_fusion,
+          CacheAdapter, dynamic_cam, make_pseudo_labels (Y, Y_st), head_outputs, compute_losses (L_dyn)
 
 Notation used in shape comments: B batch, R rows of a batched GradCAM (one per (image, class) pair),
 K classes incl. background, C foreground classes, T texts, D feature width, E joint embedding width,
@@ -41,12 +50,7 @@ h,w patch grid, N = h*w patches, H,W image, L CLIP blocks.
 Faithfulness: numerics follow the official WeCLIP and ExCEL code where it produced the published numbers;
 `[code≠paper]` marks where that code (for CD-CLIP and DiCLIP, ours) departs from the paper, `[upstream bug
 fixed]` where we fixed a bug of the official code, and `[I]` a choice inferred because the paper does not give
-it (DiCLIP also tags [T] paper, [L] training logs).
-
-Not included: WeCLIP+ (DINO decoder branch); fp16 CLIP weights as
-in the official code (we run CLIP and the whole label path in fp32, also under --amp); upstream's fp16 cast of
-the decoder's attention (ours runs in fp32, or in autocast's dtype under --amp); multi-node launch scripts;
-wandb/TensorBoard logging (metrics go to a JSON-lines file).
+it (DiCLIP also tags [T] paper, [L] training logs). The commands are in README.md and `python wsss.py --help`.
 """
 from __future__ import annotations
 
@@ -161,7 +165,8 @@ SYNTH_SUPER = {3: {"round shape": ["red circle", "purple ring"], "polygon": ["bl
                    "spiky shape": ["yellow star", "orange cross"]}}
 DATASETS = {
     "voc": dict(classes=VOC_CLASSES, prompts=VOC_PROMPTS, bg_prompts=VOC_BG, superclasses=VOC_SUPER,
-                attr_ratio=112 / 400, mask_strip="", defaults=dict(train_split="train_aug", val_split="val", superclasses=5)),
+                attr_ratio=112 / 400, mask_strip="",
+                defaults=dict(train_split="train_aug", val_split="val", superclasses=5)),
     "coco": dict(classes=COCO_CLASSES, prompts=COCO_PROMPTS, bg_prompts=COCO_BG, superclasses=COCO_SUPER,
                  attr_ratio=224 / 1600,  # ExCEL's sentences per attribute cluster (TSE)
                  # COCO in VOC-style layout: list entries "train/COCO_train2014_<id>", masks "train/<id>.png"
@@ -210,7 +215,7 @@ METHODS = {
                                   sd_size=64, cache_per_class=4, cache_bg=8, eval_long_side=64)),
 }
 REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
-ACR_VARIANTS = ("left", "recluster", "right", "sharpen")  # DiCLIP Eq. 6 readings (spec §4.2)
+ACR_VARIANTS = ("left", "recluster", "right", "sharpen")  # DiCLIP §III-C.2, Eq. 6 readings
 VCE_FUSIONS = ("add", "norm", "scale", "gate")  # DiCLIP Table XII: SD attention into CLIP attention
 
 # DiCLIP §III-D's prompt for the single-class images of the TSA cache ({category}: the plain class name).
@@ -284,11 +289,11 @@ class MethodConfig:
     cam_sim: str = setting("surgery", LABELS)  # patch-text similarity: surgery (code) | cosine (paper) [code≠paper]
     svc_layers: int = setting(5, LABELS)  # calibrated (SVC) blocks: the last n (ExCEL 5: 0-indexed 7..11)
     svc_attn: str = setting("intra", LABELS)  # calibrated map: intra (qq, kk, vv softmaxes; ExCEL) | qk (DiCLIP)
-    svc_heads: str = setting("sum", LABELS)  # heads of the calibrated map: sum (code: rows sum to H) | mean [code≠paper]
+    svc_heads: str = setting("sum", LABELS)  # calibrated map's heads: sum (code: rows sum to H) | mean [code≠paper]
     svc_norm: str = setting("tokens", LABELS)  # L2 norm: tokens (code: per channel over tokens) | channels [code≠paper]
     caa_attn_mix: str = setting("upstream", LABELS)  # CAA maps: upstream (1 head-mean + 5 head-sum blocks) | mean
     tse: str = setting("on", LABELS)    # text semantic enrichment: on | off (template only: the "Global" ablation)
-    tse_keep: float = setting(0.9, LABELS)  # K_r: fraction of the attribute centroids kept per class (0.9: the top 90 percent)
+    tse_keep: float = setting(0.9, LABELS)  # K_r: share of the attribute centroids kept per class (0.9: top 90 percent)
     tse_lambda: float = setting(1.0, LABELS)  # lambda: weight of the attribute sum (ExCEL hard-codes 1)
     tse_clusters: int = setting(0, LABELS)  # B attribute centroids (VOC 112, COCO 224); 0: ExCEL's sentences/B ratio
     lvc: bool = setting(False, LABELS)  # LVC: the adapter's softmax(R) biases the calibrated path (the dynamic CAM)
@@ -526,7 +531,8 @@ class Frozen:
         info = DATASETS[cfg.dataset]
         self.cfg, self.device = cfg, device
         assets = load_assets(cfg, device, need_dino)  # Part II: checkpoints, hub, tiny or planted models, files
-        self.clip, self.tokenizer, self.dino, self.sd = assets["clip"], assets["tokenizer"], assets["dino"], assets["sd"]
+        self.clip, self.tokenizer = assets["clip"], assets["tokenizer"]
+        self.dino, self.sd = assets["dino"], assets["sd"]
         self.patch = self.clip.visual.conv1.kernel_size[0]
         self.num_blocks = len(self.clip.visual.transformer.resblocks)
         supers = info["superclasses"][cfg.superclasses]
@@ -807,11 +813,11 @@ class SDAttentionCapture:
 
 
 def sd_self_attention(sd: SDParts, images, cfg: Config, grid):
-    """DiCLIP's SD attention A_sd (spec §4.1): the CLIP-normalised crops (B, 3, H, W) -> RGB in [0, 1] -> resized to
-    sd_size^2 -> 2x - 1 -> VAE latent mean x scaling factor -> one noising step to t = sd_timestep with noise from a
-    fixed seed (one draw shared by every image, so an image's map does not depend on its batch) -> one UNet pass
-    with the null-prompt embedding. The selected decoder attn1 layers give A_sd (B, N, N) on the CLIP grid (h, w):
-    head mean, then layer mean [I]; rows sum to 1. fp32, no grad; the UNet's processors are restored after."""
+    """DiCLIP's SD attention A_sd (§III-C.2, §IV-B): the CLIP-normalised crops (B, 3, H, W) -> RGB in [0, 1] -> resized
+    to sd_size^2 -> 2x - 1 -> VAE latent mean x scaling factor -> one noising step to t = sd_timestep with noise from a
+    fixed seed (one draw shared by every image, so an image's map does not depend on its batch) -> one UNet pass with
+    the null-prompt embedding. The selected decoder attn1 layers give A_sd (B, N, N) on the CLIP grid (h, w): head mean,
+    then layer mean [I]; rows sum to 1. fp32, no grad; the UNet's processors are restored after."""
     S, unet = cfg.sd_size, sd.unet
     if S % sd.factor:
         raise WSSSError(f"--sd-size {S} is not a multiple of {sd.factor} (the VAE's factor {sd.vae_factor} times "
@@ -883,14 +889,13 @@ def cam_rows(labels, frozen: Frozen, with_super: bool = False) -> dict:
 
 
 def gradcam(frozen: Frozen, out: dict, rows: dict):
-    """WeCLIP GradCAM (spec §3) for all rows at once. Each row replicates its image's block-(L-1) output and
-    runs the last block on it; the hooked activation A is the last block's ln_1 output, whose gradient
-    reaches it only through attention. Target y_r = softmax(s * <e, t_k>)[target_r], e = proj(mean of ln_post
-    patch tokens) normalised, over the row's allowed texts. Rows are independent, so one backward of sum_r y_r
-    yields every row's own gradient: the same CAMs as one backward per class, in one pass.
-    GradCAM: alpha = spatial mean of dy/dA; cam = ReLU(sum_ch alpha_ch A_ch), min-max twice (as upstream).
-    Returns cams (R, h, w), the last block's attention per image (B, N, N) and its final patch embeddings
-    (B, N, E), L2-normalised (CD-CLIP's F)."""
+    """WeCLIP GradCAM (official code clip_tool.py, pytorch_grad_cam) for all rows at once. Each row replicates its
+    image's block-(L-1) output and runs the last block on it; the hooked activation A is the last block's ln_1 output,
+    whose gradient reaches it only through attention. Target y_r = softmax(s * <e, t_k>)[target_r], e = proj(mean of
+    ln_post patch tokens) normalised, over the row's allowed texts. Rows are independent, so one backward of sum_r y_r
+    yields every row's own gradient: the same CAMs as one backward per class, in one pass. GradCAM: alpha = spatial mean
+    of dy/dA; cam = ReLU(sum_ch alpha_ch A_ch), min-max twice (as upstream). Returns cams (R, h, w), the last block's
+    attention per image (B, N, N) and its final patch embeddings (B, N, E), L2-normalised (CD-CLIP's F)."""
     clip, h, w = frozen.clip, *out["grid"]
     visual, blk = clip.visual, clip.visual.transformer.resblocks[-1]
     x = out["x_last"][rows["img"]]  # (R, 1+N, D)
@@ -952,12 +957,11 @@ def cluster_attributes(clip, tokenizer, flat: list, classes: list, B: int, devic
 
 
 def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: float = 1.0):
-    """ExCEL TSE retrieval (spec §1.6). class_emb (C, E) unit template embeddings t_c, centroids A (E, B).
-    s_cb = t_c . a_b (raw dot products: no temperature, centroids not normalised); drop the lowest
-    k = floor((1 - K_r) B) scores (K_r = 0.9 keeps the top 90 %: B = 112 keeps 101); w = softmax of the kept;
-    T_c = normalise(t_c + lam sum_b w_cb a_b). Upstream computes k by float truncation (B = 10 drops 0, and
-    k = 0 masked every score: NaN); here k is exact and k = 0 keeps all [upstream bug fixed].
-    -> (C, E) unit rows."""
+    """ExCEL TSE retrieval (TOP-K attribute hunting; K_r and lambda: Supp. §1, §2.1). class_emb (C, E) unit template
+    embeddings t_c, centroids A (E, B). s_cb = t_c . a_b (raw dot products: no temperature, centroids not normalised);
+    drop the lowest k = floor((1 - K_r) B) scores (K_r = 0.9 keeps the top 90 %: B = 112 keeps 101); w = softmax of the
+    kept; T_c = normalise(t_c + lam sum_b w_cb a_b). Upstream computes k by float truncation (B = 10 drops 0, and k = 0
+    masked every score: NaN); here k is exact and k = 0 keeps all [upstream bug fixed]. -> (C, E) unit rows."""
     s = class_emb @ centroids  # (C, B)
     B = s.shape[1]
     k_drop = int(math.floor((1 - keep_ratio) * B + 1e-9))
@@ -972,11 +976,11 @@ def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: floa
 # ---- Patch-text CAMs (ExCEL §3.1, DiCLIP Eq. 1): the calibrated tokens against the class texts ----
 
 def feature_surgery(tokens, texts):
-    """ExCEL's patch-text CAM (CLIP-Surgery feature surgery, spec §3.1). tokens (B, 1+N, E) with CLS first,
-    texts (T, E) unit rows (C foreground then the background words) -> (B, 1+N, T) in [0, 1].
-    p = softmax_t(2 <P_cls, T_t>) (temperature 0.5), w_t = p_t / mean(p); sim_it = w_t <P_i, T_t> minus its
-    mean over ALL texts (the redundant feature); then min-max per text over ALL 1+N tokens, CLS included, no
-    ReLU [code≠paper: the paper writes Norm(cos(P, T))]. A flat map (zero range) gives 0, not NaN."""
+    """ExCEL's patch-text CAM (CLIP-Surgery feature surgery: ExCEL code clip_feature_surgery; DiCLIP Eq. 1). tokens (B,
+    1+N, E) with CLS first, texts (T, E) unit rows (C foreground then the background words) -> (B, 1+N, T) in [0, 1]. p
+    = softmax_t(2 <P_cls, T_t>) (temperature 0.5), w_t = p_t / mean(p); sim_it = w_t <P_i, T_t> minus its mean over ALL
+    texts (the redundant feature); then min-max per text over ALL 1+N tokens, CLS included, no ReLU [code≠paper: the
+    paper writes Norm(cos(P, T))]. A flat map (zero range) gives 0, not NaN."""
     sim = tokens.float() @ texts.float().T  # (B, 1+N, T)
     p = (2 * sim[:, :1]).softmax(-1)  # (B, 1, T): the class prior from the CLS token
     s = (p / p.mean(-1, keepdim=True)) * sim  # w_t <P_i, T_t>
@@ -1116,10 +1120,10 @@ def cda_affinity(probs, a_init, tau: float):
 
 
 def caa_maps(out: dict, cfg: Config):
-    """The attention maps CAA averages (ExCEL spec §3.3): the original path's patch-patch attention of the last
-    blocks. Upstream's maps of the SVC blocks are head SUMS (rows sum to H) beside a head-averaged one, so the
-    average weights the plain block 1/H as much; `caa_attn_mix upstream` reproduces it, `mean` averages
-    head-averaged maps. -> (B, n, N, N)."""
+    """The attention maps CAA averages (ExCEL code refine_cams_with_aff; not in the paper text): the original path's
+    patch-patch attention of the last blocks. Upstream's maps of the SVC blocks are head SUMS (rows sum to H) beside a
+    head-averaged one, so the average weights the plain block 1/H as much; `caa_attn_mix upstream` reproduces it, `mean`
+    averages head-averaged maps. -> (B, n, N, N)."""
     attn = out["attn"].float()
     n_sum = min(out.get("n_calib", 0), attn.shape[1])
     if cfg.caa_attn_mix != "upstream" or not n_sum:
@@ -1338,7 +1342,7 @@ def acr_reliable(attn, assign, delta: float):
 
 def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: str = "left", iters: int = 10,
                seed: int = 0):
-    """DiCLIP ACR (Eqs. 4-6; Eq. 6's form was lost in the paper text, reconstruction [I], spec §4.2):
+    """DiCLIP ACR (§III-C.2, Eqs. 4-6; the paper text lost the formulas: Eqs. 4-5 read from its prose, 6 [I]):
       m = KL-k-means(rows of A_sd)                                  (Eq. 4)
       R = onehot(m) onehot(m)^T                                     (Eq. 5)
       A_hat = RowNorm(R * A_sd * 1[A_sd > delta])                   (Eq. 6, reliable same-cluster relations)
@@ -1638,11 +1642,11 @@ class DecoderBlock(nn.Module):
 
 
 def lvc_relation(fd, alpha: float = 3.0, beta: float = 1.0, mean: str = "batch"):
-    """ExCEL's relation matrix (LVC, spec §4.2): R = alpha (cos(F_d) - beta mean cos(F_d)), the cosine between
-    the adapter's per-token features. The mean is ONE scalar over the whole batch and all pairs, as upstream
-    (so R depends on the batch), or per image (`mean="image"`). fd (B, D, h, w) or (B, N, D) -> R (B, N, N)
-    before any activation: sigmoid(R) is L_div's prediction and CAA's gate, softmax(R masked at < 0) the
-    calibrated path's bias (lvc_bias)."""
+    """ExCEL's relation matrix (LVC, Eqs. 8-9; alpha 3, beta 1: Supp. §1): R = alpha (cos(F_d) - beta mean cos(F_d)),
+    the cosine between the adapter's per-token features. The mean is ONE scalar over the whole batch and all pairs, as
+    upstream (so R depends on the batch), or per image (`mean="image"`). fd (B, D, h, w) or (B, N, D) -> R (B, N, N)
+    before any activation: sigmoid(R) is L_div's prediction and CAA's gate, softmax(R masked at < 0) the calibrated
+    path's bias (lvc_bias)."""
     f = fd.flatten(2).transpose(1, 2) if fd.dim() == 4 else fd  # (B, N, D)
     f = F.normalize(f.float(), dim=-1)
     cos = f @ f.transpose(1, 2)  # (B, N, N)
@@ -1663,7 +1667,7 @@ class SegDecoder(nn.Module):
     1..L-1, concatenated, 1x1 conv -> dim, Dropout2d -> F (B, dim, h, w). Then `layers` pre-LN transformer
     blocks and a 1x1 conv to the K classes. Affinity head S = sigmoid(F^T F) (B, N, N), which the dynamic
     RFM uses and the affinity loss trains. VOC + ViT-B/16: 5,985,045 parameters, as upstream.
-    ExCEL builds the same module on all 12 blocks: its "adapter" is this fuse head (F = F_d, spec §4.1) and its
+    ExCEL builds the same module on all 12 blocks: its "adapter" is this fuse head (F = F_d, Supp. §1) and its
     decoder these blocks; relation "cos" gives ExCEL's R (lvc_relation) and S = sigmoid(R): 6,313,237
     parameters for VOC, as upstream."""
 
@@ -2996,7 +3000,7 @@ def load_assets(cfg: Config, device, need_dino: bool = None) -> dict:
 # II.5 ExCEL's TSE inputs: description files, built-in sentences, attribute banks and their cache
 # ----------------------------------------------------------------------------------------------------
 
-# ---- ExCEL TSE: text semantic enrichment with clustered attribute descriptions (ExCEL §TSE, spec §1) ----
+# ---- ExCEL TSE inputs: the attribute descriptions (TSE knowledge base; settings Supp. §1) ----
 # wsss.py's own attribute sentences (written for this project, 5 per class), used when neither ExCEL's bank
 # (--attr-bank) nor its GPT-4 description JSON (--descriptions) is given. Keys are the dataset's class names;
 # each sentence is prefixed "a clean origami <class>." as ExCEL's JSON is.
@@ -3088,11 +3092,10 @@ def description_sentences(cfg: Config) -> dict:
 
 
 def attribute_bank(clip, tokenizer, cfg: Config, device):
-    """ExCEL's attribute bank (spec §1.2-1.4): centroids A (E, B), not re-normalised, and per-class flags
-    (C, B) (which clusters hold a sentence of the class; ExCEL never uses them). From --attr-bank (ExCEL's
-    .pth [centroids, flags]), else built: lower-cased sentences -> CLIP text encoder -> per-sentence L2 ->
-    sklearn KMeans(B, random_state=0, n_init=10). Built banks are cached under cache_dir, keyed by (CLIP,
-    weights, sentences, B, seed), written atomically; a corrupt cached bank is rebuilt."""
+    """ExCEL's attribute bank (TSE knowledge base, Supp. §1): centroids A (E, B) and per-class flags (C, B). From
+    --attr-bank (ExCEL's .pth [centroids, flags]), else built by cluster_attributes from the description sentences
+    (description_sentences). Built banks are cached under cache_dir, keyed by (CLIP, weights, sentences, B, seed),
+    written atomically; a corrupt cached bank is rebuilt."""
     E = clip.text_projection.shape[-1] if clip.text_projection is not None else clip.token_embedding.weight.shape[1]
     C = len(DATASETS[cfg.dataset]["classes"]) - 1
     if cfg.attr_bank:
@@ -3160,7 +3163,8 @@ def _read_bank(path, what: str):
 TSA_FORMAT = "wsss-diclip-tsa-cache-v1"
 
 
-# SD is prompted with plain class names [I] (spec §5.1): the dataset tables' joined names spelled out.
+# SD is prompted with plain class names [I] (§IV-B: "{category} denotes the queried class"): the dataset tables'
+# joined names spelled out.
 PLAIN_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
                "motorbike": "motorbike", "aeroplane": "aeroplane"}
 
@@ -3263,11 +3267,11 @@ def generate_cache_images(image_dir, classes, n_per_class: int, make_image, log=
 
 def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_fg, device=None, batch_size: int = 8,
                     log=print0) -> dict:
-    """DiCLIP's offline phase (§III-D, spec §5): generate cache_images_per_class single-class images per class
-    (resumable), then per batch: crops resized to crop_size and normalised as training crops (B, 3, S, S) ->
-    feature_fn(images) -> F_v (B, N, D) unit features; pseudo_mask_fn(images, class_ids) -> (B, S, S) label maps
-    (DiCLIP: VCE + CAM + CAA + PAR); mask average pooling (Eq. 8; images with < 1 % or > 99 % fg skipped); per-class
-    and background K-means -> {K, V} (Eqs. 9-10). Written atomically with a manifest (settings, counts, image
+    """DiCLIP's offline phase on disk (§III-B, §III-D.1, Eqs. 8-10; generation settings §IV-B): generate
+    cache_images_per_class single-class images per class (resumable), then per batch: crops resized to crop_size
+    and normalised as training crops (B, 3, S, S) -> pool_cache_features (feature_fn: F_v (B, N, D) unit
+    features; pseudo_mask_fn: (B, S, S) label maps, DiCLIP: VCE + CAM + CAA + PAR; mask average pooling, Eq. 8;
+    images with < 1 % or > 99 % fg skipped); per-class and background K-means -> {K, V} (build_kv_cache). Written atomically with a manifest (settings, counts, image
     hashes) to tsa_cache_path(cfg); an existing cache with the same settings is loaded instead (no work).
     -> dict(format, manifest, keys, values, key_class)."""
     from PIL import Image
@@ -4353,6 +4357,21 @@ def bench(cfg: Config) -> dict:
 # II.14 Commands: train | eval | cams | cache | compare | synth | pretrain-toy | bench  ->  main(argv)
 # ----------------------------------------------------------------------------------------------------
 
+USAGE = """Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
+  python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~3 min on 2 CPU cores
+  python wsss.py train --method cdclip --data-root VOCdevkit/VOC2012   # real VOC, real checkpoints (GPU)
+  python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
+  python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
+  python wsss.py cache --method diclip --data-root ... # build DiCLIP's TSA key-value cache (resumable)
+  python wsss.py compare --demo                        # the four methods on the same data, one table
+  python wsss.py compare --demo --demo-model planted   # the same with a hand-set CLIP whose attention is semantic
+  python wsss.py synth --data-root /tmp/synth          # write the synthetic dataset in the VOC layout
+  python wsss.py pretrain-toy                          # contrastively pre-train the toy CLIP used by --demo
+  python wsss.py bench --method cdclip --clip-pretrained random --dino-model random  # timings of a step
+  torchrun --nproc_per_node=4 wsss.py train ...        # DDP (nccl on GPU, gloo on CPU)
+  pytest test_wsss.py                                  # the test-suite (CPU, tiny models)"""
+
+
 def cmd_train(cfg: Config):
     train(cfg)
 
@@ -4487,7 +4506,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: wsss.py {{{','.join(COMMANDS)}}} [--flags]   (wsss.py COMMAND --help lists the flags)\n\n"
-              + __doc__.split("\n\n")[2])
+              + USAGE)
         return 0
     command = argv.pop(0)
     if command not in COMMANDS:
