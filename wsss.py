@@ -3271,8 +3271,9 @@ def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_f
     cache_images_per_class single-class images per class (resumable), then per batch: crops resized to crop_size
     and normalised as training crops (B, 3, S, S) -> pool_cache_features (feature_fn: F_v (B, N, D) unit
     features; pseudo_mask_fn: (B, S, S) label maps, DiCLIP: VCE + CAM + CAA + PAR; mask average pooling, Eq. 8;
-    images with < 1 % or > 99 % fg skipped); per-class and background K-means -> {K, V} (build_kv_cache). Written atomically with a manifest (settings, counts, image
-    hashes) to tsa_cache_path(cfg); an existing cache with the same settings is loaded instead (no work).
+    images with < 1 % or > 99 % fg skipped); per-class and background K-means -> {K, V} (build_kv_cache).
+    Written atomically with a manifest (settings, counts, image hashes) to tsa_cache_path(cfg); an existing cache
+    with the same settings is loaded instead (no work).
     -> dict(format, manifest, keys, values, key_class)."""
     from PIL import Image
     settings, path = tsa_settings(cfg), tsa_cache_path(cfg)
