@@ -92,7 +92,7 @@ class WSSSError(Exception):
 # losses -> evaluation -> the training step. Each method's blocks are labelled with its paper and equations.
 # ====================================================================================================
 # ----------------------------------------------------------------------------------------------------
-# I.1 Configuration: class tables, super-classes, datasets, method presets, one Config dataclass
+# I.1 Configuration: class tables, super-classes, datasets, method presets, the methods' settings
 # ----------------------------------------------------------------------------------------------------
 
 IGNORE = 255  # void / ignore label in every mask and pseudo-label
@@ -552,6 +552,8 @@ class Frozen:
         self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" else None  # DiCLIP: {K, V} (Part II)
 
 
+# --- shared: the text bank (WeCLIP's zeroshot_classifier) and the CLIP image pass ---
+
 def encode_texts(clip, tokenizer, names, template: str, device):
     """L2-normalised text embeddings (T, E) of `template.format(name)` (WeCLIP's zeroshot_classifier)."""
     with torch.no_grad():
@@ -637,6 +639,24 @@ def clip_image_forward(clip, images, n_attn: int = 0, full: bool = False, calib:
                        n_calib=n_calib)
     return out
 
+
+# --- CD-CLIP SBE: DINOv2 features ---
+
+def dino_features(dino, images, norm: str):
+    """DINOv2 last-layer normalised patch tokens, L2-normalised per token: (B, Dd, hd, wd). The input is
+    resized to (H//p*p, W//p*p) (308 for a 320 crop with p = 14) and given ImageNet statistics."""
+    p = dino.config.patch_size
+    H, W = images.shape[-2:]
+    x = images if norm == "imagenet" else renormalize(images, "clip", "imagenet")
+    x = F.interpolate(x, size=(H // p * p, W // p * p), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        tokens = dino(pixel_values=x.to(dino.dtype)).last_hidden_state  # (B, 1 + regs + Nd, Dd)
+    tokens = tokens[:, 1 + getattr(dino.config, "num_register_tokens", 0):]
+    tokens = F.normalize(tokens.float(), dim=-1)
+    return tokens.transpose(1, 2).reshape(images.shape[0], -1, H // p, W // p)  # (B, Dd, hd, wd)
+
+
+# --- ExCEL SVC (Eq. 6) and DiCLIP VCE (Eq. 7): the calibrated path beside CLIP's own ---
 
 def attention_qkv(attn, a):
     """q, k, v of an nn.MultiheadAttention on batch-first a (B, L, D): each (B, H, L, d), and v before the
@@ -735,6 +755,8 @@ def calib_spec(cfg: Config, bias=None):
     n = cfg.vce_layers if cfg.vce else cfg.svc_layers
     return dict(n=n, attn=cfg.svc_attn, heads=cfg.svc_heads, bias=bias, weight=cfg.vce_weight, fusion=cfg.vce_fusion)
 
+
+# --- DiCLIP: Stable Diffusion's self-attention A_sd (§III-C.2, §IV-B) ---
 
 class SDParts:
     """The frozen Stable Diffusion parts DiCLIP uses, plus the null-prompt text embedding (computed once)."""
@@ -846,23 +868,11 @@ def sd_self_attention(sd: SDParts, images, cfg: Config, grid):
     return store["sum"] / store["count"]  # (B, N, N): layer mean, row-stochastic
 
 
-def dino_features(dino, images, norm: str):
-    """DINOv2 last-layer normalised patch tokens, L2-normalised per token: (B, Dd, hd, wd). The input is
-    resized to (H//p*p, W//p*p) (308 for a 320 crop with p = 14) and given ImageNet statistics."""
-    p = dino.config.patch_size
-    H, W = images.shape[-2:]
-    x = images if norm == "imagenet" else renormalize(images, "clip", "imagenet")
-    x = F.interpolate(x, size=(H // p * p, W // p * p), mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        tokens = dino(pixel_values=x.to(dino.dtype)).last_hidden_state  # (B, 1 + regs + Nd, Dd)
-    tokens = tokens[:, 1 + getattr(dino.config, "num_register_tokens", 0):]
-    tokens = F.normalize(tokens.float(), dim=-1)
-    return tokens.transpose(1, 2).reshape(images.shape[0], -1, H // p, W // p)  # (B, Dd, hd, wd)
-
-
 # ----------------------------------------------------------------------------------------------------
 # I.5 CAMs: WeCLIP GradCAM (every image-class pair in one pass); ExCEL TSE texts; patch-text CAMs
 # ----------------------------------------------------------------------------------------------------
+
+# --- WeCLIP (and CD-CLIP): GradCAM on image-text probabilities ---
 
 def cam_rows(labels, frozen: Frozen, with_super: bool = False) -> dict:
     """One GradCAM row per (image, present class) and optionally per (image, present super-class).
@@ -930,6 +940,8 @@ def first_row_of_image(img, B: int):
     return first
 
 
+# --- ExCEL TSE: class texts enriched by clustered attribute sentences ---
+
 def tse_num_clusters(cfg: Config, n_sentences: int) -> int:
     """B: --tse-clusters, or ExCEL's ratio of sentences to clusters (VOC 400/112, COCO 1600/224) [I]."""
     if cfg.tse_clusters:
@@ -973,7 +985,7 @@ def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: floa
     return F.normalize(class_emb + lam * w @ centroids.T, dim=-1)
 
 
-# ---- Patch-text CAMs (ExCEL §3.1, DiCLIP Eq. 1): the calibrated tokens against the class texts ----
+# --- ExCEL (and DiCLIP Eq. 1): patch-text CAMs of the calibrated tokens ---
 
 def feature_surgery(tokens, texts):
     """ExCEL's patch-text CAM (CLIP-Surgery feature surgery: ExCEL code clip_feature_surgery; DiCLIP Eq. 1). tokens (B,
@@ -1003,6 +1015,8 @@ def patch_text_cam(tokens, texts, num_fg: int, sim: str = "surgery"):
 # ----------------------------------------------------------------------------------------------------
 # I.6 Refinements: transition matrix, boxes, RFM (WeCLIP), CDA (CD-CLIP), CAA (ExCEL), PAR, label assembly
 # ----------------------------------------------------------------------------------------------------
+
+# --- WeCLIP: transition matrix, box masks, RFM ---
 
 def sinkhorn_symmetrize(attn, rounds: int = 3):
     """WeCLIP compute_trans_mat without the final square: `rounds` times normalise columns then rows to sum
@@ -1081,6 +1095,8 @@ def rfm_weights(attn_all, cfg: Config, S=None, dynamic: bool = False):
     return W * S
 
 
+# --- CD-CLIP: CDA (class-distribution affinity) and SBE's CAP prototypes ---
+
 def class_distributions(patch_emb, texts, over: str = "patch"):
     """CD-CLIP §3.1: P = softmax(S_a) with S_a = Min-max(CosSim(F, T_all)). patch_emb (B, N, E) and texts
     (K, E) L2-normalised. Min-max per text over the patches (`over="patch"`, default [I]) removes each
@@ -1119,6 +1135,21 @@ def cda_affinity(probs, a_init, tau: float):
     return W @ a_init
 
 
+def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
+    """CD-CLIP §4.4. Class-aware pooling (CAP): each super-class CAM, resized to the DINO grid and kept where
+    >= theta_cap, weights an average of the DINO tokens -> prototype f_n (L2-normalised); prototype CAM
+    M_p^n = ReLU(cos(f_n, F_d)). cams_s (R, h, w), img (R,), dino_feat (B, Dd, hd, wd) -> (R, hd, wd) in [0,1]."""
+    m = F.interpolate(cams_s[:, None], size=dino_feat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    m = m * (m >= theta)  # (R, hd, wd)
+    feats = dino_feat[img]  # (R, Dd, hd, wd)
+    # f_s^n = CAP(M_s^n * F_d): the mask-weighted average of the DINO tokens, L2-normalised
+    proto = F.normalize(torch.einsum("rhw,rdhw->rd", m, feats) / (m.sum((1, 2))[:, None] + 1e-5), dim=-1)
+    # M_p^n = ReLU(CosSim(f_s^n, F_d)); the tokens are unit vectors, so the dot product is the cosine
+    return torch.relu(torch.einsum("rd,rdhw->rhw", proto, feats))
+
+
+# --- ExCEL: CAA's attention maps ---
+
 def caa_maps(out: dict, cfg: Config):
     """The attention maps CAA averages (ExCEL code refine_cams_with_aff; not in the paper text): the original path's
     patch-patch attention of the last blocks. Upstream's maps of the SVC blocks are head SUMS (rows sum to H) beside a
@@ -1132,6 +1163,104 @@ def caa_maps(out: dict, cfg: Config):
     w[attn.shape[1] - n_sum:] = out["bias_scale"] if cfg.svc_heads == "sum" else 1.0
     return attn * w[None, :, None, None]
 
+
+# --- DiCLIP ACR (§III-C.2, Eqs. 4-6): cluster the SD attention rows, keep reliable relations ---
+
+def _kl_to_centroids(rows, neg_ent, cent):
+    """KL(a_i || c_k) = sum_j a log a - sum_j a log c for rows (M, N, D), their sum_j a log a (M, N, 1) and
+    centroids (M, K, D) -> (M, N, K); 0 log 0 = 0, logs of values clamped at 1e-8."""
+    return neg_ent - rows @ cent.clamp_min(1e-8).log().transpose(-1, -2)
+
+
+def kl_kmeans(rows, k: int, iters: int = 10, seed: int = 0, return_all: bool = False):
+    """K-means of probability rows under the KL divergence (DiCLIP Eq. 4 [T], cites [52]; details [I]).
+    rows (..., N, D), each row a distribution (A_sd: D = N) -> assignments (..., N) int64 in [0, k).
+    Assignment m_i = argmin_k KL(a_i || c_k); update c_k = mean of its members (the exact minimiser for this
+    Bregman divergence, so the objective sum_i KL(a_i || c_{m_i}) never rises); probabilities clamped at 1e-8
+    before logs. Init: k-means++ under KL: the first centre is a row, each next centre a row drawn with probability
+    proportional to its KL to the nearest centre chosen so far. The draws are inverse-CDF lookups of k uniforms from
+    `seed`, shared by every map, so a map's clustering does not depend on its batch. An empty cluster is re-seeded
+    with the row farthest (KL) from its centroid. Vectorised over the leading dims; loops only over iterations.
+    return_all: also the centroids (..., k, D) and the objective after each assignment (iters + 1, ...)."""
+    lead, (N, D) = rows.shape[:-2], rows.shape[-2:]
+    a = rows.reshape(-1, N, D).float()
+    M, k = a.shape[0], min(k, N)
+    ar = torch.arange(M, device=a.device)
+    neg_ent = (a * a.clamp_min(1e-8).log()).sum(-1, keepdim=True)  # (M, N, 1), once
+    u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).to(a.device)
+    # k-means++ under KL
+    first = (u[0] * N).long().clamp_max(N - 1).expand(M)
+    cent = a[ar, first][:, None]  # (M, 1, D)
+    for j in range(1, k):
+        d = _kl_to_centroids(a, neg_ent, cent).amin(-1).clamp_min(0) + 1e-12  # (M, N)
+        cdf = d.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u[j] * cdf[:, -1:]).contiguous()).clamp_max(N - 1)[:, 0]  # (M,)
+        cent = torch.cat([cent, a[ar, pick][:, None]], 1)  # (M, j + 1, D)
+    history = []
+    for it in range(iters + 1):
+        kl = _kl_to_centroids(a, neg_ent, cent)  # (M, N, k)
+        m = kl.argmin(-1)  # (M, N)
+        dist = kl.gather(-1, m[..., None])[..., 0]  # (M, N): each row's KL to its centroid
+        history.append(dist.sum(-1))
+        if it == iters:
+            break
+        onehot = F.one_hot(m, k).float()  # (M, N, k)
+        count = onehot.sum(1)  # (M, k)
+        cent = (onehot.transpose(1, 2) @ a) / count.clamp_min(1)[..., None]  # (M, k, D): member means
+        empty = count == 0
+        if empty.any():  # the e-th empty cluster of a map takes that map's e-th farthest row
+            far = dist.argsort(-1, descending=True)  # (M, N)
+            rank = (empty.cumsum(-1) - 1).clamp(0, N - 1)  # (M, k)
+            cent = torch.where(empty[..., None], a[ar[:, None], far.gather(-1, rank)], cent)
+    m = m.reshape(*lead, N)
+    if return_all:
+        return m, cent.reshape(*lead, k, D), torch.stack(history).reshape(iters + 1, *lead)
+    return m
+
+
+def acr_reliable(attn, assign, delta: float):
+    """DiCLIP Eqs. 5-6's reliable affinity: R = onehot(m) onehot(m)^T (R_ij = 1 iff tokens i, j share a cluster,
+    Eq. 5), A_hat = RowNorm(R * A * 1[A > delta]) with the diagonal always kept (a row left empty becomes e_i).
+    attn (B, N, N), assign (B, N) -> (B, N, N) row-stochastic."""
+    R = assign[..., :, None] == assign[..., None, :]  # (B, N, N) bool: Eq. 5
+    keep = R & (attn > delta)
+    eye = torch.eye(attn.shape[-1], dtype=torch.bool, device=attn.device)
+    a_hat = torch.where(keep | eye, attn, torch.zeros_like(attn))
+    s = a_hat.sum(-1, keepdim=True)
+    a_hat = torch.where(s > 0, a_hat / s.clamp_min(1e-30), eye.to(attn.dtype).expand_as(attn))  # all-zero row guard
+    return a_hat
+
+
+def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: str = "left", iters: int = 10,
+               seed: int = 0):
+    """DiCLIP ACR (§III-C.2, Eqs. 4-6; the paper text lost the formulas: Eqs. 4-5 read from its prose, 6 [I]):
+      m = KL-k-means(rows of A_sd)                                  (Eq. 4)
+      R = onehot(m) onehot(m)^T                                     (Eq. 5)
+      A_hat = RowNorm(R * A_sd * 1[A_sd > delta])                   (Eq. 6, reliable same-cluster relations)
+      A^(0) = A_sd,  A^(t) = A_hat A^(t-1),  t = 1..T               (Eq. 6, recursive propagation; "left")
+    Variants (switch `variant`, [I]): "recluster" re-clusters A^(t-1) each round (new R, A_hat still from A_sd);
+    "right" A^(t) = A^(t-1) A_hat; "sharpen" A^(t) = RowNorm(A^(t-1) * A_hat).
+    a_sd (B, N, N) row-stochastic -> (B, N, N) row-stochastic. rounds = 0 returns a_sd (ACR off)."""
+    if variant not in ACR_VARIANTS:
+        raise WSSSError(f"ACR variant {variant!r} is not one of {', '.join(ACR_VARIANTS)}")
+    a = a_sd.float()
+    if rounds == 0:
+        return a
+    a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
+    for t in range(rounds):
+        if variant == "recluster" and t > 0:  # [I]: R from clustering the current map; A_hat still masks A_sd
+            a_hat = acr_reliable(a_sd.float(), kl_kmeans(a, k, iters, seed), delta)
+        if variant in ("left", "recluster"):
+            a = a_hat @ a
+        elif variant == "right":
+            a = a @ a_hat
+        else:  # sharpen
+            a = a * a_hat
+            a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)  # the diagonal of A_hat keeps every row non-zero
+    return a
+
+
+# --- shared: the propagation matrix per --refine, PAR, label assembly ---
 
 def propagation_matrix(frozen: Frozen, attn_all, patch_emb, cfg: Config, S=None, dynamic=False):
     """The matrix A^t that refines the CAMs, per --refine (CD-CLIP Table 3 rows):
@@ -1260,114 +1389,7 @@ def cams_to_label(cams, img, cls, images, cfg: Config, use_par: bool = True, siz
     return cams_to_labels([(cams, img, cls)], images, cfg, use_par, size)[0]
 
 
-def cap_prototype_cams(cams_s, img, dino_feat, theta: float):
-    """CD-CLIP §4.4. Class-aware pooling (CAP): each super-class CAM, resized to the DINO grid and kept where
-    >= theta_cap, weights an average of the DINO tokens -> prototype f_n (L2-normalised); prototype CAM
-    M_p^n = ReLU(cos(f_n, F_d)). cams_s (R, h, w), img (R,), dino_feat (B, Dd, hd, wd) -> (R, hd, wd) in [0,1]."""
-    m = F.interpolate(cams_s[:, None], size=dino_feat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    m = m * (m >= theta)  # (R, hd, wd)
-    feats = dino_feat[img]  # (R, Dd, hd, wd)
-    # f_s^n = CAP(M_s^n * F_d): the mask-weighted average of the DINO tokens, L2-normalised
-    proto = F.normalize(torch.einsum("rhw,rdhw->rd", m, feats) / (m.sum((1, 2))[:, None] + 1e-5), dim=-1)
-    # M_p^n = ReLU(CosSim(f_s^n, F_d)); the tokens are unit vectors, so the dot product is the cosine
-    return torch.relu(torch.einsum("rd,rdhw->rhw", proto, feats))
-
-
-# --- DiCLIP ACR (§IV-C.2, Eqs. 4-6): cluster the SD attention rows, keep reliable same-cluster relations ---
-
-def _kl_to_centroids(rows, neg_ent, cent):
-    """KL(a_i || c_k) = sum_j a log a - sum_j a log c for rows (M, N, D), their sum_j a log a (M, N, 1) and
-    centroids (M, K, D) -> (M, N, K); 0 log 0 = 0, logs of values clamped at 1e-8."""
-    return neg_ent - rows @ cent.clamp_min(1e-8).log().transpose(-1, -2)
-
-
-def kl_kmeans(rows, k: int, iters: int = 10, seed: int = 0, return_all: bool = False):
-    """K-means of probability rows under the KL divergence (DiCLIP Eq. 4 [T], cites [52]; details [I]).
-    rows (..., N, D), each row a distribution (A_sd: D = N) -> assignments (..., N) int64 in [0, k).
-    Assignment m_i = argmin_k KL(a_i || c_k); update c_k = mean of its members (the exact minimiser for this
-    Bregman divergence, so the objective sum_i KL(a_i || c_{m_i}) never rises); probabilities clamped at 1e-8
-    before logs. Init: k-means++ under KL: the first centre is a row, each next centre a row drawn with probability
-    proportional to its KL to the nearest centre chosen so far. The draws are inverse-CDF lookups of k uniforms from
-    `seed`, shared by every map, so a map's clustering does not depend on its batch. An empty cluster is re-seeded
-    with the row farthest (KL) from its centroid. Vectorised over the leading dims; loops only over iterations.
-    return_all: also the centroids (..., k, D) and the objective after each assignment (iters + 1, ...)."""
-    lead, (N, D) = rows.shape[:-2], rows.shape[-2:]
-    a = rows.reshape(-1, N, D).float()
-    M, k = a.shape[0], min(k, N)
-    ar = torch.arange(M, device=a.device)
-    neg_ent = (a * a.clamp_min(1e-8).log()).sum(-1, keepdim=True)  # (M, N, 1), once
-    u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).to(a.device)
-    # k-means++ under KL
-    first = (u[0] * N).long().clamp_max(N - 1).expand(M)
-    cent = a[ar, first][:, None]  # (M, 1, D)
-    for j in range(1, k):
-        d = _kl_to_centroids(a, neg_ent, cent).amin(-1).clamp_min(0) + 1e-12  # (M, N)
-        cdf = d.cumsum(-1)
-        pick = torch.searchsorted(cdf, (u[j] * cdf[:, -1:]).contiguous()).clamp_max(N - 1)[:, 0]  # (M,)
-        cent = torch.cat([cent, a[ar, pick][:, None]], 1)  # (M, j + 1, D)
-    history = []
-    for it in range(iters + 1):
-        kl = _kl_to_centroids(a, neg_ent, cent)  # (M, N, k)
-        m = kl.argmin(-1)  # (M, N)
-        dist = kl.gather(-1, m[..., None])[..., 0]  # (M, N): each row's KL to its centroid
-        history.append(dist.sum(-1))
-        if it == iters:
-            break
-        onehot = F.one_hot(m, k).float()  # (M, N, k)
-        count = onehot.sum(1)  # (M, k)
-        cent = (onehot.transpose(1, 2) @ a) / count.clamp_min(1)[..., None]  # (M, k, D): member means
-        empty = count == 0
-        if empty.any():  # the e-th empty cluster of a map takes that map's e-th farthest row
-            far = dist.argsort(-1, descending=True)  # (M, N)
-            rank = (empty.cumsum(-1) - 1).clamp(0, N - 1)  # (M, k)
-            cent = torch.where(empty[..., None], a[ar[:, None], far.gather(-1, rank)], cent)
-    m = m.reshape(*lead, N)
-    if return_all:
-        return m, cent.reshape(*lead, k, D), torch.stack(history).reshape(iters + 1, *lead)
-    return m
-
-
-def acr_reliable(attn, assign, delta: float):
-    """DiCLIP Eqs. 5-6's reliable affinity: R = onehot(m) onehot(m)^T (R_ij = 1 iff tokens i, j share a cluster,
-    Eq. 5), A_hat = RowNorm(R * A * 1[A > delta]) with the diagonal always kept (a row left empty becomes e_i).
-    attn (B, N, N), assign (B, N) -> (B, N, N) row-stochastic."""
-    R = assign[..., :, None] == assign[..., None, :]  # (B, N, N) bool: Eq. 5
-    keep = R & (attn > delta)
-    eye = torch.eye(attn.shape[-1], dtype=torch.bool, device=attn.device)
-    a_hat = torch.where(keep | eye, attn, torch.zeros_like(attn))
-    s = a_hat.sum(-1, keepdim=True)
-    a_hat = torch.where(s > 0, a_hat / s.clamp_min(1e-30), eye.to(attn.dtype).expand_as(attn))  # all-zero row guard
-    return a_hat
-
-
-def acr_refine(a_sd, k: int = 9, delta: float = 5e-4, rounds: int = 3, variant: str = "left", iters: int = 10,
-               seed: int = 0):
-    """DiCLIP ACR (§III-C.2, Eqs. 4-6; the paper text lost the formulas: Eqs. 4-5 read from its prose, 6 [I]):
-      m = KL-k-means(rows of A_sd)                                  (Eq. 4)
-      R = onehot(m) onehot(m)^T                                     (Eq. 5)
-      A_hat = RowNorm(R * A_sd * 1[A_sd > delta])                   (Eq. 6, reliable same-cluster relations)
-      A^(0) = A_sd,  A^(t) = A_hat A^(t-1),  t = 1..T               (Eq. 6, recursive propagation; "left")
-    Variants (switch `variant`, [I]): "recluster" re-clusters A^(t-1) each round (new R, A_hat still from A_sd);
-    "right" A^(t) = A^(t-1) A_hat; "sharpen" A^(t) = RowNorm(A^(t-1) * A_hat).
-    a_sd (B, N, N) row-stochastic -> (B, N, N) row-stochastic. rounds = 0 returns a_sd (ACR off)."""
-    if variant not in ACR_VARIANTS:
-        raise WSSSError(f"ACR variant {variant!r} is not one of {', '.join(ACR_VARIANTS)}")
-    a = a_sd.float()
-    if rounds == 0:
-        return a
-    a_hat = acr_reliable(a, kl_kmeans(a, k, iters, seed), delta)
-    for t in range(rounds):
-        if variant == "recluster" and t > 0:  # [I]: R from clustering the current map; A_hat still masks A_sd
-            a_hat = acr_reliable(a_sd.float(), kl_kmeans(a, k, iters, seed), delta)
-        if variant in ("left", "recluster"):
-            a = a_hat @ a
-        elif variant == "right":
-            a = a @ a_hat
-        else:  # sharpen
-            a = a * a_hat
-            a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)  # the diagonal of A_hat keeps every row non-zero
-    return a
-
+# --- the frozen pass of a batch, then the whole label path of a batch ---
 
 def vce_attention(frozen, images, cfg: Config, grid):
     """DiCLIP §4.1-4.2: A_sd of the crops (sd_self_attention), refined by ACR (acr_rounds = 0: A_sd itself)."""
@@ -1464,6 +1486,8 @@ def _make_pseudo_labels(frozen, out, images, labels, cfg, S, dynamic, with_super
 # I.7 Caches: DiCLIP's TSA key-value cache (Eqs. 2, 8-13): retrieval, the dynamic adapter, building {K, V}
 # ----------------------------------------------------------------------------------------------------
 
+# --- DiCLIP TSA retrieval (Eqs. 2, 11) and the dynamic adapter (Eqs. 12-13) ---
+
 def cache_activation(x, beta: float):
     """Tip-Adapter's activation phi(x) = exp(-beta (1 - x)) on cosine similarities (DiCLIP Eq. 2): phi(1) = 1."""
     return torch.exp(-beta * (1 - x))
@@ -1526,6 +1550,8 @@ def cache_features(tokens):
     (B, N, E); keys and queries use the same function."""
     return F.normalize(tokens[:, 1:].float(), dim=-1)
 
+
+# --- DiCLIP TSA offline phase (§III-D.1, Eqs. 8-10): pooled features, keys and values ---
 
 def patch_coverage(label_map, cls, grid):
     """Fraction of each patch covered by class cls[b]: (B, H, W) label maps, (B,) class ids -> (B, N) in [0, 1], by
@@ -1641,6 +1667,8 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# --- ExCEL LVC (Eqs. 8-9): the adapter's relation R ---
+
 def lvc_relation(fd, alpha: float = 3.0, beta: float = 1.0, mean: str = "batch"):
     """ExCEL's relation matrix (LVC, Eqs. 8-9; alpha 3, beta 1: Supp. §1): R = alpha (cos(F_d) - beta mean cos(F_d)),
     the cosine between the adapter's per-token features. The mean is ONE scalar over the whole batch and all pairs, as
@@ -1661,6 +1689,8 @@ def lvc_bias(R):
     eye = torch.eye(R.shape[-1], dtype=torch.bool, device=R.device)
     return R.float().masked_fill((R < 0) & ~eye, float("-inf")).softmax(-1)
 
+
+# --- shared: the decoder (WeCLIP), built per method ---
 
 class SegDecoder(nn.Module):
     """WeCLIP decoder. Fuse head: per-block MLP (D -> dim -> dim) over the patch tokens of CLIP blocks
@@ -1773,6 +1803,8 @@ def affinity_loss(pred, target):
     pos, neg = (target == 1).float(), (target == 0).float()
     return 0.5 * ((1 - pred) * pos).sum() / (pos.sum() + 1) + 0.5 * (pred * neg).sum() / (neg.sum() + 1)
 
+
+# --- CD-CLIP SBE: the gated super-class Dice loss L_b ---
 
 def super_probs(logits, super_of, num_super: int, size):
     """CD-CLIP §4.7: decoder class probabilities summed per super-class (background stays channel 0).
@@ -2884,8 +2916,6 @@ def build_dino(cfg: Config, device):
     return model.to(device).eval().requires_grad_(False)
 
 
-# --- Stable Diffusion (DiCLIP §4.1): frozen VAE + UNet + text encoder; self-attention of the UNet decoder ---
-
 # The tiny pipeline of --tiny: the same diffusers/transformers classes as SD 2.1, small. The VAE keeps SD's
 # downsampling factor 8 (four encoder blocks); the UNet has SD's layout of cross-attention down/up blocks, so its
 # decoder (up_blocks.1 and .2) holds attn1 self-attention layers at two resolutions.
@@ -3157,8 +3187,6 @@ def _read_bank(path, what: str):
 # ----------------------------------------------------------------------------------------------------
 # II.6 DiCLIP's TSA cache on disk: generated images, the resumable build, the manifest
 # ----------------------------------------------------------------------------------------------------
-
-# --- the TSA cache build (DiCLIP §III-D offline phase): single-class images -> pseudo masks -> MAP -> K-means ---
 
 TSA_FORMAT = "wsss-diclip-tsa-cache-v1"
 
