@@ -23,8 +23,7 @@ How to read it. Part I (the methods) comes first, in the order the data flows: c
 encoders -> CAMs -> refinements -> caches -> decoder -> losses -> evaluation -> the training step. Part II (the
 harness: command line, files, caches on disk, run folders, DDP, the demo, bench) comes after a banner; nothing in
 it changes a pseudo-label. Part I reaches Part II only through a few named functions: load_assets (the models),
-read_split / scan_labels / load_rgb / load_mask (the files), attribute_bank (ExCEL's bank file or its cache),
-ensure_tsa_cache (DiCLIP's cache on disk) and agree (DDP ranks agreeing that a step worked).
+read_split, scan_labels, load_rgb, load_mask (the files), ensure_tsa_cache (DiCLIP's cache on disk), agree (DDP).
 Reading map, the functions of each method in the order to visit them:
   weclip  METHODS, MethodConfig, augment, SegDataset, Frozen, encode_texts, clip_image_forward, run_block,
           cam_rows, gradcam, rfm_weights, sinkhorn_symmetrize, transition_matrix, box_mask, propagation_matrix,
@@ -244,9 +243,8 @@ def setting(default, affects: Affects = Affects.NOTHING):
 
 @dataclass
 class MethodConfig:
-    """Every setting of the four methods, with the defaults of the paper or the official code. Presets: DATASETS
-    (per dataset), METHODS (per method). Part II's Config adds the harness's settings (folders, devices, logging,
-    the demo); the command line is generated from both (`--crop-size 448` sets crop_size)."""
+    """Every setting of the four methods (defaults: paper or official code; presets: DATASETS, METHODS). Part II's
+    Config adds the harness's; the command line is generated from both (`--crop-size 448` sets crop_size)."""
     # --- run ---
     method: str = setting("weclip", RUN)  # one of METHODS: weclip | cdclip | excel | diclip
     dataset: str = setting("voc", LABELS | IMAGES | MODEL)  # one of DATASETS: voc | coco | synthetic
@@ -520,12 +518,10 @@ class EpochSampler:
 # ----------------------------------------------------------------------------------------------------
 
 class Frozen:
-    """Everything frozen for one run: CLIP and its text bank, DINOv2 (CD-CLIP's SBE), Stable Diffusion and the TSA
-    cache (DiCLIP). The models come from Part II (load_assets: the real checkpoints, the tiny test models or the
-    demo's planted one); the text bank is built here.
-    texts: (T, E) unit rows [C foreground prompts; Ns super-class prompts; Nb background prompts] (WeCLIP's
-    template); super_of: class id (1..C) -> super-class id (1..Ns), 0 -> 0; cam_texts (patch-text CAMs only):
-    [C foreground texts, TSE-enriched for ExCEL; Nb background texts]."""
+    """Everything frozen for one run: CLIP, DINOv2 (CD-CLIP's SBE), Stable Diffusion and the TSA cache (DiCLIP), from
+    Part II's load_assets; the text bank, built here: texts (T, E) unit rows [C class prompts; Ns super-class
+    prompts; Nb background prompts] (WeCLIP's template); super_of: class id (1..C) -> super-class id, 0 -> 0;
+    cam_texts (patch-text CAMs): [C foreground texts, TSE-enriched for ExCEL; Nb background texts]."""
 
     def __init__(self, cfg: Config, device, need_dino: bool = None):
         info = DATASETS[cfg.dataset]
