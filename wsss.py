@@ -533,9 +533,7 @@ class Frozen:
         self.num_blocks = len(self.clip.visual.transformer.resblocks)
         supers = info["superclasses"][cfg.superclasses]
         self.num_fg, self.num_super = len(info["classes"]) - 1, len(supers)
-        index = {name: i + 1 for i, name in enumerate(supers)}
-        owner = {c: index[s] for s, members in supers.items() for c in members}
-        self.super_of = torch.tensor([0] + [owner[c] for c in info["classes"][1:]], device=device)
+        self.super_of = super_class_of(cfg).to(device)
         prompts = info["prompts"] + list(supers) + info["bg_prompts"]
         self.texts = assets["texts"] if assets["texts"] is not None else \
             encode_texts(self.clip, self.tokenizer, prompts, cfg.template, device)  # (T, E)
@@ -934,6 +932,15 @@ def first_row_of_image(img, B: int):
     first.scatter_reduce_(0, img, torch.arange(len(img), device=img.device), reduce="amin", include_self=False)
     assert (first >= 0).all(), "every image needs at least one GradCAM row (a foreground class)"
     return first
+
+
+def super_class_of(cfg: Config):
+    """CD-CLIP's super-class map of the chosen table: class id (1..C) -> super-class id (1..Ns), 0 -> 0. (C+1,)"""
+    info = DATASETS[cfg.dataset]
+    supers = info["superclasses"][cfg.superclasses]
+    index = {name: i + 1 for i, name in enumerate(supers)}
+    owner = {c: index[s] for s, members in supers.items() for c in members}
+    return torch.tensor([0] + [owner[c] for c in info["classes"][1:]])
 
 
 # --- ExCEL TSE: class texts enriched by clustered attribute sentences ---
@@ -3007,10 +3014,7 @@ def load_assets(cfg: Config, device, need_dino: bool = None) -> dict:
     texts = None
     if planted:  # a lookup table, not encoded prompts: class c -> axis c, background prompts -> axis 0
         supers = info["superclasses"][cfg.superclasses]
-        index = {name: i + 1 for i, name in enumerate(supers)}
-        owner = {c: index[s] for s, members in supers.items() for c in members}
-        super_of = torch.tensor([0] + [owner[c] for c in info["classes"][1:]])
-        texts = planted_texts(len(info["classes"]) - 1, len(supers), super_of, len(info["bg_prompts"]),
+        texts = planted_texts(len(info["classes"]) - 1, len(supers), super_class_of(cfg), len(info["bg_prompts"]),
                               clip.text_projection.shape[1]).to(device)
     need_dino = cfg.lambda_b > 0 if need_dino is None else need_dino
     dino = (planted_dino(PLANTED["patch"]).to(device) if planted else build_dino(cfg, device)) if need_dino else None
