@@ -198,16 +198,19 @@ METHODS = {
     # DiCLIP (no public code; run from ExCEL's code base): ACR-refined SD attention added to the standard q-k map
     # of the last 3 calibrated blocks (VCE) -> patch-text CAM M_p; TSA cache: M_st = M_p + 0.5 N(static
     # retrieval) -> Y_st trains the adapter (L_dyn), M_dt = M_p + 0.5 N(adapter) -> Y_dt trains the decoder on the
-    # RAW CLIP features; CAA + PAR as ExCEL. Schedule from the logs [L]; gating at 47 % of training and the self-
-    # target switch at 80 % are ExCEL's proportions [I]. lr: decoder 2e-3 (2e-4 x10 group), adapter 2e-4 [I].
+    # RAW CLIP features; CAA + PAR as ExCEL. Schedule from the logs [L]; VOC: gating at 47 % of training and the
+    # self-target switch at 80 %, ExCEL's VOC proportions [I]; COCO: ExCEL's COCO values below [I].
+    # lr: decoder 2e-3 (2e-4 x10 group), adapter 2e-4 [I].
     "diclip": dict(cam="text", svc_attn="qk", svc_heads="sum", tse="off", lvc=False, vce=True, tsa="dynamic",
                    relation="cos", refine="rfm", attn_layers=6, rfm_dynamic_layers=6, rfm_dynamic_after=9300,
                    box_threshold=0.79, val_box_threshold=0.75, lambda_aff=0.1, aff_self_after=16000, lambda_b=0.0,
                    lr=2e-3, adapter_lr=2e-4, warmup_steps=50, max_steps=20000, seed=0, eval_resize="square",
                    eval_long_side=320, eval_scales=(0.7, 1.0, 1.2, 1.5), eval_flip_at_1=True,
                    crf_pos_xy=1.0, crf_pos_w=3.0, crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0,
-                   coco=dict(max_steps=100000, lr=1e-3, adapter_lr=1e-4, warmup_steps=200, rfm_dynamic_after=47000,
-                             aff_self_after=0, cache_per_class=5),
+                   # COCO: ExCEL's COCO gating step (30k of 100k) and CAA box threshold (0.88): DiCLIP runs from
+                   # ExCEL's code base and its COCO values are lost [I]
+                   coco=dict(max_steps=100000, lr=1e-3, adapter_lr=1e-4, warmup_steps=200, rfm_dynamic_after=30000,
+                             box_threshold=0.88, aff_self_after=0, cache_per_class=5),
                    # the synthetic world: cache images from its renderer (a labelled stand-in for SD generation),
                    # SD's attention pass at the images' own 64 px, a cache sized to 6 classes x 10 images [I]
                    synthetic=dict(cache_source="synthetic", cache_images_per_class=10, cache_image_size=64,
@@ -290,7 +293,7 @@ class MethodConfig:
     svc_heads: str = setting("sum", LABELS)  # calibrated map's heads: sum (code: rows sum to H) | mean [code≠paper]
     svc_norm: str = setting("tokens", LABELS)  # L2 norm: tokens (code: per channel over tokens) | channels [code≠paper]
     caa_attn_mix: str = setting("upstream", LABELS)  # CAA maps: upstream (1 head-mean + 5 head-sum blocks) | mean
-    tse: str = setting("on", LABELS)    # text semantic enrichment: on | off (template only: the "Global" ablation)
+    tse: str = setting("on", LABELS)  # TSE: on (ExCEL's bank/descriptions) | builtin (own sentences) | off ("Global")
     tse_keep: float = setting(0.9, LABELS)  # K_r: share of the attribute centroids kept per class (0.9: top 90 percent)
     tse_lambda: float = setting(1.0, LABELS)  # lambda: weight of the attribute sum (ExCEL hard-codes 1)
     tse_clusters: int = setting(0, LABELS)  # B attribute centroids (VOC 112, COCO 224); 0: ExCEL's sentences/B ratio
@@ -519,14 +522,15 @@ class EpochSampler:
 
 class Frozen:
     """Everything frozen for one run: CLIP, DINOv2 (CD-CLIP's SBE), Stable Diffusion and the TSA cache (DiCLIP), from
-    Part II's load_assets; the text bank, built here: texts (T, E) unit rows [C class prompts; Ns super-class
+    Part II's load_assets (label_path=False: CLIP alone, for the decoder at test time; tsa_cache=False: the caller
+    supplies `tsa`); the text bank, built here: texts (T, E) unit rows [C class prompts; Ns super-class
     prompts; Nb background prompts] (WeCLIP's template); super_of: class id (1..C) -> super-class id, 0 -> 0;
     cam_texts (patch-text CAMs): [C foreground texts, TSE-enriched for ExCEL; Nb background texts]."""
 
-    def __init__(self, cfg: Config, device, need_dino: bool = None):
+    def __init__(self, cfg: Config, device, need_dino: bool = None, label_path: bool = True, tsa_cache: bool = True):
         info = DATASETS[cfg.dataset]
-        self.cfg, self.device = cfg, device
-        assets = load_assets(cfg, device, need_dino)  # Part II: checkpoints, hub, tiny or planted models, files
+        self.cfg, self.device, self.label_path = cfg, device, label_path
+        assets = load_assets(cfg, device, need_dino, label_path, tsa_cache)  # Part II: hub, tiny/planted models, files
         self.clip, self.tokenizer = assets["clip"], assets["tokenizer"]
         self.dino, self.sd = assets["dino"], assets["sd"]
         self.patch = self.clip.visual.conv1.kernel_size[0]
@@ -543,7 +547,8 @@ class Frozen:
                 self.attr_centroids, self.attr_flags = assets["attr_bank"]
                 fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
             self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
-        self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" else None  # DiCLIP: {K, V} (Part II)
+        # DiCLIP: {K, V} (Part II); not loaded for the decoder alone, and supplied by the caller without tsa_cache
+        self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" and label_path and tsa_cache else None
 
 
 # --- shared: the text bank (WeCLIP's zeroshot_classifier) and the CLIP image pass ---
@@ -743,10 +748,12 @@ def attn_blocks_needed(cfg: Config, num_blocks: int) -> int:
 def calib_spec(cfg: Config, bias=None):
     """The calibrated path a method asks of clip_image_forward (None: GradCAM methods, no calibrated path):
     ExCEL's SVC in the last svc_layers blocks; DiCLIP's VCE in the last vce_layers blocks with `bias` (its
-    ACR attention) fused into each head's map inside the blocks."""
+    ACR attention) fused into each head's map inside the blocks. DiCLIP's path (the standard q-k map, svc_attn
+    "qk") keeps its vce_layers blocks without VCE too, so --no-vce removes the SD map and nothing else (the
+    "w/o VCE" rows of Tables IV/VI) [I]."""
     if cfg.cam != "text":
         return None
-    n = cfg.vce_layers if cfg.vce else cfg.svc_layers
+    n = cfg.vce_layers if cfg.vce or cfg.svc_attn == "qk" else cfg.svc_layers
     return dict(n=n, attn=cfg.svc_attn, heads=cfg.svc_heads, bias=bias, weight=cfg.vce_weight, fusion=cfg.vce_fusion)
 
 
@@ -1740,12 +1747,14 @@ class SegDecoder(nn.Module):
 
 
 def build_decoder(cfg: Config, frozen: Frozen):
-    """WeCLIP/CD-CLIP: on blocks 1..L-1 (the last block's tokens are GradCAM's). ExCEL: on all L blocks."""
+    """WeCLIP/CD-CLIP: on blocks 1..L-1 (the last block's tokens are GradCAM's). ExCEL: on all L blocks. DiCLIP
+    adds its cache adapter when the cache is loaded (training, label path)."""
     width = frozen.clip.visual.conv1.out_channels
     n_feats = frozen.num_blocks if cfg.cam == "text" else frozen.num_blocks - 1
     dec = SegDecoder(width, n_feats, frozen.num_fg + 1, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, cfg.dec_mlp,
                      cfg.dec_dropout, cfg.relation, cfg.lvc_alpha, cfg.lvc_beta, cfg.lvc_mean)
-    if cfg.tsa == "dynamic":  # DiCLIP's adapter, initialised from the cache (Eq. 12)
+    if cfg.tsa == "dynamic" and frozen.tsa is not None:  # DiCLIP's adapter, initialised from the cache (Eq. 12);
+        # at test time (no cache loaded) the decoder is built alone: the adapter only makes training labels
         dec.cache_adapter = CacheAdapter(frozen.tsa["keys"], frozen.tsa["values"], cfg.cache_prompts, cfg.cache_beta,
                                          seed=cfg.seed)
     return dec
@@ -1962,11 +1971,14 @@ def oracle_affinity(gt, grid, num_classes: int):
     return (same / same.sum(1, keepdim=True))[None]
 
 
-def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None, gt=None) -> dict:
+def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None, gt=None,
+                   lvc_cam: bool = False) -> dict:
     """Pseudo-labels of one full image at its GT size, from the image-level labels: raw CAM, after the
     method's refinement, after PAR (the last is what training uses); plus a CAM heat-map for overlays.
-    With a decoder, RFM runs in its dynamic mode with the decoder affinity, ExCEL's CAM is the dynamic one
-    and its box threshold the validation one (upstream's val mode)."""
+    With a decoder, RFM runs in its dynamic mode with the decoder affinity (ExCEL: the sigmoid(R)-gated CAA)
+    and the box threshold is the validation one. ExCEL's CAM stays the STATIC one, as upstream's in-training
+    validation computes it (validatation_engine: no ex_feats), unless `lvc_cam` (its infer_lam with a trained
+    model, `cams --ckpt`: the dynamic LVC CAM). DiCLIP's M_dt reads the adapter's Z in both [I]."""
     size = image.shape[-2:]
     x = test_resize(image, cfg, 1.0, frozen.patch)
     bias = None
@@ -1976,7 +1988,7 @@ def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None, gt=
         S = R = None
         if decoder is not None:
             _, S, R, Z = head_outputs(decoder, out, frozen, cfg)
-            bias = lvc_bias(R) if cfg.lvc else None
+            bias = lvc_bias(R) if cfg.lvc and lvc_cam else None
             if cfg.val_box_threshold:
                 cfg = dataclasses.replace(cfg, box_threshold=cfg.val_box_threshold)
     res = make_pseudo_labels(frozen, out, x, labels, cfg, S=S, dynamic=decoder is not None, with_super=False,
@@ -2135,7 +2147,7 @@ class Config(MethodConfig):
     num_workers: int = 2                # DataLoader workers (WeCLIP: 10)
     # --- method inputs from files ---
     attr_bank: str = setting("", LABELS)  # ExCEL's attribute bank .pth [centroids (E x B), flags (C x B)]
-    descriptions: str = setting("", LABELS)  # ExCEL's description JSON {class: [sentences]}; default: built-in
+    descriptions: str = setting("", LABELS)  # ExCEL's description JSON {class: [sentences]} (or --attr-bank)
     cache_source: str = setting("sd", LABELS | IMAGES)  # DiCLIP cache images: sd | synthetic (the demo's stand-in)
     # --- evaluation / logging ---
     eval_every: int = 2000              # validate every n steps (0: only at the end)
@@ -2282,7 +2294,7 @@ def _is_int(v) -> bool:
 CHOICES = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=("imagenet", "clip"),
                amp=("auto", "bf16", "fp16", "off"), cda_minmax=("patch", "text"), cam=("gradcam", "text"),
                cam_sim=("surgery", "cosine"), svc_attn=("intra", "qk"), svc_heads=("sum", "mean"),
-               svc_norm=("tokens", "channels"), caa_attn_mix=("upstream", "mean"), tse=("on", "off"),
+               svc_norm=("tokens", "channels"), caa_attn_mix=("upstream", "mean"), tse=("on", "builtin", "off"),
                relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"),
                tsa=("off", "static", "dynamic"), demo_model=("toy", "planted"), acr_variant=ACR_VARIANTS,
                vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"))
@@ -2357,6 +2369,23 @@ def validate_config(cfg: Config):
         raise WSSSError(f"need 0 < --scale-min <= --scale-max, got {cfg.scale_min}, {cfg.scale_max}")
     if not (0 < cfg.tse_keep <= 1):  # K_r = 0 would keep nothing; upstream's K_r = 1 gave NaN (fixed below)
         raise WSSSError(f"--tse-keep (K_r) must be in (0, 1], got {cfg.tse_keep}")
+    if cfg.cam == "text" and cfg.tse != "off":  # ExCEL's TSE inputs, checked before any work
+        for name in ("attr_bank", "descriptions"):
+            if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
+                raise WSSSError(f"{_flag(name)} file not found: {getattr(cfg, name)}")
+        given = cfg.attr_bank or cfg.descriptions
+        if cfg.tse == "builtin" and given:
+            raise WSSSError("--tse builtin uses wsss.py's own sentences: drop --attr-bank/--descriptions, or use "
+                            "--tse on to use them")
+        if cfg.tse == "builtin" and cfg.dataset not in BUILTIN_DESCRIPTIONS:
+            raise WSSSError(f"--tse builtin: wsss.py has no sentences for {cfg.dataset}; give ExCEL's --attr-bank "
+                            f"FILE or --descriptions FILE (see data.md)")
+        if cfg.tse == "on" and not given and cfg.dataset in ("voc", "coco") and not cfg.tiny \
+                and cfg.clip_pretrained != "random":
+            raise WSSSError(f"ExCEL's TSE on {cfg.dataset} uses ExCEL's GPT-4 attribute bank: pass --attr-bank FILE "
+                            f"(its attributes_text/*_embedding_bank.pth) or --descriptions FILE (its JSON); see "
+                            f"data.md. --tse builtin uses wsss.py's own sentences instead (not the paper's), "
+                            f"--tse off none")
     if cfg.lvc and cfg.relation != "cos":
         raise WSSSError("--lvc needs --relation cos (the bias is softmax of ExCEL's relation R)")
     if cfg.lvc and cfg.cam != "text":
@@ -2992,12 +3021,15 @@ def build_sd(cfg: Config, device) -> SDParts:
     parts = [m.to(device).eval().requires_grad_(False) for m in (vae, unet, text_encoder)]
     return SDParts(*parts[:2], scheduler, tokenizer, parts[2], device)
 
-def load_assets(cfg: Config, device, need_dino: bool = None) -> dict:
+def load_assets(cfg: Config, device, need_dino: bool = None, label_path: bool = True,
+                tsa_cache: bool = True) -> dict:
     """The frozen models and inputs a run needs, for Frozen: CLIP and its tokenizer (the real checkpoint, the tiny
     test model or, with --demo-model planted, the demo's hand-set model and its lookup-table text bank), DINOv2
     when CD-CLIP's SBE trains (or `need_dino`), Stable Diffusion when DiCLIP's VCE or its SD cache needs it, and
-    ExCEL's attribute bank when TSE is on. -> dict(clip, tokenizer, texts (None: encode the prompts), dino, sd,
-    attr_bank (None or (centroids (E, B), flags (C, B))))."""
+    ExCEL's attribute bank when TSE is on. Without `label_path` (eval: test time is the decoder alone) only CLIP;
+    without `tsa_cache` no SD for DiCLIP's cache images (VCE's online SD pass still loads it).
+    -> dict(clip, tokenizer, texts (None: encode the prompts), dino, sd, attr_bank (None or (centroids (E, B),
+    flags (C, B))))."""
     info = DATASETS[cfg.dataset]
     planted = cfg.demo_model == "planted"  # the hand-set CLIP of the demo (see planted_clip)
     if planted:
@@ -3016,12 +3048,12 @@ def load_assets(cfg: Config, device, need_dino: bool = None) -> dict:
         supers = info["superclasses"][cfg.superclasses]
         texts = planted_texts(len(info["classes"]) - 1, len(supers), super_class_of(cfg), len(info["bg_prompts"]),
                               clip.text_projection.shape[1]).to(device)
-    need_dino = cfg.lambda_b > 0 if need_dino is None else need_dino
+    need_dino = (cfg.lambda_b > 0 if need_dino is None else need_dino) and label_path
     dino = (planted_dino(PLANTED["patch"]).to(device) if planted else build_dino(cfg, device)) if need_dino else None
     # the planted text side knows no attributes: TSE is skipped with it
-    bank = attribute_bank(clip, tokenizer, cfg, device) if cfg.cam == "text" and cfg.tse == "on" and not planted \
-        else None
-    need_sd = cfg.vce or (cfg.tsa != "off" and cfg.cache_source == "sd")
+    bank = attribute_bank(clip, tokenizer, cfg, device) if label_path and cfg.cam == "text" and cfg.tse != "off" \
+        and not planted else None
+    need_sd = label_path and (cfg.vce or (cfg.tsa != "off" and cfg.cache_source == "sd" and tsa_cache))
     sd = build_sd(cfg, device) if need_sd else None  # DiCLIP: frozen Stable Diffusion
     return dict(clip=clip, tokenizer=tokenizer, texts=texts, dino=dino, sd=sd, attr_bank=bank)
 
@@ -3095,10 +3127,11 @@ BUILTIN_DESCRIPTIONS = {
 
 
 def description_sentences(cfg: Config) -> dict:
-    """{class name: [sentence, ...]} for TSE, from --descriptions (ExCEL's JSON) or wsss.py's own sentences.
+    """{class name: [sentence, ...]} for TSE, from --descriptions (ExCEL's JSON) or wsss.py's own sentences
+    (--tse builtin; the synthetic world's default).
     Every bad file is one clear line: missing, not JSON, not {class: [strings]}, unknown or missing classes."""
     classes = DATASETS[cfg.dataset]["classes"][1:]
-    if not cfg.descriptions:
+    if not cfg.descriptions:  # --tse builtin, or the synthetic world (validate_config refuses VOC/COCO without it)
         if cfg.dataset not in BUILTIN_DESCRIPTIONS:
             raise WSSSError(f"TSE on {cfg.dataset} needs --descriptions FILE (ExCEL's JSON; see data.md) or "
                             f"--attr-bank FILE, or --tse off")
@@ -3674,8 +3707,8 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
         if cams or want_vis:
             has_fg = bool(item["label"].any())  # no foreground: the pseudo-label is all background
             pl = label_variants(frozen, image, item["label"][None].to(device), cfg,
-                                decoder if decoder is not None else label_decoder,
-                                gt=gt if oracle else None) if has_fg else {}
+                                decoder if decoder is not None else label_decoder, gt=gt if oracle else None,
+                                lvc_cam=decoder is None) if has_fg else {}
             for name in names:
                 if name != "decoder":
                     conf[name] += confusion_matrix(pl[name][0] if has_fg else torch.zeros_like(gt), gt, K)
@@ -4410,9 +4443,13 @@ def cmd_eval(cfg: Config):
     device = setup_distributed(cfg)  # under torchrun the images are sharded and the counts summed
     ckpt = load_checkpoint(cfg.ckpt, cfg)
     dataset = SegDataset(cfg, cfg.val_split, train=False)
-    frozen = Frozen(cfg, device, need_dino=False)  # inference is decoder only
+    # test time is CLIP + the decoder alone (no DINOv2, SD, attribute bank or DiCLIP cache); the overlays of
+    # --save-vis draw the pseudo-label too, which needs the method's label path
+    frozen = Frozen(cfg, device, need_dino=False, label_path=bool(cfg.save_vis))
     decoder = build_decoder(cfg, frozen).to(device)
-    decoder.load_state_dict(ckpt["decoder"])
+    state = ckpt["decoder"] if decoder.cache_adapter is not None else \
+        {k: v for k, v in ckpt["decoder"].items() if not k.startswith("cache_adapter.")}  # a training-time module
+    decoder.load_state_dict(state)
     res = evaluate(decoder, frozen, dataset, cfg, device)
     title = (f"{cfg.ckpt} (step {ckpt['step']}) on {cfg.dataset} {cfg.val_split}, scales {cfg.eval_scales}, "
              f"flip {cfg.eval_flip}, crf {cfg.crf}")
