@@ -556,16 +556,26 @@ def test_superclass_tables_partition_the_classes(name):
 
 
 def test_excel_preset_and_bad_inputs(synth_root, cache_dir, tmp_path):
-    cfg = wsss.make_config(method="excel")
+    # with real CLIP weights on VOC/COCO, TSE's default input is ExCEL's own bank: without a file, one line up front
+    for dataset in ("voc", "coco"):
+        with pytest.raises(wsss.WSSSError, match=r"--attr-bank FILE.*--tse builtin"):
+            wsss.make_config(method="excel", dataset=dataset)
+    with pytest.raises(wsss.WSSSError, match="no sentences for coco"):
+        wsss.make_config(method="excel", dataset="coco", tse="builtin")
+    with pytest.raises(wsss.WSSSError, match="--tse builtin uses wsss.py's own sentences"):
+        wsss.make_config(method="excel", tse="builtin", descriptions=__file__)
+    assert wsss.make_config(method="excel", tse="off").tse == "off"
+    assert wsss.make_config(method="excel", clip_pretrained="random").tse == "on"  # random weights: a shape run
+    cfg = wsss.make_config(method="excel", tse="builtin")
     assert (cfg.cam, cfg.refine, cfg.box_threshold, cfg.val_box_threshold, cfg.lr, cfg.rfm_dynamic_after,
             cfg.aff_self_after, cfg.attn_layers, cfg.svc_layers, cfg.lambda_aff, cfg.seed) == \
         ("text", "rfm", 0.79, 0.75, 1e-3, 14000, 24000, 6, 5, 0.1, 0)
-    coco = wsss.make_config(method="excel", dataset="coco")
+    coco = wsss.make_config(method="excel", dataset="coco", tse="off")
     assert (coco.box_threshold, coco.rfm_dynamic_after, coco.aff_self_after, coco.warmup_steps, coco.max_steps) == \
         (0.88, 30000, 0, 200, 100000)
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(wsss.WSSSError, match="tse-keep"):
-            wsss.make_config(method="excel", tse_keep=bad)
+            wsss.make_config(method="excel", tse="builtin", tse_keep=bad)
     base = dict(method="excel")
 
     def bank_error(**kw):
@@ -574,7 +584,9 @@ def test_excel_preset_and_bad_inputs(synth_root, cache_dir, tmp_path):
             wsss.attribute_bank(None, None, c, CPU) if "attr_bank" in kw else wsss.description_sentences(c)
         return str(e.value)
 
-    assert "not found" in bank_error(descriptions=str(tmp_path / "none.json"))
+    for name in ("descriptions", "attr_bank"):  # a missing file is found by validate_config, before any work
+        with pytest.raises(wsss.WSSSError, match=f"--{name.replace('_', '-')} file not found"):
+            synth_cfg(synth_root, cache_dir, **base, **{name: str(tmp_path / "none.json")})
     (tmp_path / "bad.json").write_text("{not json")
     assert "is not a JSON file" in bank_error(descriptions=str(tmp_path / "bad.json"))
     (tmp_path / "shape.json").write_text(json.dumps({"red circle": "round"}))
@@ -594,7 +606,7 @@ def test_excel_preset_and_bad_inputs(synth_root, cache_dir, tmp_path):
     with pytest.raises(wsss.WSSSError, match="is not an attribute bank"):
         wsss.attribute_bank(FakeClip(), None, c, CPU)
     with pytest.raises(wsss.WSSSError, match="needs --descriptions"):
-        wsss.description_sentences(wsss.make_config(method="excel", dataset="coco"))
+        wsss.description_sentences(wsss.make_config(method="excel", dataset="coco", clip_pretrained="random"))
     with pytest.raises(wsss.WSSSError, match="at least B = 40"):
         Fz = wsss.Frozen(synth_cfg(synth_root, cache_dir, **base, tse_clusters=40), CPU)
 
@@ -1630,10 +1642,13 @@ def test_cap_threshold_keeps_values_at_and_above_theta():
 def test_caa_maps_mix_head_sums_as_upstream(synth_root, cache_dir):
     cfg = synth_cfg(synth_root, cache_dir, method="excel")
     attn = torch.rand(1, 6, 4, 4)
-    out = dict(attn=attn, n_calib=5, bias_scale=12.0)
+    out = dict(attn=attn, n_calib=5, bias_scale=12.0, heads=12)
     mixed = wsss.caa_maps(out, cfg)
     assert_close(mixed[:, 0], attn[:, 0], what="the plain block (head-averaged) as it is")
     assert_close(mixed[:, 1:], 12 * attn[:, 1:], what="the n_calib SVC blocks scaled to head sums")
+    # --svc-heads mean changes the calibrated read-out (bias_scale 1), not CAA's maps of the original path
+    mean_heads = dataclasses.replace(cfg, svc_heads="mean")
+    assert torch.equal(wsss.caa_maps(dict(out, bias_scale=1.0), mean_heads), mixed)
     assert torch.equal(wsss.caa_maps(out, dataclasses.replace(cfg, caa_attn_mix="mean")), attn)
     # CAA = the existing static mean -> Sinkhorn -> square, box-masked propagation (refine "rfm", static)
     W = wsss.rfm_weights(mixed, cfg)

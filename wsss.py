@@ -189,6 +189,7 @@ METHODS = {
     # L = L_seg + 0.1 L_div. All trained parameters at lr 1e-3 (the only populated x10 group) [code≠paper].
     "excel": dict(cam="text", refine="rfm", attn_layers=6, rfm_dynamic_layers=6, rfm_dynamic_after=14000,
                   box_threshold=0.79, val_box_threshold=0.75, lvc=True, relation="cos", lambda_aff=0.1,
+                  seg_one_kind="half",  # losses.py: 0.5 (bg_mean + fg_mean) with +1e-6 counts [code]
                   aff_self_after=24000, lambda_b=0.0, lr=1e-3, warmup_steps=50, max_steps=30000, seed=0,
                   eval_resize="square", eval_long_side=320, eval_scales=(0.7, 1.0, 1.2, 1.5), eval_flip_at_1=False,
                   crf_pos_xy=1.0, crf_pos_w=3.0, crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0,
@@ -204,6 +205,7 @@ METHODS = {
     "diclip": dict(cam="text", svc_attn="qk", svc_heads="sum", tse="off", lvc=False, vce=True, tsa="dynamic",
                    relation="cos", refine="rfm", attn_layers=6, rfm_dynamic_layers=6, rfm_dynamic_after=9300,
                    box_threshold=0.79, val_box_threshold=0.75, lambda_aff=0.1, aff_self_after=16000, lambda_b=0.0,
+                   seg_one_kind="half",  # ExCEL's L_seg (DiCLIP runs from its code base) [I]
                    lr=2e-3, adapter_lr=2e-4, warmup_steps=50, max_steps=20000, seed=0, eval_resize="square",
                    eval_long_side=320, eval_scales=(0.7, 1.0, 1.2, 1.5), eval_flip_at_1=True,
                    crf_pos_xy=1.0, crf_pos_w=3.0, crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0,
@@ -215,6 +217,19 @@ METHODS = {
                    # SD's attention pass at the images' own 64 px, a cache sized to 6 classes x 10 images [I]
                    synthetic=dict(cache_source="synthetic", cache_images_per_class=10, cache_image_size=64,
                                   sd_size=64, cache_per_class=4, cache_bg=8, eval_long_side=64)),
+}
+# --upstream: the official code's numerics where this file fixed a bug ([upstream bug fixed] in the code), per
+# method; explicit flags still win. Not restorable: WeCLIP's NaN L_seg on a batch without foreground (a NaN step),
+# ExCEL's K_r = 1 / B = 10 NaN texts (upstream masks every score when it drops 0: k = 0 keeps all here too).
+UPSTREAM = {
+    # WeCLIP: boxes end one row/column early; the dynamic-RFM counter also counted validation forwards, so on VOC
+    # (val every 2k steps) it switched at step 9,145 instead of 15,001; Dropout2d stays on in validation
+    "weclip": dict(box_exclusive_edge=True, voc=dict(rfm_dynamic_after=9145)),
+    "cdclip": dict(),  # CDA has no box; its L_b masking matters only where Y_s has ignore pixels (it has none)
+    # ExCEL: the box edge; TSE's dropped count by float truncation (B = 20 drops 1, not 2); the decoder/adapter
+    # reads the aliased all_feats of the in-place += (adapter_feats); Dropout2d stays on in validation
+    "excel": dict(box_exclusive_edge=True, tse_drop="upstream", adapter_feats="upstream"),
+    "diclip": dict(box_exclusive_edge=True, adapter_feats="upstream"),  # ExCEL's code base [I]
 }
 REFINE_MODES = ("none", "caa", "rfm", "cda", "cda+caa", "cda+rfm")
 ACR_VARIANTS = ("left", "recluster", "right", "sharpen")  # DiCLIP §III-C.2, Eq. 6 readings
@@ -276,6 +291,7 @@ class MethodConfig:
     power: int = setting(2, LABELS)     # t: refined CAM = A^t m (WeCLIP squares the transition matrix)
     box_threshold: float = setting(0.4, LABELS)  # box mask threshold theta (VOC 0.4, COCO 0.7)
     box_exclusive_edge: bool = setting(False, LABELS)  # upstream's box quirk (last token row/col never boxed)
+    upstream: bool = setting(False, LABELS | RUN)  # restore every [upstream bug fixed] of the method (UPSTREAM table)
     # --- CDA (CD-CLIP) ---
     cda_tau: float = setting(0.002, LABELS)  # tau in W = softmax(-D_JS / tau) [I]
     cda_minmax: str = setting("patch", LABELS)  # min-max of S_a per text over patches (patch) | per patch (text) [I]
@@ -297,6 +313,8 @@ class MethodConfig:
     tse_keep: float = setting(0.9, LABELS)  # K_r: share of the attribute centroids kept per class (0.9: top 90 percent)
     tse_lambda: float = setting(1.0, LABELS)  # lambda: weight of the attribute sum (ExCEL hard-codes 1)
     tse_clusters: int = setting(0, LABELS)  # B attribute centroids (VOC 112, COCO 224); 0: ExCEL's sentences/B ratio
+    tse_drop: str = setting("exact", LABELS)  # TSE's dropped count: exact floor | upstream (float truncation)
+    adapter_feats: str = setting("clean", LABELS | RUN)  # decoder inputs: clean | upstream (ExCEL's in-place += mix)
     lvc: bool = setting(False, LABELS)  # LVC: the adapter's softmax(R) biases the calibrated path (the dynamic CAM)
     relation: str = setting("dot", LABELS | MODEL)  # decoder affinity S: dot (WeCLIP sigmoid(F^T F)) | cos (ExCEL R)
     lvc_alpha: float = setting(3.0, LABELS | MODEL)  # alpha in R = alpha (cos(F_d) - beta mean cos(F_d))
@@ -335,6 +353,7 @@ class MethodConfig:
     cache_guidance: float = setting(7.5, IMAGES)  # TSA: classifier-free guidance scale of the generation [I]
     cache_image_size: int = setting(512, IMAGES)  # TSA: generated image side [I]
     cache_prompt: str = setting(DICLIP_PROMPT, IMAGES)  # TSA: generation prompt, {category} = class name [T]
+    cache_scheduler: str = setting("model", IMAGES)  # TSA: sampler: model (the checkpoint's own [I]) | ddim
     cache_dyn_softmax: bool = setting(True, LABELS)  # TSA: Eq. 13 uses softmax(Z)'s fg part (else fg logits) [I]
     lambda_dyn: float = setting(0.1, RUN)  # weight of the adapter loss L_dyn (Eq. 15) [T]
     vce: bool = setting(False, LABELS)  # VCE: ACR-refined SD self-attention added in the calibrated path (Eq. 7)
@@ -347,6 +366,7 @@ class MethodConfig:
     dec_mlp: int = setting(1024, MODEL)  # decoder MLP hidden width (QuickGELU)
     dec_dropout: float = setting(0.1, RUN)  # Dropout2d after the fuse conv
     # --- losses ---
+    seg_one_kind: str = setting("mean", RUN)  # L_seg on a batch of bg-only/fg-only pixels: mean (1x) | half (ExCEL)
     lambda_aff: float = setting(0.1, RUN)  # weight of the affinity loss (WeCLIP 0.1)
     aff_radius: int = setting(8, RUN)   # affinity-label window (Chebyshev, token grid)
     # --- optimisation (WeCLIP) ---
@@ -545,7 +565,7 @@ class Frozen:
             fg = self.texts[: self.num_fg]
             if assets["attr_bank"] is not None:  # ExCEL TSE: t_c enriched by the attribute centroids A (E, B)
                 self.attr_centroids, self.attr_flags = assets["attr_bank"]
-                fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
+                fg = tse_text_embeddings(fg, self.attr_centroids, cfg.tse_keep, cfg.tse_lambda, cfg.tse_drop)
             self.cam_texts = torch.cat([fg, self.texts[self.num_fg + self.num_super:]])
         # DiCLIP: {K, V} (Part II); not loaded for the decoder alone, and supplied by the caller without tsa_cache
         self.tsa = ensure_tsa_cache(self, cfg, device) if cfg.tsa != "off" and label_path and tsa_cache else None
@@ -623,19 +643,25 @@ def clip_image_forward(clip, images, n_attn: int = 0, full: bool = False, calib:
         for i, blk in enumerate(blocks):
             if i >= len(blocks) - n_calib:  # ExCEL SVC / DiCLIP VCE: both paths read ln_1 of the ORIGINAL stream
                 x_new = x if x_new is None else x_new  # the calibrated path starts from the first SVC block's input
-                x, attn, y_new, u_b = run_dual_block(blk, x, calib)
+                x, attn, y_new, u_b, mid = run_dual_block(blk, x, calib)
                 x_new, u = x_new + y_new, u + u_b  # attention read-out only: no ln_2, no MLP on this path
+                if calib.get("feats") == "upstream":  # ExCEL's in-place `x_ori += attn(...)` rewrote the entry
+                    feats[-1] = mid[:, 1:]  # appended last: block b-1's output became x_ori^(b-1) + Y_ori^(b)
             else:
                 x, attn = run_block(blk, x, need_attn=i >= len(blocks) - n_attn)
-            feats.append(x[:, 1:])  # (B, N, D): the original path's tokens, clean [upstream bug fixed]
+            # (B, N, D): the original path's tokens, clean [upstream bug fixed]; calib["feats"] "upstream"
+            # reproduces ExCEL's aliasing (Supp. code: entry s-1 the calibrated stream, s..L-2 pre-MLP residuals)
+            feats.append(x[:, 1:])
             if i >= len(blocks) - n_attn:
                 attns.append(attn[:, 1:, 1:])  # (B, N, N): CLS row and column dropped
         out = dict(feats=feats, attn=torch.stack(attns, 1) if attns else None, x_last=x, grid=(h, w))
         if n_calib:
             x_new = torch.cat([x[:, :1], x_new[:, 1:]], 1)  # the CLS token comes from the original path
+            if calib.get("feats") == "upstream":  # ... and `x_new += Y_new` rewrote the entry the new path began
+                feats[len(blocks) - n_calib - 1] = x_new[:, 1:]  # from: it holds the final calibrated stream
             heads = resblocks[-1].attn.num_heads
             out.update(x_new=x_new, u=u, bias_scale=float(heads if calib.get("heads", "sum") == "sum" else 1),
-                       n_calib=n_calib)
+                       n_calib=n_calib, heads=heads)
     return out
 
 
@@ -703,7 +729,7 @@ def run_dual_block(blk, x, calib: dict):
     c w Bias (v W_o^T) to the patch rows of Y_new (c = H for a sum, 1 for a mean): it is linear, so the block
     returns u = v W_o^T and the bias is applied once after the pass (calibrated_tokens), for any bias, with
     no second CLIP forward. Returns (x_ori next (B, 1+N, D), head-averaged original attention (B, 1+N, 1+N),
-    Y_new (B, 1+N, D), u (B, 1+N, D))."""
+    Y_new (B, 1+N, D), u (B, 1+N, D), the block's post-attention pre-MLP residual x_ori + Y_ori (B, 1+N, D))."""
     attn = blk.attn
     a = blk.ln_1(x)
     q, k, v, v_all = attention_qkv(attn, a)
@@ -719,9 +745,8 @@ def run_dual_block(blk, x, calib: dict):
     abar = amap.sum(1) if calib.get("heads", "sum") == "sum" else amap.mean(1)  # (B, L, L)
     y_new = blk.ls_1(F.linear(abar @ v_all, attn.out_proj.weight, attn.out_proj.bias))  # (B, L, D)
     u = blk.ls_1(F.linear(v_all, attn.out_proj.weight))  # (B, L, D): LayerScale is linear too
-    x = x + blk.ls_1(y_ori)
-    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-    return x, a0.mean(1), y_new, u
+    mid = x + blk.ls_1(y_ori)
+    return mid + blk.ls_2(blk.mlp(blk.ln_2(mid))), a0.mean(1), y_new, u, mid
 
 
 def calibrated_tokens(visual, out: dict, bias=None, weight: float = 1.0, norm: str = "tokens"):
@@ -754,7 +779,8 @@ def calib_spec(cfg: Config, bias=None):
     if cfg.cam != "text":
         return None
     n = cfg.vce_layers if cfg.vce or cfg.svc_attn == "qk" else cfg.svc_layers
-    return dict(n=n, attn=cfg.svc_attn, heads=cfg.svc_heads, bias=bias, weight=cfg.vce_weight, fusion=cfg.vce_fusion)
+    return dict(n=n, attn=cfg.svc_attn, heads=cfg.svc_heads, bias=bias, weight=cfg.vce_weight, fusion=cfg.vce_fusion,
+                feats=cfg.adapter_feats)
 
 
 # --- DiCLIP: Stable Diffusion's self-attention A_sd (§III-C.2, §IV-B) ---
@@ -762,8 +788,9 @@ def calib_spec(cfg: Config, bias=None):
 class SDParts:
     """The frozen Stable Diffusion parts DiCLIP uses, plus the null-prompt text embedding (computed once)."""
 
-    def __init__(self, vae, unet, scheduler, tokenizer, text_encoder, device):
-        self.vae, self.unet, self.scheduler = vae, unet, scheduler
+    def __init__(self, vae, unet, scheduler, tokenizer, text_encoder, device, sampler=None):
+        self.vae, self.unet, self.scheduler = vae, unet, scheduler  # scheduler: the one noising step (DDIM's betas)
+        self.sampler = sampler or scheduler  # the generation sampler of the TSA cache images
         self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
         # the UNet halves the latent (len(down_blocks) - 1) times, the VAE 2^(len(blocks) - 1) times
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -978,15 +1005,17 @@ def cluster_attributes(clip, tokenizer, flat: list, classes: list, B: int, devic
     return A, flags
 
 
-def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: float = 1.0):
+def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: float = 1.0, drop: str = "exact"):
     """ExCEL TSE retrieval (TOP-K attribute hunting; K_r and lambda: Supp. §1, §2.1). class_emb (C, E) unit template
     embeddings t_c, centroids A (E, B). s_cb = t_c . a_b (raw dot products: no temperature, centroids not normalised);
     drop the lowest k = floor((1 - K_r) B) scores (K_r = 0.9 keeps the top 90 %: B = 112 keeps 101); w = softmax of the
     kept; T_c = normalise(t_c + lam sum_b w_cb a_b). Upstream computes k by float truncation (B = 10 drops 0, and k = 0
-    masked every score: NaN); here k is exact and k = 0 keeps all [upstream bug fixed]. -> (C, E) unit rows."""
+    masked every score: NaN); here k is exact and k = 0 keeps all [upstream bug fixed]. The two counts differ for
+    every B that is a multiple of 10 (B = 20: exact 2, truncated 1) and agree for ExCEL's B = 112 and 224 (11, 22);
+    drop "upstream" truncates as upstream (k = 0 still keeps all). -> (C, E) unit rows."""
     s = class_emb @ centroids  # (C, B)
     B = s.shape[1]
-    k_drop = int(math.floor((1 - keep_ratio) * B + 1e-9))
+    k_drop = int(math.floor((1 - keep_ratio) * B + 1e-9)) if drop == "exact" else int((1 - keep_ratio) * B)
     if k_drop:
         low = s.topk(k_drop, dim=1, largest=False).indices  # the k lowest scores of each class
         s = s.scatter(1, low, float("-inf"))
@@ -1164,13 +1193,14 @@ def caa_maps(out: dict, cfg: Config):
     """The attention maps CAA averages (ExCEL code refine_cams_with_aff; not in the paper text): the original path's
     patch-patch attention of the last blocks. Upstream's maps of the SVC blocks are head SUMS (rows sum to H) beside a
     head-averaged one, so the average weights the plain block 1/H as much; `caa_attn_mix upstream` reproduces it, `mean`
-    averages head-averaged maps. -> (B, n, N, N)."""
+    averages head-averaged maps. These are the ORIGINAL path's maps: --svc-heads (the calibrated read-out) does
+    not change them. DiCLIP: the same mix on its 3 VCE blocks (x H) beside 3 plain ones [I]. -> (B, n, N, N)."""
     attn = out["attn"].float()
     n_sum = min(out.get("n_calib", 0), attn.shape[1])
     if cfg.caa_attn_mix != "upstream" or not n_sum:
         return attn
     w = torch.ones(attn.shape[1], device=attn.device)
-    w[attn.shape[1] - n_sum:] = out["bias_scale"] if cfg.svc_heads == "sum" else 1.0
+    w[attn.shape[1] - n_sum:] = out["heads"]
     return attn * w[None, :, None, None]
 
 
@@ -1354,7 +1384,7 @@ def contrast_minmax(cams, floor: float = 0.0, eps: float = 1e-7):
     evidence away) is no longer stretched to [0, 1], so the residue of noise in it cannot outscore the
     background; maps with more contrast are min-maxed exactly as upstream. cams (R, h, w) >= 0."""
     lo, hi = cams.amin((-2, -1), keepdim=True), cams.amax((-2, -1), keepdim=True)
-    return (cams - lo) / torch.maximum(eps + hi - lo, floor * hi)
+    return (cams - lo) / torch.maximum(eps + (hi - lo), floor * hi)  # upstream's order: 1e-7 + (x - min).max()
 
 
 def label_scores(cams, img, cls, B: int, size, bg_pow: float, floor: float = 0.0):
@@ -1626,16 +1656,22 @@ def tsa_label_fns(frozen, cfg: Config):
     """What DiCLIP's offline phase (§III-B, §III-D.1) computes on each generated single-class image, as two
     functions of a batch of crops (B, 3, S, S): the features F_v (B, N, D) it stores (cache_features of the
     VCE-calibrated tokens) and the pseudo mask (B, S, S) of the image's one class (the method's own label path:
-    VCE -> patch-text CAM -> CAA -> PAR; no cache involved: tsa off)."""
+    VCE -> patch-text CAM -> CAA -> PAR; no cache involved: tsa off). Both read ONE frozen pass (SD + CLIP) per
+    batch: the pass feature_fn ran is kept for pseudo_mask_fn on the same images."""
     plain = dataclasses.replace(cfg, tsa="off")
+    last = {}
+
+    def frozen_out(images):
+        if last.get("images") is not images:
+            last.update(images=images, out=frozen_pass(frozen, images, plain))
+        return last["out"]
 
     def feature_fn(images):
-        out = frozen_pass(frozen, images, plain)
-        return cache_features(calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm))
+        return cache_features(calibrated_tokens(frozen.clip.visual, frozen_out(images), None, 1.0, cfg.svc_norm))
 
     def pseudo_mask_fn(images, cls):
         labels = F.one_hot(cls - 1, frozen.num_fg).float()
-        return make_pseudo_labels(frozen, frozen_pass(frozen, images, plain), images, labels, plain)["Y"]
+        return make_pseudo_labels(frozen, frozen_out(images), images, labels, plain)["Y"]
 
     return feature_fn, pseudo_mask_fn
 
@@ -1773,17 +1809,21 @@ def head_outputs(model, out: dict, frozen, cfg: Config):
 # I.9 Losses: balanced CE (L_seg), affinity loss (WeCLIP L_aff, ExCEL L_div), gated Dice (CD-CLIP L_b)
 # ----------------------------------------------------------------------------------------------------
 
-def balanced_ce_loss(logits, labels):
+def balanced_ce_loss(logits, labels, one_kind: str = "mean"):
     """WeCLIP L_seg = 1/2 CE over background pixels + 1/2 CE over foreground pixels (255 ignored); logits are
-    upsampled (bilinear) to the labels. A batch without foreground (or background) pixels averages the terms
-    that exist instead of giving NaN [upstream bug fixed]. logits (B, K, h, w), labels (B, H, W) -> scalar."""
+    upsampled (bilinear) to the labels. A batch without foreground (or without background) pixels: WeCLIP's
+    mean of an empty set is NaN; `one_kind` "mean" takes the term that exists (1x) [upstream bug fixed], "half"
+    gives 1/2 of it, as ExCEL's loss does (its counts carry +1e-6, so the empty term is 0) [code].
+    logits (B, K, h, w), labels (B, H, W) -> scalar."""
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")  # (B, H, W)
     # L_seg = 1/2 CE(bg pixels) + 1/2 CE(fg pixels)
     groups = [labels == 0, (labels != 0) & (labels != IGNORE)]
     terms = [ce[g].mean() for g in groups if g.any()]
-    return sum(terms) / len(terms) if terms else logits.sum() * 0.0
+    if not terms:
+        return logits.sum() * 0.0
+    return sum(terms) / (2 if one_kind == "half" else len(terms))
 
 
 _RADIUS_MASKS = {}
@@ -2056,7 +2096,7 @@ def compute_losses(model, frozen: Frozen, images, labels, cfg: Config, step: int
     bias = lvc_bias(R.detach().float()) if cfg.lvc and dynamic else None
     pl = make_pseudo_labels(frozen, out, images, labels, cfg, S=S.detach().float(), dynamic=dynamic, bias=bias,
                             Z=None if Z is None else Z.detach())
-    loss_seg = balanced_ce_loss(logits.float(), pl["Y"])
+    loss_seg = balanced_ce_loss(logits.float(), pl["Y"], cfg.seg_one_kind)
     loss, parts = loss_seg, dict(seg=loss_seg.item())
     if Z is not None and cfg.lambda_dyn > 0:  # DiCLIP L_dyn = CE(upsampled Z, Y_st): the adapter learns from M_st
         h, w = out["grid"]
@@ -2199,7 +2239,7 @@ TSA_IMAGE_KEYS = fields_affecting(IMAGES)
 
 def parse_config(argv, command: str = "train") -> Config:
     """CLI flags generated from Config's fields. Precedence: field default < dataset preset < method preset <
-    --demo < explicit flags. Unknown flags and ill-typed values are errors (argparse exits with status 2)."""
+    --demo < --upstream < explicit flags. Unknown flags and ill-typed values are errors (argparse exits with status 2)."""
     parser = build_parser(command)
     ns = parser.parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if k != "command"}
@@ -2260,6 +2300,9 @@ def make_config(**given) -> Config:
     values.update(METHODS[method].get(dataset, {}))  # a method's per-dataset values (e.g. ExCEL on COCO)
     if given.get("demo"):
         values.update(DEMO)
+    if given.get("upstream"):  # the official code's numerics (UPSTREAM), under the explicit flags
+        values.update({k: v for k, v in UPSTREAM[method].items() if k not in DATASETS})
+        values.update(UPSTREAM[method].get(dataset, {}))
     values.update(given)
     values.update(method=method, dataset=dataset)
     cfg = Config(**values)
@@ -2297,7 +2340,8 @@ CHOICES = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=
                svc_norm=("tokens", "channels"), caa_attn_mix=("upstream", "mean"), tse=("on", "builtin", "off"),
                relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"),
                tsa=("off", "static", "dynamic"), demo_model=("toy", "planted"), acr_variant=ACR_VARIANTS,
-               vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"))
+               vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"), tse_drop=("exact", "upstream"),
+               adapter_feats=("clean", "upstream"), seg_one_kind=("mean", "half"), cache_scheduler=("model", "ddim"))
 _RULES = [(name, lambda v, lo=lo: v >= lo, f">= {lo}") for name, lo in (
     ("batch_size", 1), ("crop_size", 1), ("max_steps", 1), ("attn_layers", 1), ("rfm_dynamic_layers", 1),
     ("rfm_dynamic_after", 0), ("par_iters", 0), ("power", 0), ("aff_radius", 0), ("dec_dim", 1),
@@ -2962,6 +3006,8 @@ TINY_SD_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_
                     max_position_embeddings=77, projection_dim=32)
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD's DDIM settings
+SD_PNDM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)  # SD 2.1-base's own sampler [I]
 
 
 def _tiny_sd_tokenizer():
@@ -2987,21 +3033,25 @@ SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num
 
 
 def build_sd(cfg: Config, device) -> SDParts:
-    """Frozen Stable Diffusion for DiCLIP: VAE (AutoencoderKL), UNet (UNet2DConditionModel), DDIM scheduler with the
-    model's own noise schedule, CLIP tokenizer + text encoder. --tiny: the TINY_SD_* architecture, random weights
-    seeded by cfg.seed (global RNG untouched); otherwise --sd-model (hub id or a local diffusers folder)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """Frozen Stable Diffusion for DiCLIP: VAE (AutoencoderKL), UNet (UNet2DConditionModel), a DDIM scheduler with the
+    model's own noise schedule (the attention pass's one noising step), the cache images' sampler (--cache-scheduler
+    model: the checkpoint's own scheduler class, as a plain StableDiffusionPipeline would sample [I]; SD 2.1-base
+    ships PNDM, which --tiny and "random" use too; ddim: DDIM), CLIP tokenizer + text encoder. --tiny: the TINY_SD_*
+    architecture, random weights seeded by cfg.seed (global RNG untouched); otherwise --sd-model (hub id or a local
+    diffusers folder)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 2)
         if cfg.tiny:
             vae, unet = AutoencoderKL(**TINY_SD_VAE), UNet2DConditionModel(**TINY_SD_UNET)
             text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**TINY_SD_TEXT)), _tiny_sd_tokenizer()
-            scheduler = DDIMScheduler(**SD_SCHEDULER)
+            scheduler, own = DDIMScheduler(**SD_SCHEDULER), PNDMScheduler(**SD_PNDM)
         elif cfg.sd_model == "random":  # SD 2.1-base's architecture with random weights (bench, shape checks)
             vae, unet = AutoencoderKL(**SD21_VAE), UNet2DConditionModel(**SD21_UNET)
             text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**SD21_TEXT)), _tiny_sd_tokenizer()
-            scheduler = DDIMScheduler(**SD_SCHEDULER)
+            scheduler, own = DDIMScheduler(**SD_SCHEDULER), PNDMScheduler(**SD_PNDM)
         else:
             if cfg.sd_model.startswith(("/", ".", "~")) and not Path(cfg.sd_model).expanduser().is_dir():
                 raise WSSSError(f"Stable Diffusion folder not found: {cfg.sd_model} (pass --sd-model PATH to a "
@@ -3012,6 +3062,9 @@ def build_sd(cfg: Config, device) -> SDParts:
                 text_encoder = CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder")
                 tokenizer = CLIPTokenizer.from_pretrained(cfg.sd_model, subfolder="tokenizer")
                 scheduler = DDIMScheduler.from_pretrained(cfg.sd_model, subfolder="scheduler")
+                own_config = DDIMScheduler.load_config(cfg.sd_model, subfolder="scheduler")
+                own_class = getattr(diffusers, own_config.get("_class_name", ""), None)
+                own = own_class.from_config(own_config) if own_class is not None else scheduler
                 if len(tokenizer) != 49408:  # transformers 5 offline returns a 2-token dummy instead of raising
                     raise OSError(f"tokenizer has {len(tokenizer)} tokens, expected 49408")
             except (OSError, ValueError, RuntimeError) as e:
@@ -3019,7 +3072,8 @@ def build_sd(cfg: Config, device) -> SDParts:
                                 f"or model hub?): pass a local diffusers folder with --sd-model PATH (see data.md), "
                                 f"or run offline with --demo / --tiny")
     parts = [m.to(device).eval().requires_grad_(False) for m in (vae, unet, text_encoder)]
-    return SDParts(*parts[:2], scheduler, tokenizer, parts[2], device)
+    sampler = own if cfg.cache_scheduler == "model" else DDIMScheduler.from_config(scheduler.config)
+    return SDParts(*parts[:2], scheduler, tokenizer, parts[2], device, sampler)
 
 def load_assets(cfg: Config, device, need_dino: bool = None, label_path: bool = True,
                 tsa_cache: bool = True) -> dict:
@@ -3286,10 +3340,11 @@ def _atomic_png(rgb: np.ndarray, path: Path):
 
 def sd_image_maker(sd: SDParts, cfg: Config):
     """(class id, class name, seed) -> uint8 (S, S, 3): one image from a diffusers StableDiffusionPipeline assembled
-    from the loaded parts, prompt cfg.cache_prompt, cache_steps steps, guidance cache_guidance, cache_image_size^2."""
+    from the loaded parts (sampler: sd.sampler), prompt cfg.cache_prompt, cache_steps steps, guidance
+    cache_guidance, cache_image_size^2."""
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                   scheduler=sd.sampler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     S = cfg.cache_image_size
@@ -3633,7 +3688,7 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            res = evaluate(decoder, frozen, val_set, cfg, device)
+            res = evaluate(decoder, frozen, val_set, cfg, device, dropout=cfg.upstream)  # upstream: Dropout2d on
             best = max(best, res["decoder"]["miou"]) if not math.isnan(best) else res["decoder"]["miou"]
             print0(f"step {done:05d} | val mIoU {100 * res['decoder']['miou']:.1f}")
         if rank == 0 and (done % cfg.save_every == 0 or done == cfg.max_steps):
@@ -3673,17 +3728,18 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
 
 
 def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, cams: bool = False,
-             label_decoder=None, oracle: bool = False) -> dict:
+             label_decoder=None, oracle: bool = False, dropout: bool = False) -> dict:
     """mIoU of the decoder's multi-scale+flip prediction on a split (optionally DenseCRF; skipped when decoder
     is None), and with `cams` of the label-driven pseudo-labels of the same images (raw CAM, refined, after
     PAR: the papers' "M" column; with a decoder, RFM runs dynamic, as upstream's val mode). Also writes
-    overlays with --save-vis. Shards over DDP ranks and sums the confusion matrices."""
+    overlays with --save-vis. Shards over DDP ranks and sums the confusion matrices. `dropout` keeps the decoder in
+    training mode, as upstream's in-training validation did (--upstream)."""
     K = len(DATASETS[cfg.dataset]["classes"])
     names = (["decoder"] if decoder is not None else []) + (["cam", "refined", "refined+PAR"] if cams else []) \
         + (["oracle", "oracle+PAR"] if cams and oracle else [])
     conf = {n: torch.zeros(K, K, dtype=torch.long, device=device) for n in names}
-    if decoder is not None:  # upstream's validate() never called eval(): Dropout2d stayed on [upstream bug fixed]
-        decoder.eval()
+    if decoder is not None and not dropout:  # upstream's validate() never called eval(): Dropout2d stayed on
+        decoder.eval()  # [upstream bug fixed]
     vis_dir = make_dir(cfg.save_vis, "--save-vis") if cfg.save_vis else None
     failure = None
     for i in shard(min(len(dataset), cfg.max_images or len(dataset))):
