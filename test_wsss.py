@@ -611,6 +611,21 @@ def test_excel_preset_and_bad_inputs(synth_root, cache_dir, tmp_path):
         Fz = wsss.Frozen(synth_cfg(synth_root, cache_dir, **base, tse_clusters=40), CPU)
 
 
+def test_upstream_switch_restores_every_fixed_bug_under_explicit_flags():
+    for method, want in (("weclip", dict(box_exclusive_edge=True, rfm_dynamic_after=9145)),
+                         ("excel", dict(box_exclusive_edge=True, tse_drop="upstream", adapter_feats="upstream")),
+                         ("diclip", dict(box_exclusive_edge=True, adapter_feats="upstream"))):
+        base = wsss.make_config(method=method, tse="builtin") if method == "excel" else wsss.make_config(method=method)
+        up = wsss.make_config(method=method, upstream=True, **(dict(tse="builtin") if method == "excel" else {}))
+        changed = {f.name: getattr(up, f.name) for f in dataclasses.fields(up)
+                   if getattr(up, f.name) != getattr(base, f.name) and f.name != "upstream"}
+        assert changed == want, method
+    assert wsss.make_config(method="weclip", dataset="coco", upstream=True).rfm_dynamic_after == 40000  # VOC only
+    assert not wsss.make_config(method="weclip", upstream=True, box_exclusive_edge=False).box_exclusive_edge
+    assert wsss.make_config(method="cdclip", upstream=True) == dataclasses.replace(
+        wsss.make_config(method="cdclip"), upstream=True)  # CD-CLIP: nothing to restore
+
+
 def test_diclip_config_fields_and_errors():
     cfg = wsss.make_config()
     assert (cfg.sd_size, cfg.sd_timestep, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.cache_per_class,
@@ -918,6 +933,88 @@ def test_dual_path_equals_plain_clip_and_hand_rolled_reference(attn, heads, norm
             assert_close(m[:, 1:].sum(-1), torch.full((2, 16), H * (1 + (wt if b is not None else 0))))
     # w = 0 equals no bias bit for bit (DiCLIP's VCE with w = 0 is the plain dual path)
     assert torch.equal(wsss.calibrated_tokens(v, out, bias, 0.0, norm), wsss.calibrated_tokens(v, out, None, 1, norm))
+
+
+def upstream_all_feats(clip, images, n):
+    """ExCEL's visual loop as its code runs it (spec §2.3-2.4), written with the same in-place updates: the per-block
+    entries are appended by reference, then `x_ori += Y_ori` and `x_new += Y_new` rewrite some of them. Plain
+    blocks through run_block (tested against open_clip elsewhere); the SVC blocks written out here."""
+    v = clip.visual
+    blocks = v.transformer.resblocks
+    x = v.conv1(images).flatten(2).transpose(1, 2)
+    x = v.ln_pre(torch.cat([v.class_embedding.expand(len(images), 1, -1), x], 1) + v.positional_embedding)
+    entries = []
+    for blk in blocks[: len(blocks) - n]:
+        x = wsss.run_block(blk, x, need_attn=False)[0]
+        entries.append(x)  # by reference, as upstream's all_feats.append(x.permute(...)) keeps a view
+    x_new, x_ori = x, x.clone()  # the new path continues in the very tensor of the last plain entry
+    for blk in blocks[len(blocks) - n:]:
+        a = blk.ln_1(x_ori)
+        B, L, D = a.shape
+        H = blk.attn.num_heads
+        q, k, val = F.linear(a, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1)
+        split = lambda t: t.reshape(B, L, H, D // H).transpose(1, 2)  # noqa: E731
+        q, k, val = split(q), split(k), split(val)
+        s_ = (D // H) ** -0.5
+        a0 = (q @ k.transpose(-1, -2) * s_).softmax(-1)
+        intra = sum((t @ t.transpose(-1, -2) * s_).softmax(-1) for t in (q, k, val)) / 3
+        y_ori = blk.attn.out_proj((a0 @ val).transpose(1, 2).reshape(B, L, D))
+        y_new = blk.attn.out_proj((intra.sum(1, keepdim=True) @ val).transpose(1, 2).reshape(B, L, D))
+        x_ori += y_ori  # in place: the entry appended last becomes x_ori^(b-1) + Y_ori^(b)
+        x_ori = x_ori + blk.mlp(blk.ln_2(x_ori))  # a new tensor
+        x_new += y_new  # in place: the last plain block's entry accumulates the calibrated read-outs
+        entries.append(x_ori)
+    x_new[:, 0] = x_ori[:, 0]
+    return [e[:, 1:] for e in entries]
+
+
+def test_adapter_feats_upstream_reproduces_excels_in_place_aliasing():
+    clip = tiny_clip(layers=5)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    ref = upstream_all_feats(clip, images, 3)
+    calib = dict(n=3, attn="intra", heads="sum")
+    got = wsss.clip_image_forward(clip, images, calib=dict(calib, feats="upstream"))["feats"]
+    clean = wsss.clip_image_forward(clip, images, calib=dict(calib, feats="clean"))["feats"]
+    assert len(got) == len(ref) == 5
+    for i, (g_, r) in enumerate(zip(got, ref)):
+        assert_close(g_, r, atol=2e-5, what=f"entry {i}")
+    # entries 0 and 4 are the clean block outputs; 1 (the calibrated stream), 2 and 3 (pre-MLP residuals) are not
+    assert torch.equal(got[0], clean[0]) and torch.equal(got[4], clean[4])
+    for i in (1, 2, 3):
+        assert (got[i] - clean[i]).abs().max() > 1e-2, i
+    plain = wsss.clip_image_forward(clip, images, calib=None, full=True)["feats"]
+    for g_, p in zip(clean, plain):  # the clean default: the plain CLIP's per-block tokens
+        assert_close(g_, p, atol=1e-5)
+
+
+def test_cache_sampler_is_the_models_own_unless_ddim_and_keys_the_images():
+    from diffusers import DDIMScheduler, PNDMScheduler
+    for choice, cls in (("model", PNDMScheduler), ("ddim", DDIMScheduler)):  # SD 2.1-base ships PNDM
+        sd = wsss.build_sd(wsss.make_config(dataset="synthetic", tiny=True, sd_size=64, cache_scheduler=choice), CPU)
+        assert type(sd.sampler) is cls and type(sd.scheduler) is DDIMScheduler  # the noising step stays DDIM's
+        assert torch.equal(sd.sampler.alphas_cumprod, sd.scheduler.alphas_cumprod)  # one noise schedule
+    assert "cache_scheduler" in wsss.TSA_IMAGE_KEYS  # another sampler: other cache images
+
+
+def test_tsa_label_fns_run_one_frozen_pass_per_cache_batch(diclip_frozen, monkeypatch):
+    cfg, frozen = diclip_frozen
+    calls = []
+    real = wsss.frozen_pass
+    monkeypatch.setattr(wsss, "frozen_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    feature_fn, pseudo_mask_fn = wsss.tsa_label_fns(frozen, cfg)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    cls = torch.tensor([1, 4])
+    f_fg, f_bg, valid = wsss.pool_cache_features(images, cls, feature_fn, pseudo_mask_fn)
+    assert len(calls) == 1  # SD's UNet pass and CLIP run once for the features and the pseudo mask together
+    plain = dataclasses.replace(cfg, tsa="off")
+    out = real(frozen, images, plain)  # the same pass, recomputed: the features and masks it gives
+    feats = wsss.cache_features(wsss.calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm))
+    Y = wsss.make_pseudo_labels(frozen, out, images, F.one_hot(cls - 1, frozen.num_fg).float(), plain)["Y"]
+    ref = wsss.mask_average_pool(feats, wsss.patch_coverage(Y, cls, out["grid"]))
+    for got, want in zip((f_fg, f_bg, valid), ref):
+        assert torch.equal(got, want)
+    pseudo_mask_fn(images.clone(), cls)  # other images: a new pass
+    assert len(calls) == 2
 
 
 def test_sd_self_attention_capture_matches_naive_and_restores(tiny_sd):
@@ -1242,6 +1339,27 @@ def test_tse_top_k_counts_softmax_and_enrichment():
     assert not torch.allclose(wsss.tse_text_embeddings(t, A, 0.9, lam=2.0), wsss.tse_text_embeddings(t, A, 0.9))
 
 
+def test_tse_drop_count_exact_and_upstream():
+    # B = 20 unit centroids a_b = e_b, so s_b = t_b: 18 scores 0.2, then 0.1 (index 18) and 0.0 (index 19).
+    # exact: k = floor(0.1 x 20) = 2 dropped, w = 1/18 on the 18 equal scores. upstream: int(0.09999999999999998 x 20)
+    # = int(1.9999999999999996) = 1 dropped, w_18 = e^0.1 / (18 e^0.2 + e^0.1), the others e^0.2 / (same)
+    t = torch.full((1, 20), 0.2, dtype=torch.float64)
+    t[0, 18], t[0, 19] = 0.1, 0.0
+    A = torch.eye(20, dtype=torch.float64)
+    w = torch.zeros(1, 20, dtype=torch.float64)
+    w[0, :18] = 1 / 18
+    assert_close(wsss.tse_text_embeddings(t, A, 0.9, 1.0, "exact"), F.normalize(t + w, dim=-1), atol=1e-12)
+    z = 18 * math.exp(0.2) + math.exp(0.1)
+    w[0, :18], w[0, 18] = math.exp(0.2) / z, math.exp(0.1) / z
+    assert_close(wsss.tse_text_embeddings(t, A, 0.9, 1.0, "upstream"), F.normalize(t + w, dim=-1), atol=1e-12)
+    # ExCEL's own B (112 VOC, 224 COCO): both counts agree (11, 22)
+    for B in (112, 224):
+        tb = torch.linspace(1, 0, B, dtype=torch.float64)[None]
+        Ab = torch.eye(B, dtype=torch.float64)
+        assert torch.equal(wsss.tse_text_embeddings(tb, Ab, 0.9, 1.0, "exact"),
+                           wsss.tse_text_embeddings(tb, Ab, 0.9, 1.0, "upstream"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # refinements: transition matrix, boxes, PAR, label assembly, the label path; RFM, CDA, CAP, CAA, ablations
 # ---------------------------------------------------------------------------------------------------
@@ -1373,6 +1491,19 @@ def test_contrast_floor_guards_flat_refined_cams():
     assert (plain[0, 2:] == 3).all() and (plain[0, :2, :2] == 0).all()  # inverted: background -> class 3
     guarded = wsss.cams_to_label(flat, img, cls, images, wsss.make_config(cam_contrast_floor=0.05), use_par=False)
     assert (guarded == 0).all()  # no localisation left: nothing is painted
+
+
+def test_contrast_minmax_divides_in_upstreams_order():
+    # upstream: (x - min) / (1e-7 + (x - min).max()). On a map with a large offset and a tiny range, adding the
+    # epsilon to the max first ((1e-7 + max) - min) loses it in float32 and moves the result by ~1e-2 here
+    g = torch.Generator().manual_seed(11)
+    cams = 100.0 + 1e-4 * torch.rand(3, 4, 4, generator=g)
+    x = cams - cams.amin((-2, -1), keepdim=True)
+    upstream = x / (1e-7 + x.amax((-2, -1), keepdim=True))
+    assert torch.equal(wsss.contrast_minmax(cams, 0.0), upstream)
+    assert torch.equal(wsss.minmax(cams), upstream)
+    lo, hi = cams.amin((-2, -1), keepdim=True), cams.amax((-2, -1), keepdim=True)
+    assert ((cams - lo) / (1e-7 + hi - lo) - upstream).abs().max() > 1e-3  # the other order is not upstream's
     assert wsss.make_config().cam_contrast_floor == 0.0  # real runs keep upstream's numerics
     assert wsss.make_config(demo=True).cam_contrast_floor == 0.05
 
@@ -1937,6 +2068,21 @@ def test_balanced_ce():
                                                                        rel=1e-5)
 
 
+def test_balanced_ce_one_kind_of_pixel_mean_or_excels_half():
+    # zero logits over 7 classes: every pixel's CE is log 7. Only background: "mean" (WeCLIP's NaN fixed) gives
+    # log 7, ExCEL's 0.5 (bg_mean + fg_mean) with +1e-6 counts gives 0.5 log 7 + 0.5 x 0
+    only_bg, only_fg = torch.zeros(1, 2, 3, dtype=torch.long), torch.full((1, 2, 3), 4)
+    for labels in (only_bg, only_fg):
+        assert wsss.balanced_ce_loss(torch.zeros(1, 7, 2, 3), labels, "mean").item() == pytest.approx(math.log(7))
+        assert wsss.balanced_ce_loss(torch.zeros(1, 7, 2, 3), labels, "half").item() == pytest.approx(
+            0.5 * math.log(7))
+    mixed = torch.tensor([[[0, 0, 3], [3, 255, 1]]])
+    logits = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(1))
+    assert wsss.balanced_ce_loss(logits, mixed, "half").item() == wsss.balanced_ce_loss(logits, mixed, "mean").item()
+    presets = {m: wsss.make_config(method=m, dataset="synthetic").seg_one_kind for m in wsss.METHODS}
+    assert presets == dict(weclip="mean", cdclip="mean", excel="half", diclip="half")
+
+
 def test_affinity_labels_radius_and_loss():
     assert int(wsss.radius_mask(20, 20, 8, CPU).sum()) == 71824  # WeCLIP's 20x20 grid, radius 8
     labels = torch.zeros(1, 32, 32, dtype=torch.long)
@@ -2317,7 +2463,7 @@ def test_part_one_calls_part_two_only_through_the_seams():
     assert split <= 2300, f"Part I is {split} lines"
     for seam in seams:  # the module docstring names every seam
         assert seam in wsss.__doc__
-    assert lines.index(next(line for line in lines if line.startswith("def gradcam("))) < 900
+    assert lines.index(next(line for line in lines if line.startswith("def gradcam("))) < 960
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3006,7 +3152,7 @@ def test_bench_reports_its_stages_and_ratio(tiny, capsys):
 # harness: compare (with DiCLIP's cache command)
 # ---------------------------------------------------------------------------------------------------
 
-def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys):
+def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys, monkeypatch):
     # a 6-step toy CLIP leaves every refined CAM flat: without --cam-contrast-floor 0 the demo's guard would
     # (rightly) give every cache image an empty pseudo mask, and the build stops with its one-line error
     small = ["--cache-images-per-class", "3", "--cache-per-class", "2", "--cache-bg", "3", "--cam-contrast-floor", "0"]
@@ -3025,3 +3171,11 @@ def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys):
     for m in ("weclip", "diclip"):
         last = read_metrics(tmp_path / m / "metrics.jsonl")[-1]
         assert set(last["val"]) >= {"cam", "refined", "refined+PAR", "decoder"}
+    # DiCLIP at test time is CLIP + the decoder: `eval` loads neither SD nor the TSA cache (nor builds them)
+    def absent(*a, **k):
+        raise AssertionError("eval loaded Stable Diffusion or the TSA cache")
+    monkeypatch.setattr(wsss, "build_sd", absent)
+    monkeypatch.setattr(wsss, "ensure_tsa_cache", absent)
+    capsys.readouterr()
+    assert wsss.main(["eval", *flags, "--max-steps", "2", "--out-dir", str(tmp_path / "diclip")]) == 0
+    assert "decoder" in capsys.readouterr().out
