@@ -179,6 +179,15 @@ DATASETS = {
                       defaults=dict(train_split="train", val_split="val", superclasses=3, crop_size=64,
                                     eval_long_side=64)),
 }
+
+
+def dataset_info(cfg) -> dict:
+    """The class table of cfg's dataset (classes with background first, prompts, background words, super-class
+    tables, presets): DATASETS for voc, coco and synthetic; for `--dataset custom` the files in --data-root
+    (classes.txt, background.txt, superclasses.txt: read by Part II's custom_dataset_info, see data.md)."""
+    return custom_dataset_info(cfg.data_root) if cfg.dataset == "custom" else DATASETS[cfg.dataset]
+
+
 METHODS = {
     # WeCLIP: GradCAM -> RFM (static, then dynamic with the decoder affinity) -> PAR; L = L_seg + 0.1 L_aff.
     "weclip": dict(refine="rfm", lambda_aff=0.1, lambda_b=0.0, eval_scales=(1.0, 0.75)),
@@ -265,7 +274,7 @@ class MethodConfig:
     Config adds the harness's; the command line is generated from both (`--crop-size 448` sets crop_size)."""
     # --- run ---
     method: str = setting("weclip", RUN)  # one of METHODS: weclip | cdclip | excel | diclip
-    dataset: str = setting("voc", LABELS | IMAGES | MODEL)  # one of DATASETS: voc | coco | synthetic
+    dataset: str = setting("voc", LABELS | IMAGES | MODEL)  # voc | coco | synthetic | custom (your own: data.md)
     train_split: str = setting("train_aug", RUN)  # split list for training (dataset preset)
     val_split: str = "val"              # split list for evaluation
     seed: int = setting(1, LABELS | RUN)  # seeds python, numpy and torch (WeCLIP setup_seed(1))
@@ -480,17 +489,19 @@ class SegDataset:
 
     def __init__(self, cfg: Config, split: str, train: bool):
         self.cfg, self.split, self.train = cfg, split, train
-        self.num_classes = len(DATASETS[cfg.dataset]["classes"])
-        self.items = read_split(cfg, split)  # [(name, image path, mask path)]
+        self.num_classes = len(dataset_info(cfg)["classes"])
+        self.items = read_split(cfg, split)  # [(name, image path, mask path or None)]
         self.labels = scan_labels(cfg, split, self.items)  # [sorted foreground class ids] per item
         if train:  # WeCLIP needs at least one foreground class per image (GradCAM target)
             keep = [i for i, lab in enumerate(self.labels) if lab]
             if len(keep) < len(self.items):
-                print0(f"data: skipped {len(self.items) - len(keep)} {split} images with no foreground class")
+                print0(f"data: skipped {len(self.items) - len(keep)} {split} images with no foreground class "
+                       f"(weak supervision learns only from the classes an image is tagged with)")
             self.items, self.labels = [self.items[i] for i in keep], [self.labels[i] for i in keep]
         if not self.items:
             raise WSSSError(f"split {split!r} in {cfg.data_root} has no usable images")
         self.epoch_len = len(self.items)
+        self.masks = sum(m is not None for _, _, m in self.items)  # images with a mask (scored); 0: not scored
 
     def __len__(self):
         return len(self.items)
@@ -498,7 +509,10 @@ class SegDataset:
     def __getitem__(self, index: int) -> dict:
         epoch, i = divmod(int(index), self.epoch_len)
         name, image_path, mask_path = self.items[i]
-        rgb, mask = load_rgb(image_path), load_mask(mask_path, self.num_classes)
+        rgb = load_rgb(image_path)
+        # no mask (your own data, or labels from a file): every pixel "ignore", so nothing is scored
+        mask = load_mask(mask_path, self.num_classes) if mask_path is not None else \
+            np.full(rgb.shape[:2], IGNORE, np.uint8)
         if rgb.shape[:2] != mask.shape:
             raise WSSSError(f"image {image_path} is {rgb.shape[1]}x{rgb.shape[0]} but its mask is "
                             f"{mask.shape[1]}x{mask.shape[0]}")
@@ -548,7 +562,7 @@ class Frozen:
     cam_texts (patch-text CAMs): [C foreground texts, TSE-enriched for ExCEL; Nb background texts]."""
 
     def __init__(self, cfg: Config, device, need_dino: bool = None, label_path: bool = True, tsa_cache: bool = True):
-        info = DATASETS[cfg.dataset]
+        info = dataset_info(cfg)
         self.cfg, self.device, self.label_path = cfg, device, label_path
         assets = load_assets(cfg, device, need_dino, label_path, tsa_cache)  # Part II: hub, tiny/planted models, files
         self.clip, self.tokenizer = assets["clip"], assets["tokenizer"]
@@ -970,7 +984,7 @@ def first_row_of_image(img, B: int):
 
 def super_class_of(cfg: Config):
     """CD-CLIP's super-class map of the chosen table: class id (1..C) -> super-class id (1..Ns), 0 -> 0. (C+1,)"""
-    info = DATASETS[cfg.dataset]
+    info = dataset_info(cfg)
     supers = info["superclasses"][cfg.superclasses]
     index = {name: i + 1 for i, name in enumerate(supers)}
     owner = {c: index[s] for s, members in supers.items() for c in members}
@@ -983,7 +997,7 @@ def tse_num_clusters(cfg: Config, n_sentences: int) -> int:
     """B: --tse-clusters, or ExCEL's ratio of sentences to clusters (VOC 400/112, COCO 1600/224) [I]."""
     if cfg.tse_clusters:
         return cfg.tse_clusters
-    return max(1, round(n_sentences * DATASETS[cfg.dataset].get("attr_ratio", 112 / 400)))
+    return max(1, round(n_sentences * dataset_info(cfg).get("attr_ratio", 112 / 400)))
 
 def cluster_attributes(clip, tokenizer, flat: list, classes: list, B: int, device):
     """ExCEL's attribute bank (TSE knowledge base, Supp. §1): the description sentences (class, lower-cased
@@ -2041,7 +2055,7 @@ def label_variants(frozen: Frozen, image, labels, cfg: Config, decoder=None, gt=
                 "refined": cams_to_label(res["refined"], img, cls, x, cfg, use_par=False, size=size),
                 "refined+PAR": res["Y"], "cam_map": heat}
     if gt is not None:  # the ceiling: the same CAMs and boxes, propagated by the perfect affinity instead
-        A = oracle_affinity(gt, out["grid"], len(DATASETS[cfg.dataset]["classes"]))
+        A = oracle_affinity(gt, out["grid"], len(dataset_info(cfg)["classes"]))
         box = box_mask(res["cams"][c], cfg.box_threshold, cfg.box_exclusive_edge) \
             if cfg.refine.endswith(("caa", "rfm")) else None
         with fp32(x.device):
@@ -2174,7 +2188,8 @@ class Config(MethodConfig):
     checkpoints, test-time DenseCRF, the demo. Only `tiny`, `demo_model`, ExCEL's input files and DiCLIP's cache
     source (which choose the models and inputs the methods read) affect anything a checkpoint or a cache holds."""
     # --- run ---
-    data_root: str = ""                 # dataset folder in the VOC layout (see data.md); env WSSS_DATA_ROOT
+    data_root: str = ""                 # dataset folder: VOC layout, or your own (--dataset custom); env WSSS_DATA_ROOT
+    labels_file: str = setting("", RUN)  # VOC/COCO image-level labels from WeCLIP's cls_labels_onehot.npy (no masks)
     out_dir: str = ""                   # run folder; derived: runs/<method>-<dataset>
     overwrite: bool = False             # train: replace the run in --out-dir (else refuse; --resume continues it)
     cache_dir: str = ""                 # caches (labels, data, toy CLIP, banks); env WSSS_CACHE or ~/.cache/wsss
@@ -2206,6 +2221,9 @@ class Config(MethodConfig):
     ckpt: str = ""                      # checkpoint for `eval` (derived: <out_dir>/ckpt.pt)
     save_vis: str = ""                  # `eval`: folder for PNG overlays
     num_vis: int = 8                    # overlays written with --save-vis
+    save_pseudo: str = ""               # `cams`: folder for the pseudo-label PNGs (to train another segmenter on)
+    images: str = ""                    # `predict`: an image, a folder of images, or a glob ("photos/*.jpg")
+    out: str = ""                       # `predict`: folder for the predicted masks (index PNGs, original size)
     cam_split: str = "train"            # `cams`: split whose pseudo-labels are scored (the papers' "M": VOC train)
     bench_repeats: int = 3              # `bench`: timed repeats per stage (median reported, after one warm-up)
     max_images: int = 0                 # evaluate / measure on at most this many images (0: all)
@@ -2214,6 +2232,7 @@ class Config(MethodConfig):
     # --- synthetic world / toy CLIP (for --demo) ---
     num_images: int = 200               # `synth`: number of train images (val gets a quarter)
     image_size: int = 64                # `synth`: image side
+    layout: str = "voc"                 # `synth`: voc (VOC folders, masks) | custom (your-own-data format, val masks)
     toy_steps: int = 160                # `pretrain-toy`: contrastive steps (~90 s on 2 CPU cores)
     toy_batch: int = 128                # `pretrain-toy`: image-caption pairs per step
     toy_lr: float = 2e-3                # `pretrain-toy`: peak AdamW lr
@@ -2239,7 +2258,8 @@ TSA_IMAGE_KEYS = fields_affecting(IMAGES)
 
 def parse_config(argv, command: str = "train") -> Config:
     """CLI flags generated from Config's fields. Precedence: field default < dataset preset < method preset <
-    --demo < --upstream < explicit flags. Unknown flags and ill-typed values are errors (argparse exits with status 2)."""
+    --demo < --upstream < explicit flags. Unknown flags and ill-typed values are errors (argparse exits with
+    status 2)."""
     parser = build_parser(command)
     ns = parser.parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if k != "command"}
@@ -2293,9 +2313,11 @@ def make_config(**given) -> Config:
         dataset = given.get("dataset", DEMO["dataset"])
     if method not in METHODS:
         raise WSSSError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    if dataset not in DATASETS:
-        raise WSSSError(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    values = dict(DATASETS[dataset]["defaults"])
+    if dataset not in DATASETS and dataset != "custom":
+        raise WSSSError(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}, custom")
+    info = custom_dataset_info(given.get("data_root") or os.environ.get("WSSS_DATA_ROOT", "")) \
+        if dataset == "custom" else DATASETS[dataset]
+    values = dict(info["defaults"])
     values.update({k: v for k, v in METHODS[method].items() if k not in DATASETS})
     values.update(METHODS[method].get(dataset, {}))  # a method's per-dataset values (e.g. ExCEL on COCO)
     if given.get("demo"):
@@ -2303,6 +2325,8 @@ def make_config(**given) -> Config:
     if given.get("upstream"):  # the official code's numerics (UPSTREAM), under the explicit flags
         values.update({k: v for k, v in UPSTREAM[method].items() if k not in DATASETS})
         values.update(UPSTREAM[method].get(dataset, {}))
+    if dataset == "custom":
+        values.update(custom_method_defaults(method, info, given))
     values.update(given)
     values.update(method=method, dataset=dataset)
     cfg = Config(**values)
@@ -2323,6 +2347,26 @@ def make_config(**given) -> Config:
     return cfg
 
 
+def custom_method_defaults(method: str, info: dict, given: dict) -> dict:
+    """Each method on your own classes (--dataset custom): CD-CLIP's SBE needs superclasses.txt, else L_b is off;
+    ExCEL's TSE reads descriptions.json (or --descriptions), else template-only texts; each choice is one line.
+    DiCLIP's cache prompt takes the class names as they are; WeCLIP needs only the names."""
+    values = {}
+    if method == "cdclip" and not info["superclasses"].get(info["defaults"]["superclasses"]) \
+            and "lambda_b" not in given:
+        values["lambda_b"] = 0.0
+        print0("custom data: no superclasses.txt, so CD-CLIP's super-class boundary loss (SBE, L_b) is off; add one "
+               "(\"super-class: class, class\" per line, see data.md) to use it")
+    if method == "excel" and "tse" not in given and not given.get("descriptions") and not given.get("attr_bank"):
+        if info["descriptions"]:
+            values["descriptions"] = info["descriptions"]
+        else:
+            values["tse"] = "off"
+            print0("custom data: no descriptions.json, so ExCEL's TSE is off (template-only class texts); add one "
+                   "({class: [sentences]}, see data.md) or pass --descriptions FILE to use it")
+    return values
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -2341,7 +2385,7 @@ CHOICES = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=
                relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"),
                tsa=("off", "static", "dynamic"), demo_model=("toy", "planted"), acr_variant=ACR_VARIANTS,
                vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"), tse_drop=("exact", "upstream"),
-               adapter_feats=("clean", "upstream"), seg_one_kind=("mean", "half"), cache_scheduler=("model", "ddim"))
+               adapter_feats=("clean", "upstream"), layout=("voc", "custom"), seg_one_kind=("mean", "half"), cache_scheduler=("model", "ddim"))
 _RULES = [(name, lambda v, lo=lo: v >= lo, f">= {lo}") for name, lo in (
     ("batch_size", 1), ("crop_size", 1), ("max_steps", 1), ("attn_layers", 1), ("rfm_dynamic_layers", 1),
     ("rfm_dynamic_after", 0), ("par_iters", 0), ("power", 0), ("aff_radius", 0), ("dec_dim", 1),
@@ -2391,7 +2435,7 @@ def validate_config(cfg: Config):
     if cfg.demo_model == "planted" and cfg.dataset != "synthetic":
         raise WSSSError("--demo-model planted is hand-set for the synthetic world: it needs --dataset synthetic "
                         "(or --demo)")
-    supers = DATASETS[cfg.dataset]["superclasses"]
+    supers = dataset_info(cfg)["superclasses"]
     if cfg.superclasses not in supers:
         raise WSSSError(f"--superclasses {cfg.superclasses} has no table for {cfg.dataset}; "
                         f"choose {'|'.join(map(str, supers))}")
@@ -2424,12 +2468,21 @@ def validate_config(cfg: Config):
         if cfg.tse == "builtin" and cfg.dataset not in BUILTIN_DESCRIPTIONS:
             raise WSSSError(f"--tse builtin: wsss.py has no sentences for {cfg.dataset}; give ExCEL's --attr-bank "
                             f"FILE or --descriptions FILE (see data.md)")
+        if cfg.tse == "on" and not given and cfg.dataset == "custom":
+            raise WSSSError("ExCEL's TSE on your own classes needs their descriptions: descriptions.json in "
+                            "--data-root or --descriptions FILE ({class: [sentences]}, see data.md), or --tse off")
         if cfg.tse == "on" and not given and cfg.dataset in ("voc", "coco") and not cfg.tiny \
                 and cfg.clip_pretrained != "random":
             raise WSSSError(f"ExCEL's TSE on {cfg.dataset} uses ExCEL's GPT-4 attribute bank: pass --attr-bank FILE "
                             f"(its attributes_text/*_embedding_bank.pth) or --descriptions FILE (its JSON); see "
                             f"data.md. --tse builtin uses wsss.py's own sentences instead (not the paper's), "
                             f"--tse off none")
+    if cfg.labels_file:
+        if cfg.dataset not in ("voc", "coco"):
+            raise WSSSError(f"--labels-file is for VOC/COCO (WeCLIP's cls_labels_onehot.npy); {cfg.dataset} reads "
+                            f"its labels from " + ("<split>.csv" if cfg.dataset == "custom" else "its masks"))
+        if not Path(cfg.labels_file).is_file():
+            raise WSSSError(f"--labels-file file not found: {cfg.labels_file}")
     if cfg.lvc and cfg.relation != "cos":
         raise WSSSError("--lvc needs --relation cos (the bias is softmax of ExCEL's relation R)")
     if cfg.lvc and cfg.cam != "text":
@@ -2812,8 +2865,13 @@ def read_split(cfg: Config, split: str) -> list:
     """The VOC folder layout: <root>/JPEGImages/<name>.jpg, <root>/SegmentationClassAug/<name>.png (or
     SegmentationClass/), split lists <root>/ImageSets/Segmentation/<split>.txt (or <root>/<split>.txt): one name
     per line (names may contain spaces; surrounding whitespace and blank lines are ignored; a name listed twice is
-    used once). -> [(name, image path, mask path)]; every missing piece is one line."""
+    used once). -> [(name, image path, mask path or None)]; every missing piece is one line. With --labels-file
+    (image-level labels from a file) the masks are optional: a split without them is not scored. --dataset
+    custom: read_custom_split."""
     root = Path(cfg.data_root)
+    if cfg.dataset == "custom":
+        custom_dataset_info(cfg.data_root)  # the class file first: its errors name the folder
+        return read_custom_split(cfg, split)[0]
     if not cfg.data_root:
         raise WSSSError(f"no --data-root given for {cfg.dataset}: pass --data-root DIR (e.g. "
                         f"VOCdevkit/VOC2012; layout in data.md) or set WSSS_DATA_ROOT, or try --demo")
@@ -2830,30 +2888,35 @@ def read_split(cfg: Config, split: str) -> list:
                f"used once")
         names = unique
     mask_dir = next((d for d in ("SegmentationClassAug", "SegmentationClass") if (root / d).is_dir()), None)
-    if mask_dir is None:
-        raise WSSSError(f"no SegmentationClassAug/ or SegmentationClass/ folder in {root} (see data.md)")
-    strip = DATASETS[cfg.dataset]["mask_strip"]
+    if mask_dir is None and not cfg.labels_file:
+        raise WSSSError(f"no SegmentationClassAug/ or SegmentationClass/ folder in {root}: the image-level labels "
+                        f"come from the masks unless --labels-file gives them (see data.md)")
+    strip = dataset_info(cfg)["mask_strip"]
     items = []
     for n in names:
         image = root / "JPEGImages" / f"{n}.jpg"
-        mask = root / mask_dir / f"{re.sub(strip, '', n) if strip else n}.png"
+        mask = root / (mask_dir or "SegmentationClassAug") / f"{re.sub(strip, '', n) if strip else n}.png"
         if not image.is_file():
             raise WSSSError(f"image listed in {list_path.name} but missing: {image}")
-        items.append((n, image, mask))
+        items.append((n, image, mask if mask.is_file() or not cfg.labels_file else None))
     return items
 
 
 def scan_labels(cfg: Config, split: str, items: list) -> list:
-    """Image-level labels [sorted foreground class ids] of `items`, derived from the masks (classes present
-    minus background and 255), so no label file is needed. Cached under cache_dir; the cache key covers the root
+    """Image-level labels [sorted foreground class ids] of `items`: from the labels file where there is one
+    (--dataset custom: <split>.csv; VOC/COCO: --labels-file, WeCLIP's cls_labels_onehot.npy), else derived from the
+    masks (classes present minus background and 255). Cached under cache_dir; the cache key covers the root
     and, for every listed image and mask, its name, size and mtime (one stat each), so an edited dataset is
     re-scanned; a corrupt cache file is rebuilt (load_cache). The scan also reads each image's header (readable,
     not a decompression bomb, the size of its mask): a bad image of any split is reported before training starts
     rather than in a worker or at the final evaluation."""
-    root, K = Path(cfg.data_root), len(DATASETS[cfg.dataset]["classes"])
+    root, K = Path(cfg.data_root), len(dataset_info(cfg)["classes"])
     lists = [root / "ImageSets" / "Segmentation" / f"{split}.txt", root / f"{split}.txt"]
     list_name = next((p.name for p in lists if p.is_file()), f"{split}.txt")
-    sig = hashlib.sha1(f"{root.resolve()}|{list_name}|".encode())
+    given = read_custom_split(cfg, split)[1] if cfg.dataset == "custom" else \
+        onehot_labels(cfg.labels_file, [n for n, _, _ in items], K) if cfg.labels_file else None
+    source = root / f"{split}.csv" if cfg.dataset == "custom" else cfg.labels_file
+    sig = hashlib.sha1(f"{root.resolve()}|{list_name}|{source}|{_stat_key(source) if source else ''}|".encode())
     for n, image, mask in items:
         sig.update(f"{n}|{_stat_key(image)}|{_stat_key(mask)}\n".encode())
     path = Path(cfg.cache_dir) / "labels" / f"{cfg.dataset}-{split}-{sig.hexdigest()[:12]}.json"
@@ -2869,15 +2932,15 @@ def scan_labels(cfg: Config, split: str, items: list) -> list:
     if labels is None:
         labels = {}
         for n, image, m in items:
-            mask = load_mask(m, K)
+            mask = load_mask(m, K) if m is not None else None
             try:
                 with open_image(image) as im:
                     size = im.size
             except (OSError, SyntaxError, ValueError) as e:
                 raise WSSSError(f"cannot read image {image}: {e} (corrupt or truncated file?)")
-            if size != mask.shape[::-1]:
+            if mask is not None and size != mask.shape[::-1]:
                 raise WSSSError(f"image {image} is {size[0]}x{size[1]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
-            labels[n] = [int(c) for c in np.unique(mask) if 0 < c < K]
+            labels[n] = given[n] if given is not None else [int(c) for c in np.unique(mask) if 0 < c < K]
         try:
             clean_stale_temps(path.parent)
             atomic_write_text(json.dumps(labels), path)
@@ -2886,8 +2949,155 @@ def scan_labels(cfg: Config, split: str, items: list) -> list:
     return [labels[n] for n in names]
 
 
+# ---- your own data: --dataset custom (the format is in data.md) ----
+# <root>/classes.txt          one class per line, "name" or "name: prompt words" (WeCLIP-style prompt synonyms);
+#                             background is class 0, implicit; '#' starts a comment
+# <root>/background.txt       optional background words, one per line (default: WeCLIP's VOC words)
+# <root>/superclasses.txt     optional, CD-CLIP's SBE: "super-class: class, class, ..." covering every class once
+# <root>/descriptions.json    optional, ExCEL's TSE: {class: [sentences]} (or --descriptions FILE)
+# <root>/images/              the images; <root>/<split>.csv: "image,classA;classB" per line (header optional)
+# <root>/masks/<stem>.png     optional masks (ids in classes.txt order, 0 background, 255 ignore): scored, never trained
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+_CUSTOM_INFO = {}  # resolved root -> (files' stamp, info); a checkpoint's info is registered with stamp None
+
+
+def _text_lines(path, what: str) -> list:
+    """The non-blank lines of a user's text file (BOM, CRLF and '#' comments dropped), with their line numbers."""
+    lines = [(i, ln.split("#", 1)[0].strip()) for i, ln in enumerate(read_text(path, what).splitlines(), 1)]
+    return [(i, ln) for i, ln in lines if ln]
+
+
+def custom_dataset_info(root) -> dict:
+    """The class table of a custom dataset, in DATASETS' form, from the files in `root` (see above); cached until
+    one of them changes. Every bad file is one line: a class listed twice or named background, a super-class
+    member that is no class, a class in no super-class."""
+    if not root:
+        raise WSSSError("--dataset custom needs --data-root DIR: a folder with classes.txt, images/ and a labels "
+                        "file per split (train.csv, val.csv); see data.md, or `wsss.py synth --layout custom`")
+    root = Path(root).expanduser()
+    key = str(root.resolve())
+    files = [root / n for n in ("classes.txt", "background.txt", "superclasses.txt", "descriptions.json")]
+    stamp = tuple(_stat_key(p) for p in files)
+    cached = _CUSTOM_INFO.get(key)
+    if cached is not None and cached[0] in (None, stamp):
+        return cached[1]
+    if not root.is_dir():
+        raise WSSSError(f"data root {str(root)!r} not found: pass --data-root DIR (the custom layout is in data.md)")
+    if not files[0].is_file():
+        raise WSSSError(f"no classes.txt in {root}: --dataset custom needs one class name per line (see data.md)")
+    names, prompts = [], []
+    for i, line in _text_lines(files[0], "class file"):
+        name, _, words = line.partition(":")
+        name, words = name.strip(), words.strip()
+        where = f"{files[0]} line {i}"
+        if name.lower() == "background":
+            raise WSSSError(f"{where}: 'background' is class 0, implicit: do not list it")
+        if name in names:
+            raise WSSSError(f"{where}: class {name!r} is listed twice")
+        if any(ch in name for ch in ",;"):
+            raise WSSSError(f"{where}: class {name!r} contains ',' or ';' (the labels file separates with them)")
+        names.append(name)
+        prompts.append(words or name)
+    if not names:
+        raise WSSSError(f"{files[0]} lists no class")
+    bg = [ln for _, ln in _text_lines(files[1], "background file")] if files[1].is_file() else list(VOC_BG)
+    table = {}
+    if files[2].is_file():
+        owner = {}
+        for i, line in _text_lines(files[2], "super-class file"):
+            sup, _, members = line.partition(":")
+            members = [m.strip() for m in members.split(",") if m.strip()]
+            for m in members:
+                if m not in names:
+                    raise WSSSError(f"{files[2]} line {i}: {m!r} is not a class of classes.txt")
+                if m in owner:
+                    raise WSSSError(f"{files[2]} line {i}: class {m!r} is already in super-class {owner[m]!r}")
+                owner[m] = sup.strip()
+            table[sup.strip()] = members
+        missing = [n for n in names if n not in owner]
+        if missing:
+            raise WSSSError(f"{files[2]}: every class needs a super-class; missing {missing[:5]}")
+    info = dict(classes=["background"] + names, prompts=prompts, bg_prompts=bg, mask_strip="",
+                superclasses={len(table): table}, attr_ratio=112 / 400,
+                descriptions=str(files[3]) if files[3].is_file() else "",
+                defaults=dict(train_split="train", val_split="val", superclasses=len(table)))
+    _CUSTOM_INFO[key] = (stamp, info)
+    return info
+
+
+def register_dataset_info(root, info: dict):
+    """Use a checkpoint's class table for a custom dataset (predict needs no data folder)."""
+    _CUSTOM_INFO[str(Path(root or ".").expanduser().resolve())] = (None, info)
+
+
+def read_custom_split(cfg: Config, split: str):
+    """A custom split: <root>/<split>.csv, one "image,classA;classB" row per image (image relative to images/; a
+    header row "image,..." and blank lines skipped; an image listed twice used once). -> items [(name, image path,
+    mask path or None)], labels {name: [class ids]}; an unknown class or a missing image is one line."""
+    import csv
+    root = Path(cfg.data_root)
+    path = root / f"{split}.csv"
+    if not path.is_file():
+        raise WSSSError(f"labels file for split {split!r} not found: {path} (rows \"image,classA;classB\"; see data.md)")
+    ids = {n: k for k, n in enumerate(dataset_info(cfg)["classes"]) if k}
+    items, labels, dup = [], {}, 0
+    for i, row in enumerate(csv.reader(read_text(path, "labels file").splitlines()), 1):
+        if not row or not "".join(row).strip():
+            continue
+        image = row[0].strip()
+        if i == 1 and image.lower() in ("image", "file", "filename", "name"):
+            continue  # a header
+        if len(row) > 2:
+            raise WSSSError(f"{path} line {i}: expected 2 columns (image,classA;classB), got {len(row)}: separate "
+                            f"classes with ';'")
+        tags = [t.strip() for t in (row[1] if len(row) > 1 else "").split(";") if t.strip()]
+        unknown = [t for t in tags if t not in ids]
+        if unknown:
+            raise WSSSError(f"{path} line {i}: unknown class {unknown[0]!r} (classes.txt has {len(ids)}: "
+                            f"{', '.join(list(ids)[:6])}{', ...' if len(ids) > 6 else ''})")
+        name = str(Path(image).with_suffix(""))
+        if name in labels:
+            dup += 1
+            continue
+        file = root / "images" / image
+        if not file.is_file():
+            raise WSSSError(f"{path} line {i}: image not found: {file}")
+        mask = root / "masks" / f"{name}.png"
+        items.append((name, file, mask if mask.is_file() else None))
+        labels[name] = sorted({ids[t] for t in tags})
+    if dup:
+        print0(f"data: {path.name} lists {dup} image(s) more than once; each image is used once")
+    return items, labels
+
+
+def onehot_labels(path, names: list, num_classes: int) -> dict:
+    """VOC/COCO image-level labels from WeCLIP/ExCEL's cls_labels_onehot.npy: a pickled dict {name: multi-hot over
+    the C foreground classes}, so a VOC run needs no training masks. -> {name: [class ids]}; a name missing from
+    the file or a vector of another length is one line. (np.load unpickles: only load a file you trust.)"""
+    try:
+        data = np.load(path, allow_pickle=True)
+        data = data.item() if data.dtype == object and data.shape == () else None
+    except (OSError, ValueError, EOFError) as e:
+        raise WSSSError(f"--labels-file {path}: cannot read ({type(e).__name__}: {e})")
+    if not isinstance(data, dict):
+        raise WSSSError(f"--labels-file {path}: expected a saved dict {{image name: multi-hot vector}} "
+                        f"(WeCLIP's cls_labels_onehot.npy)")
+    out = {}
+    for n in names:
+        v = data.get(n, data.get(re.sub(r"^.*/", "", n)))  # COCO lists "train/<name>"; the file uses <name>
+        if v is None:
+            raise WSSSError(f"--labels-file {path} has no labels for image {n!r}")
+        v = np.asarray(v).reshape(-1)
+        if v.size != num_classes - 1 or not np.isin(v, (0, 1)).all():
+            raise WSSSError(f"--labels-file {path}: labels of {n!r} are not a 0/1 vector of {num_classes - 1} classes")
+        out[n] = [int(c) + 1 for c in np.flatnonzero(v)]
+    return out
+
+
 def _stat_key(path) -> str:
     """size and mtime (ns) of a file, "-" if absent: what a label-cache key needs to notice an edit."""
+    if path is None or path == "":
+        return "-"
     try:
         st = os.stat(path)
     except OSError:
@@ -3084,7 +3294,7 @@ def load_assets(cfg: Config, device, need_dino: bool = None, label_path: bool = 
     without `tsa_cache` no SD for DiCLIP's cache images (VCE's online SD pass still loads it).
     -> dict(clip, tokenizer, texts (None: encode the prompts), dino, sd, attr_bank (None or (centroids (E, B),
     flags (C, B))))."""
-    info = DATASETS[cfg.dataset]
+    info = dataset_info(cfg)
     planted = cfg.demo_model == "planted"  # the hand-set CLIP of the demo (see planted_clip)
     if planted:
         import open_clip
@@ -3184,7 +3394,7 @@ def description_sentences(cfg: Config) -> dict:
     """{class name: [sentence, ...]} for TSE, from --descriptions (ExCEL's JSON) or wsss.py's own sentences
     (--tse builtin; the synthetic world's default).
     Every bad file is one clear line: missing, not JSON, not {class: [strings]}, unknown or missing classes."""
-    classes = DATASETS[cfg.dataset]["classes"][1:]
+    classes = dataset_info(cfg)["classes"][1:]
     if not cfg.descriptions:  # --tse builtin, or the synthetic world (validate_config refuses VOC/COCO without it)
         if cfg.dataset not in BUILTIN_DESCRIPTIONS:
             raise WSSSError(f"TSE on {cfg.dataset} needs --descriptions FILE (ExCEL's JSON; see data.md) or "
@@ -3214,7 +3424,7 @@ def attribute_bank(clip, tokenizer, cfg: Config, device):
     (description_sentences). Built banks are cached under cache_dir, keyed by (CLIP, weights, sentences, B, seed),
     written atomically; a corrupt cached bank is rebuilt."""
     E = clip.text_projection.shape[-1] if clip.text_projection is not None else clip.token_embedding.weight.shape[1]
-    C = len(DATASETS[cfg.dataset]["classes"]) - 1
+    C = len(dataset_info(cfg)["classes"]) - 1
     if cfg.attr_bank:
         bank = _read_bank(cfg.attr_bank, f"--attr-bank {cfg.attr_bank}")
         if bank is None:
@@ -3291,7 +3501,7 @@ def _settings_hash(d: dict) -> str:
 def tsa_settings(cfg: Config) -> dict:
     """The manifest's settings part: every TSA_KEYS field plus the class names (JSON-able)."""
     s = {k: getattr(cfg, k) for k in TSA_KEYS}
-    s.update(format=TSA_FORMAT, classes=DATASETS[cfg.dataset]["classes"])
+    s.update(format=TSA_FORMAT, classes=dataset_info(cfg)["classes"])
     if cfg.cache_source == "synthetic":  # the stand-in renderer ignores the SD generation settings
         for k in ("cache_steps", "cache_guidance", "cache_prompt"):
             s[k] = None
@@ -3397,7 +3607,7 @@ def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_f
     if cached is not None:
         return cached
     ensure_writable(path.parent)
-    names = DATASETS[cfg.dataset]["classes"]
+    names = dataset_info(cfg)["classes"]
     classes = [(c, names[c]) for c in range(1, len(names))]
     items = generate_cache_images(tsa_image_dir(cfg), classes, cfg.cache_images_per_class, make_image, log)
     fg_by_class, bg, used, hashes = {}, [], {}, {}
@@ -3500,8 +3710,10 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(path, decoder, optimizer, scaler, step: int, cfg: Config, best: float):
-    """One dict: unwrapped decoder (no `module.` prefix), optimizer, scaler, step, config, RNG states."""
-    atomic_save(dict(decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
+    """One dict: unwrapped decoder (no `module.` prefix), optimizer, scaler, step, config, RNG states, and the
+    class table (names, prompts, background words, super-classes), so predict needs nothing of the dataset."""
+    info = dict(dataset_info(cfg))
+    atomic_save(dict(decoder=decoder.state_dict(), optimizer=optimizer.state_dict(), info=info,
                      scaler=scaler.state_dict() if scaler else None, step=step, config=dataclasses.asdict(cfg),
                      best_miou=best, rng=rng_state(), world_size=dist_info()[1], version=1), path)
 
@@ -3521,6 +3733,15 @@ def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
     diff = [f"{k}={was[k]!r} (now {getattr(cfg, k)!r})" for k in keys if was[k] != getattr(cfg, k)]
     if diff:
         raise WSSSError(f"checkpoint {path} was trained with another config: {', '.join(diff)}")
+    saved_classes = ckpt.get("info", {}).get("classes")
+    if saved_classes is not None and list(saved_classes) != list(dataset_info(cfg)["classes"]):
+        now = dataset_info(cfg)["classes"]
+        first = next((i for i, (a, b) in enumerate(zip(saved_classes, now)) if a != b),
+                     min(len(now), len(saved_classes)))
+        raise WSSSError(f"checkpoint {path} was trained on other classes ({len(saved_classes) - 1} vs "
+                        f"{len(now) - 1} here; first difference at class {first}: "
+                        f"{saved_classes[first] if first < len(saved_classes) else '-'!r} vs "
+                        f"{now[first] if first < len(now) else '-'!r})")
     return ckpt
 
 
@@ -3615,6 +3836,10 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     ctx, amp_dtype = autocast_ctx(cfg, device)
     train_set = SegDataset(cfg, cfg.train_split, train=True)  # data errors first: they are the cheap ones
     val_set = SegDataset(cfg, cfg.val_split, train=False)
+    scored = val_set.masks > 0  # your own data may have no masks: nothing to score, training is the same
+    if not scored:
+        print0(f"data: the {cfg.val_split} split has no masks, so validation is skipped (the decoder is trained all "
+               f"the same; `wsss.py predict` writes its masks)")
     frozen = frozen or Frozen(cfg, device)
     decoder = build_decoder(cfg, frozen).to(device)
     optimizer = torch.optim.AdamW(param_groups(decoder, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -3648,7 +3873,7 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
            f"CLIP {cfg.clip_model if not cfg.tiny else 'toy'} ({weights}) blocks {frozen.num_blocks} | "
            f"DINOv2 {'on' if frozen.dino is not None else 'off'} | trainable params {n_params:,}")
     metrics_path = out_dir / "metrics.jsonl"
-    pl_conf = torch.zeros(len(DATASETS[cfg.dataset]["classes"]), len(DATASETS[cfg.dataset]["classes"]),
+    pl_conf = torch.zeros(len(dataset_info(cfg)["classes"]), len(dataset_info(cfg)["classes"]),
                           dtype=torch.long, device=device)
     bar = _progress(range(start, cfg.max_steps), disable=rank != 0)
     t0, last = time.time(), {}
@@ -3682,12 +3907,13 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
             last.update(pseudo_miou=miou(all_reduce_sum(pl_conf))["miou"], ms_per_step=ms)  # since the last log line
             pl_conf.zero_()
             extra = "".join(f" | {k} {last[k]:.3f}" for k in ("aff", "b") if k in last)
+            pm = "n/a" if math.isnan(last["pseudo_miou"]) else f"{100 * last['pseudo_miou']:.1f}"  # no masks
             print0(f"step {done:05d}/{cfg.max_steps} | loss {last['loss']:.3f} | seg {last['seg']:.3f}{extra} | "
-                   f"pseudo-label mIoU {100 * last['pseudo_miou']:.1f} | lr {lr:.1e} | {ms:.0f} ms")
+                   f"pseudo-label mIoU {pm} | lr {lr:.1e} | {ms:.0f} ms")
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+        if cfg.eval_every and scored and done % cfg.eval_every == 0 and done < cfg.max_steps:
             res = evaluate(decoder, frozen, val_set, cfg, device, dropout=cfg.upstream)  # upstream: Dropout2d on
             best = max(best, res["decoder"]["miou"]) if not math.isnan(best) else res["decoder"]["miou"]
             print0(f"step {done:05d} | val mIoU {100 * res['decoder']['miou']:.1f}")
@@ -3704,12 +3930,15 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     if cfg.demo and not cfg.save_vis:
         cfg.save_vis = str(out_dir / "vis")
     labelled = cfg.demo or cfg.eval_cams
+    if not scored:
+        print0(f"trained {cfg.max_steps} steps -> {cfg.ckpt} (no {cfg.val_split} masks: not scored)")
+        return dict(results={}, last=last)
     results = evaluate(decoder, frozen, val_set, cfg, device, cams=labelled, oracle=labelled)
     if labelled:  # raw CAM | refined | +PAR | decoder, then the perfect-affinity ceiling (a diagnostic)
         results = {k: results[k] for k in ("cam", "refined", "refined+PAR", "decoder", "oracle", "oracle+PAR")}
     if cfg.demo:  # and the two baselines, side by side
         results.update(demo_baselines(cfg, val_set, device))
-    names = DATASETS[cfg.dataset]["classes"]
+    names = dataset_info(cfg)["classes"]
     print0(format_table(results, names, title=f"{cfg.method} (refine {cfg.refine}) on {cfg.dataset} {cfg.val_split} "
                                               f"({min(len(val_set), cfg.max_images or len(val_set))} images)"))
     if cfg.save_vis:
@@ -3734,13 +3963,14 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
     PAR: the papers' "M" column; with a decoder, RFM runs dynamic, as upstream's val mode). Also writes
     overlays with --save-vis. Shards over DDP ranks and sums the confusion matrices. `dropout` keeps the decoder in
     training mode, as upstream's in-training validation did (--upstream)."""
-    K = len(DATASETS[cfg.dataset]["classes"])
+    K = len(dataset_info(cfg)["classes"])
     names = (["decoder"] if decoder is not None else []) + (["cam", "refined", "refined+PAR"] if cams else []) \
         + (["oracle", "oracle+PAR"] if cams and oracle else [])
     conf = {n: torch.zeros(K, K, dtype=torch.long, device=device) for n in names}
     if decoder is not None and not dropout:  # upstream's validate() never called eval(): Dropout2d stayed on
         decoder.eval()  # [upstream bug fixed]
     vis_dir = make_dir(cfg.save_vis, "--save-vis") if cfg.save_vis else None
+    pseudo_dir = make_dir(cfg.save_pseudo, "--save-pseudo") if cams and cfg.save_pseudo else None
     failure = None
     for i in shard(min(len(dataset), cfg.max_images or len(dataset))):
         try:
@@ -3768,6 +3998,9 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
             for name in names:
                 if name != "decoder":
                     conf[name] += confusion_matrix(pl[name][0] if has_fg else torch.zeros_like(gt), gt, K)
+            if pseudo_dir is not None:  # what training would use: the refined pseudo-label after PAR
+                save_label_png((pl["refined+PAR"][0] if has_fg else torch.zeros_like(gt)).cpu().numpy(),
+                               pseudo_dir / f"{item['name']}.png")
             if want_vis:
                 cam = pl["cam_map"][0].cpu().numpy() if has_fg else np.zeros(gt.shape)
                 pseudo = pl["refined+PAR"][0] if has_fg else torch.zeros_like(gt)
@@ -3827,6 +4060,15 @@ def palette(k: int) -> np.ndarray:
         pal[i] = (r, g, b)
     pal[IGNORE] = 255
     return pal
+
+
+def save_label_png(labels, path):
+    """A label map (H, W) of class ids (255 ignore) as an index PNG with the VOC palette, written atomically: the
+    format of VOC's SegmentationClass (read back with PIL as the ids themselves)."""
+    from PIL import Image
+    im = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
+    im.putpalette(palette(256).flatten().tolist())
+    _atomic(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 def save_overlay(path, rgb, cam, pseudo, pred, gt):
@@ -3954,11 +4196,16 @@ def draw_single_class_scene(rng: np.random.Generator, cls: int, size: int = 64):
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, seed: int = 0) -> Path:
+def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, seed: int = 0,
+                           layout: str = "voc") -> Path:
     """Write the synthetic world in the VOC layout: JPEGImages/*.jpg, SegmentationClass/*.png (exact masks),
-    ImageSets/Segmentation/{train,val}.txt (val holds num_images // 4 further images). Deterministic in seed."""
+    ImageSets/Segmentation/{train,val}.txt (val holds num_images // 4 further images). Deterministic in seed.
+    layout "custom": the your-own-data format instead (classes.txt, superclasses.txt, images/, train.csv and
+    val.csv with the image-level labels, masks/ for the val images only: training reads no mask)."""
     from PIL import Image
     root = Path(root)
+    if layout == "custom":
+        return _synthetic_custom(root, num_images, image_size, seed)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     splits = {"train": range(num_images), "val": range(num_images, num_images + max(1, num_images // 4))}
@@ -3971,6 +4218,30 @@ def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, se
             Image.fromarray(mask, mode="L").save(root / "SegmentationClass" / f"{name}.png")
             names.append(name)
         atomic_write_text("\n".join(names) + "\n", root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    return root
+
+
+def _synthetic_custom(root: Path, num_images: int, image_size: int, seed: int) -> Path:
+    """The synthetic world in the custom layout (the same images and val masks as the VOC layout's)."""
+    from PIL import Image
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    names = SYNTH_CLASSES[1:]
+    atomic_write_text("".join(f"{n}\n" for n in names), root / "classes.txt")
+    atomic_write_text("".join(f"{s}: {', '.join(m)}\n" for s, m in SYNTH_SUPER[3].items()), root / "superclasses.txt")
+    atomic_write_text(json.dumps({c: [f"a clean origami {c}. {t}" for t in BUILTIN_DESCRIPTIONS["synthetic"][c]]
+                                  for c in names}, indent=1), root / "descriptions.json")
+    splits = {"train": range(num_images), "val": range(num_images, num_images + max(1, num_images // 4))}
+    for split, ids in splits.items():
+        rows = ["image,labels"]
+        for i in ids:
+            image, mask, _, _ = draw_toy_scene(np.random.default_rng([seed, i]), image_size)
+            name = f"synth_{i:05d}"
+            Image.fromarray(image).save(root / "images" / f"{name}.jpg", quality=95)
+            if split == "val":
+                Image.fromarray(mask, mode="L").save(root / "masks" / f"{name}.png")
+            rows.append(f"{name}.jpg," + ";".join(names[c - 1] for c in np.unique(mask) if 0 < c < len(names) + 1))
+        atomic_write_text("\n".join(rows) + "\n", root / f"{split}.csv")
     return root
 
 
@@ -4307,7 +4578,7 @@ def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
     rnd_cfg = dataclasses.replace(cfg, clip_pretrained="random", demo_model="toy", tsa="off", save_vis="")
     rnd = Frozen(rnd_cfg, device, need_dino=False)
     res = evaluate(None, rnd, val_set, rnd_cfg, device, cams=True)
-    K = len(DATASETS[cfg.dataset]["classes"])
+    K = len(dataset_info(cfg)["classes"])
     conf = torch.zeros(K, K, dtype=torch.long, device=device)
     for i in shard(min(len(val_set), cfg.max_images or len(val_set))):
         gt = val_set[i]["mask"].to(device)
@@ -4480,10 +4751,14 @@ USAGE = """Run (CPU is fine for the demo; a CUDA GPU is used automatically when 
   python wsss.py train --method cdclip --data-root VOCdevkit/VOC2012   # real VOC, real checkpoints (GPU)
   python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
   python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
+  python wsss.py cams  --method cdclip --data-root ... --save-pseudo DIR  # ... and write them as PNGs
+  python wsss.py predict --ckpt runs/cdclip-voc/ckpt.pt --images photos/ --out masks/  # segment new images
+  python wsss.py train --method cdclip --dataset custom --data-root mydata/  # your own images and tags (data.md)
   python wsss.py cache --method diclip --data-root ... # build DiCLIP's TSA key-value cache (resumable)
   python wsss.py compare --demo                        # the four methods on the same data, one table
   python wsss.py compare --demo --demo-model planted   # the same with a hand-set CLIP whose attention is semantic
   python wsss.py synth --data-root /tmp/synth          # write the synthetic dataset in the VOC layout
+  python wsss.py synth --data-root /tmp/mine --layout custom  # ... in the your-own-data layout (no train masks)
   python wsss.py pretrain-toy                          # contrastively pre-train the toy CLIP used by --demo
   python wsss.py bench --method cdclip --clip-pretrained random --dino-model random  # timings of a step
   torchrun --nproc_per_node=4 wsss.py train ...        # DDP (nccl on GPU, gloo on CPU)
@@ -4499,6 +4774,9 @@ def cmd_eval(cfg: Config):
     device = setup_distributed(cfg)  # under torchrun the images are sharded and the counts summed
     ckpt = load_checkpoint(cfg.ckpt, cfg)
     dataset = SegDataset(cfg, cfg.val_split, train=False)
+    if not dataset.masks:
+        raise WSSSError(f"the {cfg.val_split} split has no masks to score against; `wsss.py predict --ckpt "
+                        f"{cfg.ckpt} --images DIR --out DIR` segments images without them")
     # test time is CLIP + the decoder alone (no DINOv2, SD, attribute bank or DiCLIP cache); the overlays of
     # --save-vis draw the pseudo-label too, which needs the method's label path
     frozen = Frozen(cfg, device, need_dino=False, label_path=bool(cfg.save_vis))
@@ -4509,7 +4787,7 @@ def cmd_eval(cfg: Config):
     res = evaluate(decoder, frozen, dataset, cfg, device)
     title = (f"{cfg.ckpt} (step {ckpt['step']}) on {cfg.dataset} {cfg.val_split}, scales {cfg.eval_scales}, "
              f"flip {cfg.eval_flip}, crf {cfg.crf}")
-    print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=title))
+    print0(format_table(res, dataset_info(cfg)["classes"], title=title))
     if cfg.save_vis:
         print0(f"overlays (image | CAM | pseudo-label | prediction | truth): {cfg.save_vis}/")
     return res
@@ -4523,6 +4801,9 @@ def cmd_cams(cfg: Config):
     if cfg.demo:
         prepare_demo(cfg)
     dataset = SegDataset(cfg, cfg.cam_split, train=False)
+    if not dataset.masks and not cfg.save_pseudo:
+        raise WSSSError(f"the {cfg.cam_split} split has no masks to score the pseudo-labels against: pass "
+                        f"--save-pseudo DIR to write them")
     frozen = Frozen(cfg, device, need_dino=False)
     decoder, mode = None, "training-free"
     if "ckpt" in getattr(cfg, "_given", ()):
@@ -4533,17 +4814,111 @@ def cmd_cams(cfg: Config):
         cfg = dataclasses.replace(cfg, val_box_threshold=0.0)  # infer_lam keeps the training threshold
         mode = f"with {cfg.ckpt} (step {ckpt['step']})"
     res = evaluate(None, frozen, dataset, cfg, device, cams=True, label_decoder=decoder)
-    print0(format_table(res, DATASETS[cfg.dataset]["classes"], title=f"pseudo-labels of {cfg.method} "
+    if cfg.save_pseudo:
+        print0(f"pseudo-labels of {min(len(dataset), cfg.max_images or len(dataset))} {cfg.cam_split} images "
+               f"(refined + PAR, index PNGs, VOC palette) -> {cfg.save_pseudo}/")
+    if not dataset.masks:
+        return res
+    print0(format_table(res, dataset_info(cfg)["classes"], title=f"pseudo-labels of {cfg.method} "
                         f"(cam {cfg.cam}, refine {cfg.refine}, {mode}) on {cfg.dataset} {cfg.cam_split}"))
     return res
+
+
+def checkpoint_config(path, cfg: Config):
+    """predict's settings: the checkpoint's (method, dataset, model, the class table), under the flags given on the
+    command line (test-time scales, flip, CRF, device). The label path's input files are not needed at test time
+    (CLIP + the decoder), so they are dropped. -> (ckpt, Config)."""
+    if not Path(path).is_file():
+        raise WSSSError(f"checkpoint not found: {path} (pass --ckpt runs/<method>-<dataset>/ckpt.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise WSSSError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
+    if not isinstance(ckpt, dict) or "decoder" not in ckpt or "config" not in ckpt:
+        raise WSSSError(f"{path} is not a wsss.py checkpoint")
+    saved, names = ckpt["config"], {f.name for f in fields(Config)}
+    values = {k: v for k, v in saved.items() if k in names}
+    values.update(tse="off", attr_bank="", descriptions="", labels_file="", resume="", save_vis="")
+    values.update({k: getattr(cfg, k) for k in getattr(cfg, "_given", ()) if k in names})
+    values["ckpt"] = str(path)
+    if values.get("dataset") == "custom":
+        if "info" not in ckpt:
+            raise WSSSError(f"{path} has no class table (written before custom datasets): evaluate it with `eval`")
+        register_dataset_info(values.get("data_root", ""), ckpt["info"])
+    return ckpt, make_config(**values)
+
+
+def image_files(spec: str) -> tuple:
+    """The images `predict` reads: one file, a folder (recursively) or a glob. -> (image paths sorted, number of
+    other files skipped); no image at all is one line."""
+    import glob
+    p = Path(spec).expanduser()
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else \
+        sorted(Path(q) for q in glob.glob(str(p), recursive=True) if Path(q).is_file())
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise WSSSError(f"--images {spec}: no image files found ({len(files)} other files; image types: "
+                        f"{' '.join(IMAGE_SUFFIXES)})")
+    return images, len(files) - len(images)
+
+
+def cmd_predict(cfg: Config):
+    """Segment new images with a trained checkpoint, no ground truth needed: one index PNG per image (class ids,
+    VOC palette, the image's own size) under --out, named after the image (sub-folders kept); --save-vis also
+    writes an overlay (image | prediction) per image. Multi-scale + flip and --crf as `eval`. Files that are not
+    images (by suffix) or cannot be read are skipped with a count."""
+    if not cfg.images or not cfg.out:
+        raise WSSSError("predict needs --ckpt CKPT --images DIR|FILE|GLOB --out DIR")
+    ckpt, cfg = checkpoint_config(cfg.ckpt, cfg)
+    files, other = image_files(cfg.images)
+    out_dir = make_dir(cfg.out, "--out")
+    vis_dir = make_dir(cfg.save_vis, "--save-vis") if cfg.save_vis else None
+    device = get_device(cfg)
+    frozen = Frozen(cfg, device, need_dino=False, label_path=False)  # test time: CLIP + the decoder
+    decoder = build_decoder(cfg, frozen).to(device)
+    decoder.load_state_dict({k: v for k, v in ckpt["decoder"].items() if not k.startswith("cache_adapter.")})
+    decoder.eval()
+    base = Path(cfg.images).expanduser()
+    base = base if base.is_dir() else None
+    done, bad, used = 0, [], set()
+    for f in _progress(files):
+        try:
+            rgb = load_rgb(f)
+        except WSSSError as e:
+            bad.append(str(e))
+            continue
+        rel = f.relative_to(base) if base is not None else Path(f.name)
+        name = rel.with_suffix("") if rel.with_suffix("") not in used else rel  # a.jpg and a.png: a.png.png
+        used.add(name)
+        image = normalize_image(rgb, cfg.norm)[None].to(device)
+        with torch.no_grad():
+            logits = predict_logits(decoder, frozen, image, cfg)
+        pred = crf_refine(rgb, logits[0].softmax(0).cpu().numpy(), cfg) if cfg.crf else \
+            logits[0].argmax(0).cpu().numpy()
+        save_label_png(pred, out_dir / f"{name}.png")
+        if vis_dir is not None:
+            pal = palette(256)
+            over = np.where((pred == 0)[..., None], rgb * 0.6, 0.4 * rgb + 0.6 * pal[pred]).astype(np.uint8)
+            _atomic_png(np.concatenate([rgb, over], 1), make_dir(vis_dir / name.parent, "--save-vis") /
+                        f"{name.name}.png")
+        done += 1
+    skipped = f"; skipped {other} non-image file(s)" if other else ""
+    skipped += f"; skipped {len(bad)} unreadable image(s), first: {bad[0]}" if bad else ""
+    classes = ", ".join(f"{k} {n}" for k, n in enumerate(dataset_info(cfg)["classes"][:8]))
+    print0(f"predicted {done} image(s) with {cfg.method} (step {ckpt.get('step')}) -> {out_dir}/ (index PNGs: "
+           f"{classes}{', ...' if len(dataset_info(cfg)['classes']) > 8 else ''}){skipped}")
+    if not done:
+        raise WSSSError(f"no image of --images {cfg.images} could be read ({bad[0] if bad else ''})")
+    return done
 
 
 def cmd_synth(cfg: Config):
     if not cfg.data_root:
         raise WSSSError("synth needs --data-root DIR (the folder to write)")
-    root = make_synthetic_dataset(make_dir(cfg.data_root, "--data-root"), cfg.num_images, cfg.image_size, cfg.seed)
+    root = make_synthetic_dataset(make_dir(cfg.data_root, "--data-root"), cfg.num_images, cfg.image_size, cfg.seed,
+                                  cfg.layout)
     print0(f"wrote {cfg.num_images} train + {max(1, cfg.num_images // 4)} val synthetic images to {root} "
-           f"(use --dataset synthetic --data-root {root})")
+           f"(use --dataset {'custom' if cfg.layout == 'custom' else 'synthetic'} --data-root {root})")
 
 
 def cmd_pretrain_toy(cfg: Config):
@@ -4614,8 +4989,8 @@ def cmd_compare(cfg: Config, argv=()):
     return rows
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cams": cmd_cams, "cache": cmd_cache, "synth": cmd_synth,
-            "pretrain-toy": cmd_pretrain_toy, "bench": bench, "compare": cmd_compare}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cams": cmd_cams, "predict": cmd_predict, "cache": cmd_cache,
+            "synth": cmd_synth, "pretrain-toy": cmd_pretrain_toy, "bench": bench, "compare": cmd_compare}
 
 
 def _one_line(e: Exception) -> str:
