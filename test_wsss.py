@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -2458,7 +2459,8 @@ def test_part_one_calls_part_two_only_through_the_seams():
     used = {e.id for n in part1 for e in ast.walk(n) if isinstance(e, ast.Name) and isinstance(e.ctx, ast.Load)
             and e.id in defined2 and id(e) not in annotations}
     used.discard("train")  # SegDataset's argument of that name, not Part II's function
-    seams = {"load_assets", "read_split", "scan_labels", "load_rgb", "load_mask", "ensure_tsa_cache", "agree"}
+    seams = {"load_assets", "read_split", "scan_labels", "load_rgb", "load_mask", "custom_dataset_info",
+             "ensure_tsa_cache", "agree"}
     assert used == seams, f"Part I uses Part II's {sorted(used - seams)}; unused seams {sorted(seams - used)}"
     assert split <= 2300, f"Part I is {split} lines"
     for seam in seams:  # the module docstring names every seam
@@ -3120,6 +3122,180 @@ def test_planted_signal_diclip_cache_pseudo_labels(synth_root, cache_dir, tmp_pa
     static = wsss.evaluate(None, frozen, val, cfg_st, CPU, cams=True)
     assert static["refined+PAR"]["miou"] >= 0.8 and static["cam"]["miou"] >= plain["cam"]["miou"] - 0.02, \
         (plain["cam"]["miou"], static["cam"]["miou"], static["refined+PAR"]["miou"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# harness: your own data (--dataset custom), labels from a file, predict, cams --save-pseudo
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def custom_root(tmp_path_factory):
+    """The synthetic world in the custom layout: classes.txt, superclasses.txt, descriptions.json, images/,
+    train.csv / val.csv, masks of the val images only."""
+    return wsss.make_synthetic_dataset(tmp_path_factory.mktemp("custom"), num_images=12, image_size=64, seed=3,
+                                       layout="custom")
+
+
+def custom_cfg(root, cache_dir, **kw):
+    base = dict(dataset="custom", data_root=str(root), cache_dir=str(cache_dir), tiny=True, num_workers=0,
+                crop_size=64, eval_long_side=64)
+    base.update(kw)
+    return wsss.make_config(**base)
+
+
+def test_custom_layout_reads_the_same_world_without_training_masks(custom_root, synth_root, cache_dir):
+    cfg = custom_cfg(custom_root, cache_dir, method="weclip")
+    info = wsss.dataset_info(cfg)
+    assert info["classes"] == wsss.SYNTH_CLASSES and info["superclasses"] == wsss.SYNTH_SUPER
+    assert cfg.superclasses == 3 and cfg.descriptions == ""  # weclip reads no descriptions
+    train, val = wsss.SegDataset(cfg, "train", train=True), wsss.SegDataset(cfg, "val", train=False)
+    assert train.masks == 0 and val.masks == len(val) == 3
+    # the labels of train.csv are the classes of the (unwritten) masks: the same scenes drawn again
+    for (name, _, _), lab in zip(train.items, train.labels):
+        i = int(name.split("_")[1])
+        _, mask, _, _ = wsss.draw_toy_scene(np.random.default_rng([3, i]), 64)
+        assert lab == [int(c) for c in np.unique(mask) if 0 < c < 7], name
+    assert (train[0]["mask"] == 255).all()  # no mask: nothing is scored
+    # each method's choices on custom classes
+    assert custom_cfg(custom_root, cache_dir, method="cdclip").lambda_b == 0.6  # superclasses.txt given
+    assert custom_cfg(custom_root, cache_dir, method="excel").descriptions == str(custom_root / "descriptions.json")
+
+
+def test_custom_training_for_each_method_and_predict(custom_root, cache_dir, tmp_path, capsys):
+    small = dict(max_steps=2, batch_size=2, eval_every=0, log_every=1, dec_dim=32, dec_layers=1, dec_heads=2,
+                 dec_mlp=64, cache_images_per_class=2, cache_per_class=1, cache_bg=2, cache_image_size=64,
+                 cache_steps=2, sd_size=64, cam_contrast_floor=0.0)
+    ckpts = {}
+    for method in wsss.METHODS:
+        cfg = custom_cfg(custom_root, tmp_path / "cache", method=method, out_dir=str(tmp_path / method), **small)
+        res = wsss.train(cfg)
+        assert set(res["results"]) == {"decoder"} and math.isfinite(res["results"]["decoder"]["miou"]), method
+        ckpts[method] = tmp_path / method / "ckpt.pt"
+    # predict: an index PNG per image at the image's own size, VOC palette, equal to eval's argmax; files that
+    # are not images, and unreadable images, are skipped with a count
+    pics = tmp_path / "pics"
+    (pics / "sub").mkdir(parents=True)
+    rgb = wsss.draw_toy_scene(np.random.default_rng(9), 64)[0]
+    Image.fromarray(rgb).resize((80, 50)).save(pics / "sub" / "wide.png")
+    shutil.copy(custom_root / "images" / "synth_00012.jpg", pics / "a.jpg")
+    (pics / "notes.txt").write_text("not an image")
+    (pics / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    capsys.readouterr()
+    assert wsss.main(["predict", "--ckpt", str(ckpts["cdclip"]), "--images", str(pics), "--out",
+                      str(tmp_path / "pred")]) == 0
+    out = capsys.readouterr().out
+    assert "predicted 2 image(s)" in out and "skipped 1 non-image file(s)" in out and "1 unreadable" in out
+    wide = Image.open(tmp_path / "pred" / "sub" / "wide.png")
+    assert wide.mode == "P" and wide.size == (80, 50)
+    assert wide.getpalette()[:9] == wsss.palette(256)[:3].flatten().tolist()  # VOC: black, maroon, green
+    ckpt, pcfg = wsss.checkpoint_config(ckpts["cdclip"], wsss.make_config())
+    assert (pcfg.method, pcfg.dataset, pcfg.crop_size) == ("cdclip", "custom", 64)
+    frozen = wsss.Frozen(pcfg, CPU, need_dino=False, label_path=False)
+    decoder = wsss.build_decoder(pcfg, frozen)
+    decoder.load_state_dict(ckpt["decoder"])
+    decoder.eval()
+    item = wsss.SegDataset(pcfg, "val", train=False)[0]  # synth_00012, the image copied as a.jpg
+    with torch.no_grad():
+        want = wsss.predict_logits(decoder, frozen, item["image"][None], pcfg)[0].argmax(0).numpy()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pred" / "a.png")), want)
+    # eval refuses a checkpoint of other classes, naming the first difference
+    other = tmp_path / "other"
+    shutil.copytree(custom_root, other)
+    (other / "classes.txt").write_text("".join(f"{c}\n" for c in wsss.SYNTH_CLASSES[1:][::-1]))
+    with pytest.raises(wsss.WSSSError, match=r"trained on other classes .*first difference at class 1: "
+                                             r"'red circle' vs 'orange cross'"):
+        wsss.load_checkpoint(ckpts["weclip"], custom_cfg(other, tmp_path / "cache", method="weclip", **small))
+    # predict on a folder without images: one line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("x")
+    with pytest.raises(wsss.WSSSError, match=r"no image files found \(1 other files"):
+        wsss.image_files(str(empty))
+
+
+def test_save_pseudo_pngs_rescore_to_the_printed_miou(custom_root, cache_dir, tmp_path, capsys):
+    cfg = custom_cfg(custom_root, cache_dir, method="weclip", cam_split="val", save_pseudo=str(tmp_path / "pl"))
+    res = wsss.COMMANDS["cams"](cfg)
+    assert f"-> {tmp_path / 'pl'}/" in capsys.readouterr().out
+    ds = wsss.SegDataset(cfg, "val", train=False)
+    conf = torch.zeros(7, 7, dtype=torch.long)
+    for name, _, mask in ds.items:
+        png = Image.open(tmp_path / "pl" / f"{name}.png")
+        assert png.mode == "P"
+        conf += wsss.confusion_matrix(torch.from_numpy(np.asarray(png).astype(np.int64)),
+                                      torch.from_numpy(np.asarray(Image.open(mask)).astype(np.int64)), 7)
+    assert wsss.miou(conf)["miou"] == res["refined+PAR"]["miou"]
+    # a split without masks: not scored, written all the same; without --save-pseudo one line
+    with pytest.raises(wsss.WSSSError, match="no masks to score the pseudo-labels against: pass --save-pseudo"):
+        wsss.COMMANDS["cams"](dataclasses.replace(cfg, cam_split="train", save_pseudo=""))
+
+
+def test_labels_file_equals_the_mask_scan_and_frees_the_masks(synth_root, cache_dir, tmp_path):
+    cfg = synth_cfg(synth_root, cache_dir, method="weclip")
+    scanned = wsss.SegDataset(cfg, "train", train=False)
+    onehot = {n: np.isin(np.arange(1, 7), lab).astype(np.float32) for (n, _, _), lab in
+              zip(scanned.items, scanned.labels)}
+    np.save(tmp_path / "cls_labels_onehot.npy", onehot)
+    root = tmp_path / "nomasks"  # the same world with no masks at all
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("SegmentationClass*"))
+    lf = synth_cfg(root, tmp_path / "c", method="weclip", labels_file=str(tmp_path / "cls_labels_onehot.npy"))
+    ds = wsss.SegDataset(lf, "train", train=False)
+    assert ds.labels == scanned.labels and ds.masks == 0
+    with pytest.raises(wsss.WSSSError, match="no SegmentationClassAug/ or SegmentationClass/ folder .*--labels-file"):
+        wsss.SegDataset(synth_cfg(root, tmp_path / "c", method="weclip"), "train", train=False)
+    np.save(tmp_path / "short.npy", {n: v[:3] for n, v in onehot.items()})
+    with pytest.raises(wsss.WSSSError, match="not a 0/1 vector of 6 classes"):
+        wsss.SegDataset(synth_cfg(root, tmp_path / "c", labels_file=str(tmp_path / "short.npy")), "train", False)
+    np.save(tmp_path / "partial.npy", dict(list(onehot.items())[1:]))
+    with pytest.raises(wsss.WSSSError, match="has no labels for image 'synth_00000'"):
+        wsss.SegDataset(synth_cfg(root, tmp_path / "c", labels_file=str(tmp_path / "partial.npy")), "train", False)
+
+
+def _custom_copy(custom_root, tmp_path, **files):
+    root = tmp_path / "mine"
+    shutil.copytree(custom_root, root)
+    for name, text in files.items():
+        (root / name.replace("_", ".", 1) if "_" in name else root / name).write_bytes(
+            text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+@pytest.mark.parametrize("files,message", [
+    (dict(train_csv="image,labels\nsynth_00000.jpg,red circle;blue disc\n"),
+     r"train.csv line 2: unknown class 'blue disc' \(classes.txt has 6: red circle, blue square"),
+    (dict(classes_txt="red circle\nblue square\nred circle\n"), r"classes.txt line 3: class 'red circle' is listed twice"),
+    (dict(classes_txt="Background\nred circle\n"), r"classes.txt line 1: 'background' is class 0, implicit"),
+    (dict(train_csv="synth_00000.jpg,red circle\ngone.jpg,red circle\n"), r"train.csv line 2: image not found: .*gone.jpg"),
+    (dict(train_csv="synth_00000.jpg,red circle,blue square\n"), r"expected 2 columns .*separate classes with ';'"),
+    (dict(superclasses_txt="round: red circle, purple ring\n"), r"every class needs a super-class; missing \['blue square'"),
+    (dict(superclasses_txt="round: red circle, moon\n"), r"line 1: 'moon' is not a class of classes.txt"),
+], ids=["unknown class", "listed twice", "background listed", "missing image", "three columns",
+        "class without super-class", "unknown super-class member"])
+def test_custom_bad_input_is_one_line(custom_root, tmp_path, files, message, capsys):
+    root = _custom_copy(custom_root, tmp_path, **files)
+    capsys.readouterr()
+    assert wsss.main(["train", "--method", "cdclip", "--dataset", "custom", "--data-root", str(root), "--tiny",
+                      "--crop-size", "64", "--eval-long-side", "64", "--cache-dir", str(tmp_path / "c"),
+                      "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any model was built
+
+
+def test_custom_text_files_with_bom_crlf_comments_and_untagged_images(custom_root, tmp_path, capsys):
+    names = wsss.SYNTH_CLASSES[1:]
+    classes = "\ufeff# my classes\r\n" + "".join(f"{c}\r\n\r\n" for c in names[:-1]) + f"{names[-1]}: cross plus\r\n"
+    csv_rows = "\ufeffimage,labels\r\nsynth_00000.jpg,\r\n\r\nsynth_00001.jpg, green triangle ;\r\n" \
+               "synth_00001.jpg,green triangle\r\n"
+    root = _custom_copy(custom_root, tmp_path, classes_txt=classes, train_csv=csv_rows)
+    cfg = custom_cfg(root, tmp_path / "c", method="weclip")
+    info = wsss.dataset_info(cfg)
+    assert info["classes"][1:] == names and info["prompts"] == names[:-1] + ["cross plus"]
+    capsys.readouterr()
+    ds = wsss.SegDataset(cfg, "train", train=True)
+    out = capsys.readouterr().out
+    assert "lists 1 image(s) more than once" in out and "skipped 1 train images with no foreground class" in out
+    assert [n for n, _, _ in ds.items] == ["synth_00001"] and ds.labels == [[3]]
 
 
 # ---------------------------------------------------------------------------------------------------

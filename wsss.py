@@ -23,7 +23,8 @@ How to read it. Part I (the methods) comes first, in the order the data flows: c
 encoders -> CAMs -> refinements -> caches -> decoder -> losses -> evaluation -> the training step. Part II (the
 harness: command line, files, caches on disk, run folders, DDP, the demo, bench) comes after a banner; nothing in
 it changes a pseudo-label. Part I reaches Part II only through a few named functions: load_assets (the models),
-read_split, scan_labels, load_rgb, load_mask (the files), ensure_tsa_cache (DiCLIP's cache on disk), agree (DDP).
+read_split, scan_labels, load_rgb, load_mask (the files), custom_dataset_info (the class table of your own data),
+ensure_tsa_cache (DiCLIP's cache on disk), agree (DDP).
 Reading map, the functions of each method in the order to visit them:
   weclip  METHODS, MethodConfig, augment, SegDataset, Frozen, encode_texts, clip_image_forward, run_block,
           cam_rows, gradcam, rfm_weights, sinkhorn_symmetrize, transition_matrix, box_mask, propagation_matrix,
@@ -2478,9 +2479,9 @@ def validate_config(cfg: Config):
                             f"data.md. --tse builtin uses wsss.py's own sentences instead (not the paper's), "
                             f"--tse off none")
     if cfg.labels_file:
-        if cfg.dataset not in ("voc", "coco"):
-            raise WSSSError(f"--labels-file is for VOC/COCO (WeCLIP's cls_labels_onehot.npy); {cfg.dataset} reads "
-                            f"its labels from " + ("<split>.csv" if cfg.dataset == "custom" else "its masks"))
+        if cfg.dataset == "custom":
+            raise WSSSError("--labels-file is for the VOC layout (WeCLIP's cls_labels_onehot.npy); --dataset custom "
+                            "reads its labels from <split>.csv")
         if not Path(cfg.labels_file).is_file():
             raise WSSSError(f"--labels-file file not found: {cfg.labels_file}")
     if cfg.lvc and cfg.relation != "cos":
