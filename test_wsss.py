@@ -2718,6 +2718,34 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(synth_root, cac
     assert logged == list(range(1, step + 3))  # every step once
 
 
+@pytest.mark.parametrize("sig,at,status,expect", [
+    (signal.SIGTERM, 1, 143, "terminated (SIGTERM) at step 2: checkpoint {out}/ckpt.pt; continue with: "),
+    (signal.SIGINT, 2, 130, "interrupted after the last training step; the trained decoder (step 3) is in "
+                            "{out}/ckpt.pt; evaluate it with: ")], ids=["sigterm mid-run", "ctrl-c in the last step"])
+def test_signals_in_a_step_finish_it_save_and_stop(synth_root, cache_dir, tmp_path, capsys, monkeypatch, sig, at,
+                                                   status, expect):
+    # the signal arrives while step `at` (0-based) runs: that step finishes, is saved, and the run stops there;
+    # in the last step that means no final evaluation
+    real = wsss.train_step
+
+    def step_with_signal(*a, **k):
+        if a[6] == at:  # train_step(model, frozen, optimizer, scaler, batch, cfg, step, ctx)
+            os.kill(os.getpid(), sig)
+        return real(*a, **k)
+    monkeypatch.setattr(wsss, "train_step", step_with_signal)
+    out = tmp_path / "run"
+    args = ["train", "--method", "weclip", "--refine", "none", "--dataset", "synthetic", "--data-root",
+            str(synth_root), "--tiny", "--cache-dir", str(cache_dir), "--out-dir", str(out), "--max-steps", "3",
+            "--batch-size", "2", "--num-workers", "0", "--log-every", "1", "--max-images", "1", "--save-every", "100"]
+    previous = signal.getsignal(signal.SIGTERM)
+    assert wsss.main(args) == status
+    assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+    captured = capsys.readouterr()
+    assert captured.err.startswith(expect.format(out=out)) and captured.err.count("\n") == 1, captured.err
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == at + 1
+    assert "pixel acc" not in captured.out and f"step 0000{at + 2}/3" not in captured.out  # no more work
+
+
 def test_ddp_two_processes_end_identical(synth_root, cache_dir, tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "wsss.py"),
            "train", "--method", "cdclip", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny",

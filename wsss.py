@@ -2755,41 +2755,56 @@ def all_reduce_sum(t):
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C ended a run: `step` is the step of the checkpoint `ckpt` to continue from (None: nothing saved);
-    `finished`: training was complete (Ctrl-C hit the final evaluation). main prints one line, exit 130."""
+    """Ctrl-C (or SIGTERM) ended a run: `step` is the step of the checkpoint `ckpt` to continue from (None: nothing
+    saved); `finished`: training was complete (the signal came in the last step or the final evaluation). main
+    prints one line; exit status 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process killed by either."""
 
-    def __init__(self, step=None, ckpt=None, finished: bool = False):
+    def __init__(self, step=None, ckpt=None, finished: bool = False, signum: int = signal.SIGINT):
         super().__init__(f"interrupted at step {step}")
-        self.step, self.ckpt, self.finished = step, ckpt, finished
+        self.step, self.ckpt, self.finished, self.signum = step, ckpt, finished, signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (what a cluster scheduler sends before it kills a preempted job): handled
+    as Ctrl-C is there (nothing half-done to save)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class GracefulStop:
-    """Ctrl-C (SIGINT) during the training loop: a flag, read at the start of each step. The step in progress
+    """Ctrl-C (SIGINT) or SIGTERM during the training loop: a flag, read at the start of each step and after the
+    last one. The step in progress
     (and a validation in progress) finishes, every DDP rank stops before the same step (the flag travels with
     agree's all_reduce; torchrun forwards Ctrl-C to every process), rank 0 saves a checkpoint, and the run
     raises RunInterrupted. Outside the loop Ctrl-C raises KeyboardInterrupt as usual. `saved` is the
     (step, path) of the latest checkpoint this run can be continued from."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
-        self.requested, self.saved, self._installed, self._previous = False, None, False, None
+        self.requested, self.saved, self.signum, self._previous = False, None, signal.SIGINT, {}
 
     def install(self):
-        if not self._installed and threading.current_thread() is threading.main_thread():
-            self._previous, self._installed = signal.signal(signal.SIGINT, self._handler), True
+        if not self._previous and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def restore(self):
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-            self._installed = False
+        for s, previous in self._previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def _ignore_sigint(_worker_id):
-    """DataLoader workers: Ctrl-C reaches the whole process group; the main process alone decides (GracefulStop)."""
+    """DataLoader workers: Ctrl-C (and a scheduler's SIGTERM) reach the whole process group; the main process alone
+    decides (GracefulStop) and ends its workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _progress(it, disable=False):
@@ -3813,13 +3828,18 @@ def train(cfg: Config, frozen: Frozen = None) -> dict:
     (GracefulStop in the loop; elsewhere KeyboardInterrupt) -> RunInterrupted, which main reports."""
     setup_distributed(cfg)
     lock, stop = on_rank0(claim_run_folder, cfg), GracefulStop()
+    main_thread = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # SIGTERM = Ctrl-C
     try:
         return _train(cfg, frozen, stop)
-    except KeyboardInterrupt:  # while building or in the final evaluation: nothing half-done to save
+    except KeyboardInterrupt as e:  # while building or in the final evaluation: nothing half-done to save
         step, path = stop.saved or (None, None)
-        raise RunInterrupted(step, path, finished=step == cfg.max_steps) from None
+        raise RunInterrupted(step, path, finished=step == cfg.max_steps,
+                             signum=signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT) from None
     finally:
         stop.restore()
+        if main_thread:
+            signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
         if lock is not None:
             lock.release()
 
@@ -3893,7 +3913,7 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
                     if rank == 0:
                         save_checkpoint(cfg.ckpt, decoder, optimizer, scaler, step, cfg, best)
                     stop.saved = (step, cfg.ckpt)
-                raise RunInterrupted(*(stop.saved or (None, None)))
+                raise RunInterrupted(*(stop.saved or (None, None)), signum=stop.signum)
             yield batch
             step += 1
 
@@ -3927,6 +3947,8 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     stop.install()  # Ctrl-C from here on: the step finishes, every rank stops, rank 0 saves (GracefulStop)
     train_loop(model, frozen, optimizer, scaler, cfg, start, batches(), ctx, after_step)
     bar.close()
+    if agree(None, stop.requested):  # the signal came during the last step: it is saved, stop before evaluating
+        raise RunInterrupted(*(stop.saved or (None, None)), finished=True, signum=stop.signum)
     stop.restore()  # the final evaluation: Ctrl-C stops it at once (the trained checkpoint is saved)
     if cfg.demo and not cfg.save_vis:
         cfg.save_vis = str(out_dir / "vis")
@@ -5014,10 +5036,10 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(argv, command)
         COMMANDS[command](cfg, argv) if command == "compare" else COMMANDS[command](cfg)
-    except RunInterrupted as e:  # Ctrl-C in train: one line with the command that continues the run
+    except RunInterrupted as e:  # Ctrl-C or SIGTERM in train: one line with the command that continues the run
         if rank == 0:
             print(_interrupted_line(e, argv), file=sys.stderr, flush=True)
-        return 130
+        return 128 + int(e.signum)
     except KeyboardInterrupt:
         if rank == 0:
             print("interrupted", file=sys.stderr, flush=True)
@@ -5047,11 +5069,13 @@ def _interrupted_line(e: RunInterrupted, argv) -> str:
         else:
             args.append(a)
     if e.step is None:
-        return "interrupted before the first training step; nothing saved"
+        return f"{'terminated (SIGTERM)' if e.signum == signal.SIGTERM else 'interrupted'} before the first " \
+               f"training step; nothing saved"
+    what = "terminated (SIGTERM)" if e.signum == signal.SIGTERM else "interrupted"
     if e.finished:
-        return (f"interrupted during the final evaluation; the trained decoder (step {e.step}) is in {e.ckpt}; "
+        return (f"{what} after the last training step; the trained decoder (step {e.step}) is in {e.ckpt}; "
                 f"evaluate it with: {launcher} {script} eval {shlex.join(args + ['--ckpt', str(e.ckpt)])}")
-    return (f"interrupted at step {e.step}: checkpoint {e.ckpt}; continue with: {launcher} {script} train "
+    return (f"{what} at step {e.step}: checkpoint {e.ckpt}; continue with: {launcher} {script} train "
             f"{shlex.join(args + ['--resume', str(e.ckpt)])}")
 
 
