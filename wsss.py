@@ -1031,6 +1031,8 @@ def tse_text_embeddings(class_emb, centroids, keep_ratio: float = 0.9, lam: floa
     s = class_emb @ centroids  # (C, B)
     B = s.shape[1]
     k_drop = int(math.floor((1 - keep_ratio) * B + 1e-9)) if drop == "exact" else int((1 - keep_ratio) * B)
+    if k_drop >= B:  # the softmax over no attribute would be NaN
+        raise WSSSError(f"--tse-keep {keep_ratio} keeps none of the B = {B} attributes: raise it to >= {1 / B:.3g}")
     if k_drop:
         low = s.topk(k_drop, dim=1, largest=False).indices  # the k lowest scores of each class
         s = s.scatter(1, low, float("-inf"))
@@ -3447,6 +3449,9 @@ def attribute_bank(clip, tokenizer, cfg: Config, device):
             raise WSSSError(f"--attr-bank {cfg.attr_bank} is not an attribute bank (expected a .pth list "
                             f"[centroids (E x B), flags (C x B)])")
         A, flags = bank
+        if not (torch.isfinite(A).all() and torch.isfinite(flags).all()):
+            raise WSSSError(f"--attr-bank {cfg.attr_bank} holds NaN or infinite values: it is damaged (re-download "
+                            f"ExCEL's bank, or use --descriptions FILE)")
         if A.shape[0] != E or flags.shape != (C, A.shape[1]):
             raise WSSSError(f"--attr-bank {cfg.attr_bank} has centroids {tuple(A.shape)} and flags "
                             f"{tuple(flags.shape)}; this CLIP and dataset need ({E}, B) and ({C}, B)")
@@ -3456,14 +3461,15 @@ def attribute_bank(clip, tokenizer, cfg: Config, device):
     B = tse_num_clusters(cfg, len(flat))
     if len(flat) < B:
         raise WSSSError(f"TSE needs at least B = {B} description sentences, got {len(flat)} (lower --tse-clusters)")
-    key = hashlib.sha1(json.dumps([cfg.clip_model, cfg.clip_pretrained, _file_stamp(cfg.clip_pretrained), flat, B,
-                                   0]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([cfg.clip_model, cfg.clip_pretrained, weights_digest(cfg.clip_pretrained,
+                                   cfg.cache_dir), flat, B, 0]).encode()).hexdigest()[:12]
     path = Path(cfg.cache_dir) / "tse" / f"{cfg.dataset}-bank-{key}.pt"
     if path.is_file():
         bank = _read_bank(path, str(path))
-        if bank is not None and bank[0].shape == (E, B) and bank[1].shape == (C, B):
+        if bank is not None and bank[0].shape == (E, B) and bank[1].shape == (C, B) and \
+                all(bool(torch.isfinite(t).all()) for t in bank):
             return bank[0].to(device), bank[1].to(device)
-        print0(f"TSE: cached attribute bank {path} is unreadable or foreign; rebuilding it")
+        print0(f"TSE: cached attribute bank {path} is unreadable, foreign or not finite; rebuilding it")
     A, flags = cluster_attributes(clip, tokenizer, flat, list(sentences), B, device)
     A, flags = A.cpu(), flags.cpu()
     try:
@@ -3474,13 +3480,38 @@ def attribute_bank(clip, tokenizer, cfg: Config, device):
     return A.to(device), flags.to(device)
 
 
-def _file_stamp(p: str) -> str:
-    """Size and mtime of a local weights file (part of cache keys), '' for hub tags."""
-    try:
-        st = Path(p).stat()
-        return f"{st.st_size}-{st.st_mtime_ns}"
-    except OSError:
+def weights_digest(p: str, cache_dir) -> str:
+    """The content hash of local weights (a file, or a folder such as a diffusers model) that a cache depends on;
+    '' for hub ids and "random". Caches are keyed by it, so weights retrained in place are never matched with
+    old keys. The sha1 is memoised in <cache_dir>/hashes.json by (path, each file's size and mtime): unchanged
+    weights are read once, not on every run."""
+    path = Path(p).expanduser() if p else None
+    if path is None or not (path.is_file() or path.is_dir()):
         return ""
+    files = [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file())
+    stamp = hashlib.sha1(json.dumps([(str(f.relative_to(path)) if f != path else "", _stat_key(f))
+                                     for f in files]).encode()).hexdigest()
+    memo_path, key = Path(cache_dir) / "hashes.json", str(path.resolve())
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo, dict) and isinstance(memo.get(key), list) and memo[key][:1] == [stamp]:
+        return memo[key][1]
+    h = hashlib.sha1()
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else "").encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    digest = h.hexdigest()[:16]
+    memo = memo if isinstance(memo, dict) else {}
+    memo[key] = [stamp, digest]
+    try:
+        atomic_write_text(json.dumps(memo), memo_path)
+    except WSSSError:
+        pass  # a read-only cache folder only costs hashing again next time
+    return digest
 
 
 def _read_bank(path, what: str):
@@ -3515,9 +3546,13 @@ def _settings_hash(d: dict) -> str:
 
 
 def tsa_settings(cfg: Config) -> dict:
-    """The manifest's settings part: every TSA_KEYS field plus the class names (JSON-able)."""
+    """The manifest's settings part: every TSA_KEYS field, the class names, and the content hash of local CLIP and
+    SD weights (JSON-able)."""
     s = {k: getattr(cfg, k) for k in TSA_KEYS}
     s.update(format=TSA_FORMAT, classes=dataset_info(cfg)["classes"])
+    # local weights by their contents (a path alone would match weights retrained in place)
+    s.update({f"{k}_sha1": weights_digest(getattr(cfg, k), cfg.cache_dir) for k in ("clip_pretrained", "sd_model")
+              if _is_path(getattr(cfg, k))})
     if cfg.cache_source == "synthetic":  # the stand-in renderer ignores the SD generation settings
         for k in ("cache_steps", "cache_guidance", "cache_prompt"):
             s[k] = None
@@ -3699,10 +3734,11 @@ def load_tsa_cache(path, expected: dict):
         raise WSSSError(f"TSA cache {path} was built with other settings ({shown}{', ...' if len(diff) > 3 else ''})"
                         f": delete it to rebuild")
     keys, values = obj["keys"], obj["values"]
-    if keys.ndim != 2 or values.ndim != 2 or len(keys) != len(values) or \
-            values.shape[1] != len(expected.get("classes", [])):
-        raise WSSSError(f"TSA cache {path} is inconsistent (keys {tuple(keys.shape)}, values {tuple(values.shape)}): "
-                        f"delete it to rebuild")
+    if not (torch.is_tensor(keys) and torch.is_tensor(values)) or keys.ndim != 2 or values.ndim != 2 or \
+            len(keys) != len(values) or values.shape[1] != len(expected.get("classes", [])) or \
+            not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        print0(f"TSA cache {path} is inconsistent or not finite: rebuilding it (its generated images are kept)")
+        return None
     return obj
 
 
@@ -3744,6 +3780,7 @@ def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
         raise WSSSError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
     if not isinstance(ckpt, dict) or "decoder" not in ckpt:
         raise WSSSError(f"{path} is not a wsss.py checkpoint")
+    check_finite_state(ckpt["decoder"], path)
     saved = ckpt.get("config", {})
     was = {k: saved.get(k, getattr(Config, k)) for k in keys}  # keys added later: the old default
     diff = [f"{k}={was[k]!r} (now {getattr(cfg, k)!r})" for k in keys if was[k] != getattr(cfg, k)]
@@ -3759,6 +3796,14 @@ def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
                         f"{saved_classes[first] if first < len(saved_classes) else '-'!r} vs "
                         f"{now[first] if first < len(now) else '-'!r})")
     return ckpt
+
+
+def check_finite_state(state: dict, path):
+    """A checkpoint's weights must be numbers: NaN or inf (a diverged run, a damaged file) is one line."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WSSSError(f"checkpoint {path} has NaN or infinite weights ({bad[0]}{', ...' if len(bad) > 1 else ''}): "
+                        f"the run diverged or the file is damaged; use an earlier ckpt-NNNNNN.pt")
 
 
 def check_resume(ckpt: dict, cfg: Config):
@@ -4893,6 +4938,7 @@ def cmd_predict(cfg: Config):
     if not cfg.images or not cfg.out:
         raise WSSSError("predict needs --ckpt CKPT --images DIR|FILE|GLOB --out DIR")
     ckpt, cfg = checkpoint_config(cfg.ckpt, cfg)
+    check_finite_state(ckpt["decoder"], cfg.ckpt)
     files, other = image_files(cfg.images)
     out_dir = make_dir(cfg.out, "--out")
     vis_dir = make_dir(cfg.save_vis, "--save-vis") if cfg.save_vis else None
