@@ -194,6 +194,18 @@ def diclip_frozen(synth_root, cache_dir):
     return cfg, wsss.Frozen(cfg, CPU)
 
 
+@pytest.fixture(scope="session")
+def clip5():
+    """The toy CLIP of --tiny (wsss.TOY_CLIP, the real open_clip.CLIP) with 5 vision blocks instead of 3, random
+    weights: 3-block models cap the calibrated blocks at 2, so DiCLIP's 3 and ExCEL's 5 coincide there."""
+    import open_clip
+    conf = copy.deepcopy(wsss.TOY_CLIP)
+    conf["vision_cfg"]["layers"] = 5
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return open_clip.CLIP(**conf).eval().requires_grad_(False)
+
+
 def planted_cfg(synth_root, cache_dir, **kw):
     """A config of the synthetic world with the planted CLIP (and planted DINOv2 where the method needs one)."""
     return synth_cfg(synth_root, cache_dir, demo_model="planted", cam_logit_scale=0.0, **kw)
@@ -432,10 +444,12 @@ def surgery_oracle(tokens, texts):
     return out
 
 
-def reference_dual_path(clip, images, n, attn="intra", heads="sum", bias=None, w=1.0, norm="tokens"):
+def reference_dual_path(clip, images, n, attn="intra", heads="sum", bias=None, w=1.0, norm="tokens", gate=False):
     """The calibrated path written out literally from the spec (§2.2-2.3): per block, the per-head map (+ the
     bias on each head's patch-patch block), summed (or averaged) over heads, read by every head, out_proj;
-    no MLP; CLS copied from the original path; ln_post, proj, L2 over the token axis. Also returns the maps."""
+    no MLP; CLS copied from the original path; ln_post, proj, L2 over the token axis. Also returns the maps.
+    gate: DiCLIP Table XII's gated fusion instead of the sum: the patch-patch entries where the bias exceeds its
+    row mean take w * bias, the others keep the head's map."""
     v = clip.visual
     x = v.conv1(images)
     B, D, h, w_ = x.shape
@@ -456,7 +470,13 @@ def reference_dual_path(clip, images, n, attn="intra", heads="sum", bias=None, w
                 m = sum(((t @ t.transpose(-1, -2)) * s).softmax(-1) for t in (q, k, vv)) / 3
             else:
                 m = ((q @ k.transpose(-1, -2)) * s).softmax(-1)
-            if bias is not None:
+            if bias is not None and gate:
+                m = m.clone()
+                for i in range(bias.shape[1]):
+                    for j in range(bias.shape[2]):
+                        on = bias[:, i, j] > bias[:, i].mean(-1)  # (B,)
+                        m[on, :, 1 + i, 1 + j] = w * bias[on, i, j][:, None]
+            elif bias is not None:
                 m = m.clone()
                 m[:, :, 1:, 1:] += w * bias[:, None]
             mbar = m.sum(1) if heads == "sum" else m.mean(1)
@@ -579,9 +599,9 @@ def test_excel_preset_and_bad_inputs(synth_root, cache_dir, tmp_path):
             wsss.make_config(method="excel", tse="builtin", tse_keep=bad)
     base = dict(method="excel")
 
-    def bank_error(**kw):
-        c = synth_cfg(synth_root, cache_dir, **base, **kw)
+    def bank_error(**kw):  # a missing file is refused by the config itself, a bad one when it is read
         with pytest.raises(wsss.WSSSError) as e:
+            c = synth_cfg(synth_root, cache_dir, **base, **kw)
             wsss.attribute_bank(None, None, c, CPU) if "attr_bank" in kw else wsss.description_sentences(c)
         return str(e.value)
 
@@ -640,6 +660,32 @@ def test_diclip_config_fields_and_errors():
                      (dict(sd_timestep=1000), "--sd-timestep"), (dict(acr_delta=float("nan")), "--acr-delta")):
         with pytest.raises(wsss.WSSSError, match=msg):
             wsss.make_config(**bad)
+
+
+def test_diclip_preset_voc_and_coco():
+    # every field of METHODS["diclip"] (and the dataset preset under it), VOC then COCO, written out by value
+    common = dict(cam="text", svc_attn="qk", svc_heads="sum", tse="off", lvc=False, vce=True, tsa="dynamic",
+                  relation="cos", refine="rfm", attn_layers=6, rfm_dynamic_layers=6, val_box_threshold=0.75,
+                  lambda_aff=0.1, lambda_b=0.0, seed=0, eval_resize="square", eval_long_side=320,
+                  eval_scales=(0.7, 1.0, 1.2, 1.5), eval_flip_at_1=True, crf_pos_xy=1.0, crf_pos_w=3.0,
+                  crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0, val_split="val", vce_layers=3, vce_weight=1.0,
+                  vce_fusion="add", acr_k=9, acr_rounds=3, acr_delta=5e-4, cache_bg=20, cache_alpha=0.5,
+                  lambda_dyn=0.1, cache_images_per_class=50, cache_prompts=92)
+    voc = dict(common, rfm_dynamic_after=9300, box_threshold=0.79, aff_self_after=16000, lr=2e-3, adapter_lr=2e-4,
+               warmup_steps=50, max_steps=20000, cache_per_class=10, train_split="train_aug", superclasses=5)
+    # COCO: ExCEL's COCO gating step and CAA box, DiCLIP's logged schedule; the dataset's rfm_dynamic_layers 10
+    # stays under the method's 6
+    coco = dict(common, rfm_dynamic_after=30000, box_threshold=0.88, aff_self_after=0, lr=1e-3, adapter_lr=1e-4,
+                warmup_steps=200, max_steps=100000, cache_per_class=5, train_split="train", superclasses=12,
+                eval_every=0)
+    for dataset, want in (("voc", voc), ("coco", coco)):
+        cfg = wsss.make_config(method="diclip", dataset=dataset)
+        got = {k: getattr(cfg, k) for k in want}
+        assert got == want, {k: (got[k], v) for k, v in want.items() if got[k] != v}
+    # every key of the preset is pinned above
+    method_keys = set(wsss.METHODS["diclip"]) - set(wsss.DATASETS)
+    assert method_keys <= set(common) | set(voc), method_keys - set(common) - set(voc)
+    assert set(wsss.METHODS["diclip"]["coco"]) <= set(coco)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -896,19 +942,39 @@ def test_attn_blocks_needed():
 
 
 def test_svc_attention_rows_and_values():
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
-    A = wsss.svc_attention(q, k, v, 0.5)
-    assert_close(A.sum(-1), torch.ones(2, 3, 5))
-    ref = sum(((x @ x.transpose(-1, -2)) * 0.5).softmax(-1) for x in (q, k, v)) / 3
-    assert_close(A, ref)
-    assert A.shape == (2, 3, 5, 5)  # one map per head: (B, H, L, L)
     # hand-worked, 2 tokens, d = 1, s = 2: q q^T s = [[2, 0], [0, 0]] -> rows (sig, 1 - sig), (1/2, 1/2) with
     # sig = sigmoid(2); k k^T s = [[0, 0], [0, 2]] -> (1/2, 1/2), (1 - sig, sig); v v^T s = 2 everywhere -> 1/2
     # each. Their mean is symmetric although no single map is; q k^T (CLIP's own map) would give another matrix
     sig = 1 / (1 + math.exp(-2))
     got = wsss.svc_attention(torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]]), torch.ones(2, 1), 2.0)
     assert_close(got, [[(1 + sig) / 3, (2 - sig) / 3], [(2 - sig) / 3, (1 + sig) / 3]], atol=1e-6, what="by hand")
+    # per head, batched (B = 2, H = 2, L = 2, d = 1, s = 1), with log-values so that every softmax is a fraction:
+    #   head 0: q = k = v = 0 -> every logit 0 -> each map uniform (1/2, 1/2), and so their mean;
+    #   head 1: q = (sqrt ln3, 0) -> q q^T = [[ln3, 0], [0, 0]] -> rows (3/4, 1/4), (1/2, 1/2);
+    #           k = (0, sqrt ln3) -> rows (1/2, 1/2), (1/4, 3/4); v = (sqrt ln2, sqrt ln2) -> ln2 everywhere ->
+    #           (1/2, 1/2). Mean: row 0 ((3/4 + 1/2 + 1/2) / 3, (1/4 + 1/2 + 1/2) / 3) = (7/12, 5/12),
+    #           row 1 (5/12, 7/12).
+    #   image 1, head 0: q = k = 0 (uniform), v = (sqrt ln2, 0) -> v v^T = [[ln2, 0], [0, 0]] -> rows (2/3, 1/3),
+    #           (1/2, 1/2). Mean: row 0 ((1/2 + 1/2 + 2/3) / 3, (1/2 + 1/2 + 1/3) / 3) = (5/9, 4/9), row 1 (1/2, 1/2);
+    #   image 1, head 1: q = k = (sqrt ln3, 0), v = 0: row 0 ((3/4 + 3/4 + 1/2) / 3, (1/4 + 1/4 + 1/2) / 3) =
+    #           (2/3, 1/3), row 1 (1/2, 1/2). Neither is symmetric: a softmax over the queries would transpose them.
+    r3, r2 = math.sqrt(math.log(3)), math.sqrt(math.log(2))
+    q = torch.zeros(2, 2, 2, 1)
+    k, v = q.clone(), q.clone()
+    q[0, 1, :, 0], k[0, 1, :, 0], v[0, 1, :, 0] = torch.tensor([r3, 0.0]), torch.tensor([0.0, r3]), r2
+    v[1, 0, :, 0] = torch.tensor([r2, 0.0])
+    q[1, 1, :, 0] = k[1, 1, :, 0] = torch.tensor([r3, 0.0])
+    A = wsss.svc_attention(q, k, v, 1.0)
+    want = torch.tensor([[[[1 / 2, 1 / 2], [1 / 2, 1 / 2]], [[7 / 12, 5 / 12], [5 / 12, 7 / 12]]],
+                         [[[5 / 9, 4 / 9], [1 / 2, 1 / 2]], [[2 / 3, 1 / 3], [1 / 2, 1 / 2]]]])
+    assert A.shape == (2, 2, 2, 2)  # one map per head: (B, H, L, L)
+    assert_close(A, want, atol=1e-6, what="heads, batch")
+    # the scale multiplies the logits before the softmax: s = 2 on head 1 gives q q^T s = [[2 ln3, 0], [0, 0]] ->
+    # row 0 (9/10, 1/10), k's row 1 (1/10, 9/10), v's 2 ln2 everywhere -> 1/2: row 0 ((9/10 + 1) / 3, (1/10 + 1) / 3)
+    assert_close(wsss.svc_attention(q, k, v, 2.0)[0, 1], [[19 / 30, 11 / 30], [11 / 30, 19 / 30]], atol=1e-6)
+    g = torch.Generator().manual_seed(2)  # rows of any input sum to 1 (a mean of three softmaxes)
+    A = wsss.svc_attention(*(torch.randn(2, 3, 5, 4, generator=g) for _ in range(3)), 0.5)
+    assert_close(A.sum(-1), torch.ones(2, 3, 5))
 
 
 @pytest.mark.parametrize("attn,heads,norm", [("intra", "sum", "tokens"), ("qk", "mean", "channels")])
@@ -1137,6 +1203,45 @@ def test_kl_kmeans_duplicates_centroids_objective_seed_and_batching():
     assert sorted(wsss.kl_kmeans(A[0, :6], 6, iters=3, seed=0).tolist()) == list(range(6))
 
 
+def test_kl_kmeans_seeds_are_kmeans_plus_plus_under_kl():
+    # K distinct distributions among many copies: after the first seed, every copy of a chosen distribution is at
+    # KL 0 from it (weight 1e-12 in the draw), so k-means++ must seed each distribution exactly once.
+    g = torch.Generator().manual_seed(11)
+    protos = (3 * torch.randn(4, 6, generator=g)).softmax(-1)
+    order = torch.randperm(28, generator=g) % 4  # each distribution 7 times, shuffled
+    rows = protos[order]
+    for seed in range(6):
+        _, seeds, _ = wsss.kl_kmeans(rows, 4, iters=0, seed=seed, return_all=True)  # iters 0: the seeds themselves
+        match = [int(((protos - c).abs().amax(-1) < 1e-6).nonzero()[0]) for c in seeds]
+        assert sorted(match) == [0, 1, 2, 3], (seed, match)
+
+    # the seeds against a plain k-means++ loop under KL (float64) with the code's draws: k uniforms from
+    # torch.rand(k) of a generator seeded with `seed`; the first seed is row floor(u_0 N), seed j is the first row
+    # whose running sum of D_i = min_c KL(a_i || c) (+ 1e-12) reaches u_j sum_i D_i
+    def plain_seeds(a, k, seed):
+        a = a.double()
+        u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).double()
+        picks = [min(int(u[0] * len(a)), len(a) - 1)]
+        for j in range(1, k):
+            d = []
+            for i in range(len(a)):
+                kl = [float((a[i] * (a[i].clamp_min(1e-8).log() - a[p].clamp_min(1e-8).log())).sum()) for p in picks]
+                d.append(max(min(kl), 0.0) + 1e-12)
+            target, run = float(u[j]) * sum(d), 0.0
+            for i, di in enumerate(d):
+                run += di
+                if run >= target:
+                    break
+            picks.append(i)
+        return picks
+
+    A = _row_stochastic(2, 12, seed=8).float()  # two maps, one shared draw
+    for seed in (0, 5, 9):
+        _, seeds, _ = wsss.kl_kmeans(A, 4, iters=0, seed=seed, return_all=True)
+        for b in range(2):
+            assert_close(seeds[b], A[b][plain_seeds(A[b], 4, seed)], atol=0, what=f"seed {seed}, map {b}")
+
+
 def test_acr_refine_identities_and_variants():
     A = _row_stochastic(2, 16, seed=5)
     assert torch.equal(wsss.acr_refine(A, rounds=0), A.float())  # T = 0: A_sd
@@ -1187,11 +1292,27 @@ def test_vce_fusion_modes_hand_computed():
     attn = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]])
     sd = torch.tensor([[[0.6, 0.2, 0.2], [0.0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]]])
     assert_close(wsss.vce_fusion(attn, sd, 1.0, "add").sum(-1), torch.full((1, 3), 2.0))  # rows sum to 1 + w
-    assert_close(wsss.vce_fusion(attn, sd, 0.5, "add"), attn + 0.5 * sd)
-    assert_close(wsss.vce_fusion(attn, sd, 1.0, "norm"), (attn + sd).softmax(-1))
-    assert_close(wsss.vce_fusion(attn, sd, 1.0, "scale"), attn * sd)
+    # add, w = 1/2: attn + sd / 2, entry by entry (row 3: 0.3 + 1/6 = 0.46667, 0.4 + 1/6 = 0.56667)
+    assert_close(wsss.vce_fusion(attn, sd, 0.5, "add"),
+                 [[[0.8, 0.4, 0.3], [0.1, 0.35, 1.05], [0.3 + 1 / 6, 0.3 + 1 / 6, 0.4 + 1 / 6]]], atol=1e-6)
+    # scale: attn * (w sd), entry by entry; w = 2 doubles it
+    prod = [[[0.3, 0.06, 0.04], [0.0, 0.05, 0.4], [0.1, 0.1, 0.4 / 3]]]
+    assert_close(wsss.vce_fusion(attn, sd, 1.0, "scale"), prod, atol=1e-6)
+    assert_close(wsss.vce_fusion(attn, sd, 2.0, "scale"), 2 * torch.tensor(prod), atol=1e-6)
+    # norm: softmax over the keys (the last axis) of attn + w sd, on log-values:
+    # attn = [[ln2, 0], [0, 0]], sd = [[0, ln3], [0, ln5]]: w = 1 -> rows (ln2, ln3) -> (2/5, 3/5), (0, ln5) ->
+    # (1/6, 5/6) (over the queries it would be (2/3, 1/3) in column 0); w = 1/2 -> row 0 (ln2, ln3 / 2) ->
+    # (2, sqrt3) / (2 + sqrt3)
+    la = torch.tensor([[[math.log(2), 0.0], [0.0, 0.0]]])
+    ls = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(5)]]])
+    assert_close(wsss.vce_fusion(la, ls, 1.0, "norm"), [[[0.4, 0.6], [1 / 6, 5 / 6]]], atol=1e-6)
+    r3 = math.sqrt(3)
+    assert_close(wsss.vce_fusion(la, ls, 0.5, "norm")[0, 0], [2 / (2 + r3), r3 / (2 + r3)], atol=1e-6)
     gate = wsss.vce_fusion(attn, sd, 1.0, "gate")  # SD where SD > its row mean (1/3), CLIP elsewhere
     assert_close(gate, torch.tensor([[[0.6, 0.3, 0.2], [0.1, 0.5, 0.5], [0.3, 0.3, 0.4]]]))
+    # heads broadcast: a (B, H, N, N) map and a_acr[:, None] fuse each head with the same SD map
+    two = torch.stack([attn, 2 * attn], 1)  # (1, 2, 3, 3)
+    assert_close(wsss.vce_fusion(two, sd[:, None], 1.0, "scale")[0, 1], 2 * torch.tensor(prod)[0], atol=1e-6)
 
 
 def test_vce_bias_inside_the_blocks_equals_the_linear_bias_and_w0_is_plain():
@@ -1215,6 +1336,28 @@ def test_vce_bias_inside_the_blocks_equals_the_linear_bias_and_w0_is_plain():
     norm = wsss.clip_image_forward(clip, images, 3, calib=dict(n=2, attn="qk", heads="sum", bias=a_acr,
                                                                 fusion="norm"))
     assert not torch.allclose(wsss.calibrated_tokens(clip.visual, norm), base)  # Table XII's other fusions act
+
+
+def test_calibrated_block_counts_on_a_5_block_clip(clip5, synth_root, cache_dir):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    diclip = synth_cfg(synth_root, cache_dir, method="diclip")
+    excel = synth_cfg(synth_root, cache_dir, method="excel", svc_layers=2)
+    assert (diclip.vce_layers, diclip.svc_layers, excel.vce_layers, excel.svc_layers) == (3, 5, 3, 2)
+    # DiCLIP: vce_layers blocks with VCE and without it (--no-vce keeps the blocks, drops the SD map);
+    # ExCEL: svc_layers; 5 calibrated of 5 blocks is capped at 4 (block 1 always runs plain)
+    cases = [(diclip, 3, "qk"), (dataclasses.replace(diclip, vce=False), 3, "qk"), (excel, 2, "intra"),
+             (dataclasses.replace(excel, svc_layers=5), 4, "intra"),
+             (dataclasses.replace(diclip, vce_layers=2), 2, "qk")]
+    tokens = {}
+    for cfg, n, attn in cases:
+        out = wsss.clip_image_forward(clip5, images, 0, calib=wsss.calib_spec(cfg))
+        assert out["n_calib"] == n, (cfg.method, cfg.vce, cfg.svc_layers, out["n_calib"])
+        got = wsss.calibrated_tokens(clip5.visual, out)
+        assert_close(got, reference_dual_path(clip5, images, n, attn, "sum")[0], atol=2e-5, what=f"{attn} n={n}")
+        tokens[(attn, n)] = got
+    # the calibrated tokens depend on the count
+    assert (tokens[("qk", 3)] - tokens[("qk", 2)]).abs().max() > 1e-3
+    assert (tokens[("intra", 2)] - tokens[("intra", 4)]).abs().max() > 1e-3
 
 
 def test_vce_attention_forwards_the_acr_settings(diclip_frozen):
@@ -1293,11 +1436,27 @@ def test_gradcam_against_per_row_autograd_oracle(tiny, logit_scale):
 
 
 def test_feature_surgery_hand_worked_and_oracle():
-    # CLS = e1, patch 1 = e1, patch 2 = e2; texts e1, e2. p = softmax(2, 0) = (0.8808, 0.1192), w = 2p;
-    # s - mean_t: CLS and patch 1 (0.8808, -0.8808), patch 2 (-0.1192, 0.1192) -> per text min-max over tokens
-    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    # Hand-worked, 3 tokens (CLS, P1, P2), 2 texts T1 = e1, T2 = e2 (so P_i . T_t is coordinate t of P_i):
+    #   CLS = (ln3 / 2, 0), P1 = (1, 0), P2 = (0, 1).
+    # class prior: p = softmax(2 CLS . T) = softmax(ln3, 0) = (3/4, 1/4); mean(p) = 1/2, w = p / mean = (3/2, 1/2)
+    # s_it = w_t P_it:          CLS (3/4 ln3, 0)     P1 (3/2, 0)       P2 (0, 1/2)
+    # redundancy mean over t:   CLS 3/8 ln3          P1 3/4            P2 1/4
+    # s - mean:                 CLS (3/8 ln3, -3/8 ln3) = (0.41198, -0.41198)   P1 (3/4, -3/4)   P2 (-1/4, 1/4)
+    # min-max per text over the 3 tokens: T1 min -1/4 (P2), max 3/4 (P1), range 1 -> CLS 3/8 ln3 + 1/4 = 0.66198;
+    # T2 min -3/4 (P1), max 1/4 (P2), range 1 -> CLS 3/4 - 3/8 ln3 = 0.33802
+    # Each term matters: without w (w = 1) CLS's T1 value is 1/4 ln3 + 1/2 = 0.77465 (T1: CLS 1/4 ln3, P1 1/2,
+    # P2 -1/2); without the mean subtraction min-max is scale-invariant per text, so T1 over (3/4 ln3, 3/2, 0)
+    # gives CLS ln3 / 2 = 0.54931
+    # A second image, the first with its two coordinates swapped: its prior is its own CLS's, (1/4, 3/4), so its
+    # map is the first one's with the two text columns swapped.
+    l3 = math.log(3)
+    tokens = torch.tensor([[[l3 / 2, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    tokens = torch.cat([tokens, tokens.flip(-1)])
     got = wsss.feature_surgery(tokens, torch.eye(2))
-    assert_close(got, [[[1, 0], [1, 0], [0, 1]]], atol=1e-6)
+    want = torch.tensor([[3 / 8 * l3 + 1 / 4, 3 / 4 - 3 / 8 * l3], [1, 0], [0, 1]])
+    assert_close(got, torch.stack([want, want.flip(-1)]), atol=1e-6, what="by hand")
+    assert abs(got[0, 0, 0].item() - (l3 / 4 + 1 / 2)) > 0.1 and abs(got[0, 0, 0].item() - l3 / 2) > 0.1
+    # the numpy transliteration of the spec's formulas on random inputs (shapes, batching, several texts)
     g = torch.Generator().manual_seed(0)
     tokens, texts = torch.randn(2, 7, 5, generator=g), F.normalize(torch.randn(4, 5, generator=g), dim=-1)
     got = wsss.feature_surgery(tokens, texts)
@@ -1319,25 +1478,50 @@ def test_feature_surgery_hand_worked_and_oracle():
 
 
 def test_tse_top_k_counts_softmax_and_enrichment():
-    g = torch.Generator().manual_seed(1)
-    E = 16
-    t = F.normalize(torch.randn(3, E, generator=g), dim=-1)
-    for B, keep, kept in ((112, 0.9, 101), (10, 0.9, 9), (20, 0.9, 18), (10, 1.0, 10), (8, 0.5, 4)):
-        A = torch.randn(E, B, generator=g) * 0.3
-        s = t @ A
-        T = wsss.tse_text_embeddings(t, A, keep_ratio=keep, lam=1.0)
-        # recover the weights: T_c * |t_c + A w_c| - t_c = A w_c; solve A w = r by least squares (B <= E only)
-        assert torch.isfinite(T).all() and torch.allclose(T.norm(dim=-1), torch.ones(3))
-        order = s.argsort(1, descending=True)
-        w = torch.zeros_like(s)
-        top = order[:, :kept]
-        w.scatter_(1, top, s.gather(1, top).softmax(1))  # softmax over the kept top scores only
-        ref = F.normalize(t + w @ A.T, dim=-1)
-        assert_close(T, ref, atol=1e-5, what=f"B={B} K_r={keep}")
-    # lambda = 0: the template embedding itself; lambda scales the attribute sum
-    A = torch.randn(E, 10, generator=g)
-    assert_close(wsss.tse_text_embeddings(t, A, 0.9, lam=0.0), t)
-    assert not torch.allclose(wsss.tse_text_embeddings(t, A, 0.9, lam=2.0), wsss.tse_text_embeddings(t, A, 0.9))
+    # Hand-worked, 2 classes t1 = e1, t2 = e2 in 2-D, B = 4 centroids (columns of A), K_r = 0.75:
+    #   a1 = (ln3, -1), a2 = (ln2, 0), a3 = (0, ln2), a4 = (-1, ln3); s_cb = t_c . a_b is coordinate c of a_b.
+    # k_drop = floor((1 - 0.75) 4) = 1 per class: class 1 scores (ln3, ln2, 0, -1) drop a4, kept exps (3, 2, 1):
+    # w1 = (1/2, 1/3, 1/6, 0); class 2 scores (-1, 0, ln2, ln3) drop a1, kept exps (1, 2, 3): w2 = (0, 1/6, 1/3, 1/2).
+    # T~1 = e1 + a1/2 + a2/3 + a3/6 = (1 + ln3/2 + ln2/3, -1/2 + ln2/6) = (1.780355, -0.384475), |.| = 1.821397
+    # -> T1 = (0.977467, -0.211088); by symmetry T2 = (-0.211088, 0.977467).
+    l2, l3 = math.log(2), math.log(3)
+    t = torch.eye(2)
+    A = torch.tensor([[l3, l2, 0.0, -1.0], [-1.0, 0.0, l2, l3]])  # (E, B)
+    x, y = 1 + l3 / 2 + l2 / 3, -1 / 2 + l2 / 6
+    n = math.hypot(x, y)
+    assert_close(wsss.tse_text_embeddings(t, A, 0.75), [[x / n, y / n], [y / n, x / n]], atol=1e-6, what="by hand")
+    # K_r = 1 drops nothing: class 1 weights (3, 2, 1, 1/e) / (6 + 1/e) on a1..a4:
+    # T~1 = (1 + (3 ln3 + 2 ln2 - 1/e) / z, (-3 + ln2 + ln3 / e) / z), z = 6 + 1/e
+    z = 6 + math.exp(-1)
+    x1, y1 = 1 + (3 * l3 + 2 * l2 - math.exp(-1)) / z, (-3 + l2 + math.exp(-1) * l3) / z
+    n1 = math.hypot(x1, y1)
+    assert_close(wsss.tse_text_embeddings(t, A, 1.0)[0], [x1 / n1, y1 / n1], atol=1e-6, what="K_r = 1")
+    # lambda = 2 doubles the attribute sum: T~1 = e1 + 2 (ln3/2 + ln2/3, -1/2 + ln2/6); lambda = 0: t itself
+    x2, y2 = 1 + l3 + 2 * l2 / 3, -1 + l2 / 3
+    n2 = math.hypot(x2, y2)
+    assert_close(wsss.tse_text_embeddings(t, A, 0.75, lam=2.0)[0], [x2 / n2, y2 / n2], atol=1e-6, what="lambda 2")
+    assert_close(wsss.tse_text_embeddings(t, A, 0.75, lam=0.0), t)
+    # The drop count k_drop = floor((1 - K_r) B), computed exactly (upstream's int() of the float drops 0 at
+    # B = 10, K_r = 0.9, since (1 - 0.9) 10 = 0.99999..., and then masked every score: NaN) [upstream bug fixed].
+    # One class t = e1, centroids a_b = (ln b, b), b = 1..B: scores ln b, so dropping the k lowest leaves
+    # w_b = b / sum_{b' > k} b' for b > k, and T~ = (1 + sum b ln b / S1, sum b^2 / S1), S1 = sum_{b > k} b.
+    # Its y/x ratio pins k: e.g. B = 10 drops b = 1: y = (385 - 1) / 54 = 7.111 (k = 0: 385 / 55 = 7; k = 2:
+    # 380 / 52 = 7.308).
+    def expected(B, k):
+        kept = range(k + 1, B + 1)
+        s1 = sum(kept)
+        v = torch.tensor([1 + sum(b * math.log(b) for b in kept) / s1, sum(b * b for b in kept) / s1],
+                         dtype=torch.float64)
+        return v / v.norm()
+
+    for B, keep, k in ((112, 0.9, 11), (224, 0.9, 22), (10, 0.9, 1), (20, 0.9, 2), (10, 1.0, 0), (8, 0.5, 4),
+                       (9, 0.9, 0)):
+        b = torch.arange(1, B + 1, dtype=torch.float64)
+        A = torch.stack([b.log(), b])  # (2, B)
+        got = wsss.tse_text_embeddings(torch.tensor([[1.0, 0.0]], dtype=torch.float64), A, keep)[0]
+        assert_close(got, expected(B, k), atol=1e-9, what=f"B={B} K_r={keep}: drops {k}")
+        for other in {max(k - 1, 0), k + 1} - {k}:
+            assert (got - expected(B, other)).abs().max() > 1e-6, (B, keep, other)
 
 
 def test_tse_drop_count_exact_and_upstream():
@@ -1788,18 +1972,107 @@ def test_caa_maps_mix_head_sums_as_upstream(synth_root, cache_dir):
     assert_close(wsss.propagation_matrix(None, mixed, None, cfg), wsss.transition_matrix(mixed.mean(1)))
 
 
+def test_excel_label_variants_static_cam_in_validation_lvc_cam_for_cams(synth_root, cache_dir, monkeypatch):
+    # in-training validation: the STATIC patch-text CAM (no LVC bias), CAA gated by S = sigmoid(R) (dynamic RFM),
+    # the validation box threshold; lvc_cam (cams --ckpt): the dynamic LVC CAM, bias softmax(R masked)
+    cfg, images, labels = excel_batch(synth_root, cache_dir, n=4, val_box_threshold=0.3)
+    frozen = wsss.Frozen(cfg, CPU)
+    decoder = tiny_decoder(cfg, frozen)
+    x = wsss.test_resize(images, cfg, 1.0, frozen.patch)
+    assert x.shape[-2:] == images.shape[-2:] == (64, 64)  # the square test size is the crop's: the same input
+    out = wsss.frozen_pass(frozen, x, cfg)
+    with torch.no_grad():
+        _, S, R = decoder(out["feats"], out["grid"], return_relation=True)
+    val = dataclasses.replace(cfg, box_threshold=0.3)
+
+    def labels_of(c, **kw):
+        return wsss.make_pseudo_labels(frozen, out, x, labels, c, S=S, dynamic=True, with_super=False,
+                                       size=(64, 64), keep_cams=True, **kw)
+
+    static, dyn = labels_of(val), labels_of(val, bias=wsss.lvc_bias(R))
+    got = wsss.label_variants(frozen, images, labels, cfg, decoder)
+    assert torch.equal(got["refined+PAR"], static["Y"])
+    c = ~static["rows"]["is_super"]
+    img, cls = static["rows"]["img"][c], static["rows"]["cls"][c]
+    assert torch.equal(got["cam"], wsss.cams_to_label(static["cams"][c], img, cls, x, val, use_par=False))
+    got_lvc = wsss.label_variants(frozen, images, labels, cfg, decoder, lvc_cam=True)
+    assert torch.equal(got_lvc["refined+PAR"], dyn["Y"])
+    assert torch.equal(got_lvc["cam"], wsss.cams_to_label(dyn["cams"][c], img, cls, x, val, use_par=False))
+    # each choice matters on this batch: the bias, the gate, the validation box
+    assert not torch.equal(static["cams"], dyn["cams"]) and not torch.equal(static["Y"], dyn["Y"])
+    assert not torch.equal(static["Y"], wsss.make_pseudo_labels(frozen, out, x, labels, val, with_super=False)["Y"])
+    assert not torch.equal(static["Y"], labels_of(cfg)["Y"])
+    # evaluate: the in-training validation (a decoder) asks for the static CAM; cams --ckpt (label_decoder) the LVC one
+    calls = []
+
+    def record(frozen, image, labels, cfg, decoder=None, gt=None, lvc_cam=False):
+        calls.append((decoder, lvc_cam))
+        zeros = torch.zeros(1, *image.shape[-2:], dtype=torch.long)
+        return {"cam": zeros, "refined": zeros, "refined+PAR": zeros, "cam_map": zeros.float()}
+
+    monkeypatch.setattr(wsss, "label_variants", record)
+    one = dataclasses.replace(cfg, max_images=1)
+    dataset = wsss.SegDataset(one, "val", train=False)
+    wsss.evaluate(decoder, frozen, dataset, one, CPU, cams=True)
+    wsss.evaluate(None, frozen, dataset, one, CPU, cams=True, label_decoder=decoder)
+    assert calls == [(decoder, False), (decoder, True)]
+
+
 @pytest.mark.parametrize("switch", [dict(tse="off"), dict(tse_keep=0.5), dict(svc_layers=1), dict(svc_heads="mean"),
                                     dict(cam_sim="cosine"), dict(svc_attn="qk"), dict(svc_norm="channels"),
                                     dict(caa_attn_mix="mean")], ids=switch_id)
 def test_excel_ablation_switches_change_the_static_labels(synth_root, cache_dir, switch):
     cfg, images, labels = excel_batch(synth_root, cache_dir, n=4)
     alt = dataclasses.replace(cfg, **switch)
-    res = []
+    res, outs, frozens = [], [], []
     for c in (cfg, alt):
         frozen = wsss.Frozen(c, CPU)
         out = wsss.clip_image_forward(frozen.clip, images, wsss.attn_blocks_needed(c, 3), calib=wsss.calib_spec(c))
         res.append(wsss.make_pseudo_labels(frozen, out, images, labels, c, keep_cams=True))
+        outs.append(out)
+        frozens.append(frozen)
     assert not torch.equal(res[0]["cams"], res[1]["cams"]) or not torch.equal(res[0]["refined"], res[1]["refined"])
+    # ... and what it must produce. The switched CAMs from an independent construction: the calibrated path
+    # written out (reference_dual_path) with the switched block count, map, head reduction and norm, then the
+    # patch-text CAM (surgery, pinned by hand; or the paper's per-token cosine, min-max over the patches)
+    fz, C, (h, w) = frozens[1], frozens[1].num_fg, outs[1]["grid"]
+    n = min(alt.svc_layers, fz.num_blocks - 1)  # block 1 always runs plain
+    assert outs[1]["n_calib"] == n == (1 if "svc_layers" in switch else 2)
+    tokens = reference_dual_path(fz.clip, images, n, alt.svc_attn, alt.svc_heads, norm=alt.svc_norm)[0]
+    if alt.cam_sim == "cosine":
+        cos = F.normalize(tokens[:, 1:], dim=-1) @ fz.cam_texts[:C].T  # (B, N, C)
+        lo, hi = cos.amin(1, keepdim=True), cos.amax(1, keepdim=True)
+        cam = (cos - lo) / (hi - lo)
+    else:
+        cam = wsss.feature_surgery(tokens, fz.cam_texts)[:, 1:, :C]
+    rows = res[1]["rows"]
+    assert_close(res[1]["cams"], cam[rows["img"], :, rows["cls"] - 1].view(-1, h, w), atol=1e-4, what="CAMs")
+    if alt.cam_sim == "cosine":  # the paper's Norm(cos): every map spans exactly [0, 1] over the patches
+        assert_close(res[1]["cams"].amin((1, 2)), torch.zeros(len(rows["img"])), atol=1e-6)
+        assert_close(res[1]["cams"].amax((1, 2)), torch.ones(len(rows["img"])), atol=1e-6)
+    if "tse" in switch:  # "Global": the foreground texts are the plain template embeddings; background as before
+        info = wsss.DATASETS["synthetic"]
+        plain = wsss.encode_texts(fz.clip, fz.tokenizer, info["prompts"], alt.template, CPU)
+        assert_close(fz.cam_texts[:C], plain, atol=1e-6)
+        assert (fz.cam_texts[:C] - frozens[0].cam_texts[:C]).abs().max() > 1e-3  # TSE had moved them
+        assert torch.equal(fz.cam_texts[C:], frozens[0].cam_texts[C:])
+    if "tse_keep" in switch:  # K_r reaches TSE: B = 8 attributes, 4 kept instead of 8 - floor(0.8) = 8
+        fg = fz.texts[:C]
+        assert fz.attr_centroids.shape[1] == 8
+        assert_close(fz.cam_texts[:C], wsss.tse_text_embeddings(fg, fz.attr_centroids, 0.5), atol=1e-6)
+        assert_close(frozens[0].cam_texts[:C], wsss.tse_text_embeddings(fg, fz.attr_centroids, 1.0), atol=1e-6)
+    H = fz.clip.visual.transformer.resblocks[-1].attn.num_heads
+    assert outs[1]["bias_scale"] == (1.0 if alt.svc_heads == "mean" else H)
+    if "svc_heads" in switch or "caa_attn_mix" in switch:  # CAA's maps: no head-sum scaling of the SVC blocks
+        assert torch.equal(wsss.caa_maps(outs[1], alt), outs[1]["attn"].float())
+        assert_close(wsss.caa_maps(outs[0], cfg)[:, -2:], H * outs[0]["attn"][:, -2:])
+    if "caa_attn_mix" in switch:  # the refinement alone changes: same CAMs, refined with the plain mean map
+        assert torch.equal(res[0]["cams"], res[1]["cams"])
+        cams, img = res[1]["cams"], rows["img"]
+        A = torch.from_numpy(np.stack([naive_transition(outs[1]["attn"][b].mean(0).double().numpy())
+                                       for b in range(len(images))])).float()
+        box = torch.from_numpy(np.stack([naive_boxes(m.numpy(), alt.box_threshold) for m in cams]))
+        assert_close(res[1]["refined"], wsss.refine_cams(cams, img, A, box), atol=1e-5, what="plain-mean CAA")
 
 
 @pytest.mark.parametrize("switch", [dict(vce=False), dict(acr_rounds=0), dict(vce_weight=0.5), dict(vce_fusion="gate"),
@@ -1810,11 +2083,61 @@ def test_diclip_ablation_switches_change_the_labels(diclip_frozen, switch):
     val = wsss.SegDataset(cfg, "val", train=False)
     items = [val[i] for i in range(4)]
     images, labels = torch.stack([b["image"] for b in items]), torch.stack([b["label"] for b in items])
-    res = []
-    for c in (dataclasses.replace(cfg, tsa="static"), dataclasses.replace(cfg, tsa="static", **switch)):
+    res, outs = [], []
+    base, alt = dataclasses.replace(cfg, tsa="static"), dataclasses.replace(cfg, tsa="static", **switch)
+    for c in (base, alt):
         out = wsss.frozen_pass(frozen, images, c)
         res.append(wsss.make_pseudo_labels(frozen, out, images, labels, c, keep_cams=True))
+        outs.append(out)
     assert not torch.equal(res[0]["cams"], res[1]["cams"])
+    # ... and what it must produce
+    visual, C, (h, w) = frozen.clip.visual, frozen.num_fg, outs[1]["grid"]
+    rows = res[1]["rows"]
+
+    def at_rows(m):  # (B, N, C) -> the label path's (R, h, w) rows
+        return m[rows["img"], :, rows["cls"] - 1].view(-1, h, w)
+
+    tokens = wsss.calibrated_tokens(visual, outs[1])
+    n = min(cfg.vce_layers, frozen.num_blocks - 1)
+    assert outs[1]["n_calib"] == n  # every switch keeps DiCLIP's calibrated blocks (3 of 5: the 5-block test)
+    a_acr = outs[0]["a_acr"]  # ACR's own output (pinned in its tests)
+    if "vce" in switch:  # --no-vce: the plain dual path (CLIP's q-k map, heads summed), the same blocks, no SD map
+        assert outs[1]["a_acr"] is None
+        assert_close(tokens, reference_dual_path(frozen.clip, images, n, "qk", "sum")[0], atol=2e-5)
+    if "acr_rounds" in switch:  # ACR off: the raw SD attention enters the blocks (A_acr = A_sd)
+        a_sd = wsss.sd_self_attention(frozen.sd, images, cfg, (h, w))
+        assert torch.equal(outs[1]["a_acr"], a_sd)
+        assert_close(tokens, reference_dual_path(frozen.clip, images, n, "qk", "sum", a_sd)[0], atol=2e-5)
+    if "vce_weight" in switch:  # Eq. 7 is linear in w: x_new(1/2) is the midpoint of x_new(0) and x_new(1)
+        plain = wsss.frozen_pass(frozen, images, dataclasses.replace(base, vce=False))
+        assert_close(outs[1]["x_new"], (plain["x_new"] + outs[0]["x_new"]) / 2, atol=1e-5)
+        assert_close(tokens, reference_dual_path(frozen.clip, images, n, "qk", "sum", a_acr, 0.5)[0], atol=2e-5)
+    if "vce_fusion" in switch:  # gate: SD's entries above their row mean replace CLIP's, the others stay
+        assert_close(tokens, reference_dual_path(frozen.clip, images, n, "qk", "sum", a_acr, gate=True)[0],
+                     atol=2e-5)
+    # the cache switches leave the tokens and M_p alone; M_st = M_p + alpha N(M_s)
+    m_p = at_rows(wsss.patch_text_cam(tokens, frozen.cam_texts, C))
+    feats = F.normalize(tokens[:, 1:], dim=-1)
+    keys, values = frozen.tsa["keys"], frozen.tsa["values"]
+
+    def norm(x):  # min-max over the patches of each (image, class) map
+        return (x - x.amin(1, keepdim=True)) / (x.amax(1, keepdim=True) - x.amin(1, keepdim=True))
+
+    if "cache_alpha" in switch:  # linear in alpha: M_st(1) - M_st(1/2) = M_st(1/2) - M_p = N(M_s) / 2
+        assert_close(res[1]["cams"] - res[0]["cams"], res[0]["cams"] - m_p, atol=1e-5)
+        assert (res[1]["cams"] >= res[0]["cams"] - 1e-6).all()
+    if "cache_negative" in switch:  # positive cache only: M_st = M_p + alpha N(M_f), M_f the fg retrieval
+        S = wsss.static_cache_cam(feats, keys, values, cfg.cache_beta)  # (B, N, C+1), pinned by a naive loop
+        assert_close(res[1]["cams"], m_p + 0.5 * at_rows(norm(S[..., 1:])), atol=1e-5)
+        # with the negative cache, the patch each image retrieves most background at gets no fg boost
+        top_bg = S[..., 0].argmax(1)[rows["img"]]  # (R,)
+        r = torch.arange(len(top_bg))
+        assert_close((res[0]["cams"] - m_p).flatten(1)[r, top_bg], torch.zeros(len(r)), atol=1e-5)
+        assert ((res[1]["cams"] - m_p).flatten(1)[r, top_bg] > 1e-3).any()
+    if "cache_beta" in switch:  # phi(x) = exp(-5.5 (1 - x)) in the retrieval, by a naive sum over the keys
+        S = sum(torch.exp(-5.5 * (1 - feats @ keys[j]))[..., None] * values[j] for j in range(len(keys)))
+        m_s = norm(S[..., 1:]) * (1 - norm(S[..., :1]))
+        assert_close(res[1]["cams"], m_p + 0.5 * at_rows(norm(m_s)), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2426,6 +2749,25 @@ def test_diclip_step_labels_losses_and_groups(diclip_frozen, synth_root, cache_d
     assert_close(Z, wsss.static_cache_cam(wsss.cache_features(tokens), frozen.tsa["keys"], frozen.tsa["values"],
                                           cfg.cache_beta), atol=1e-5)  # the adapter starts as the static cache
     assert torch.equal(pl["Y"], wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, Z=Z)["Y"])
+    # M_dt = M_p + alpha N(softmax(Z)[..., 1:]) (Eq. 13), rebuilt from its parts: M_p the patch-text CAM of the
+    # VCE tokens, Z the cache adapter on the per-token unit patch tokens, N a min-max over the patches
+    z_own = dec.cache_adapter(F.normalize(tokens[:, 1:], dim=-1)).detach()  # (B, N, C+1)
+    assert_close(z_own, Z, atol=1e-6)
+    fg = z_own.softmax(-1)[..., 1:]
+    m_dt = m_p + 0.5 * (fg - fg.amin(1, keepdim=True)) / (fg.amax(1, keepdim=True) - fg.amin(1, keepdim=True))
+    dyn = wsss.make_pseudo_labels(frozen, out, images, labels, cfg, S=S, Z=Z, keep_cams=True)
+    rows, (h, w) = dyn["rows"], out["grid"]
+    assert_close(dyn["cams"], m_dt[rows["img"], :, rows["cls"] - 1].view(-1, h, w), atol=1e-5, what="M_dt")
+    # L_dyn = CE(Z upsampled bilinearly (align_corners=False) to the crop, Y_st), mean over the pixels: by hand
+    # with the numpy bilinear oracle and a log-softmax per pixel
+    Y_st = pl["Y_st"].numpy()
+    zg = Z.detach().double().transpose(1, 2).reshape(len(images), -1, h, w).numpy()  # (B, C+1, h, w)
+    up = np.stack([[bilinear_oracle(zg[b, c], *Y_st.shape[1:]) for c in range(zg.shape[1])]
+                   for b in range(len(images))])  # (B, C+1, H, W)
+    logp = up - np.log(np.exp(up).sum(1, keepdims=True))
+    assert (Y_st != wsss.IGNORE).all()  # PAR's labels have no ignore pixels
+    ce = -np.take_along_axis(logp, Y_st[:, None], 1).mean()
+    assert parts["dyn"] == pytest.approx(ce, rel=1e-5, abs=1e-6)
     off = wsss.make_pseudo_labels(frozen, out, images, labels, dataclasses.replace(cfg, tsa="off"), keep_cams=True)
     rows = off["rows"]
     assert_close(off["cams"], m_p[rows["img"], :, rows["cls"] - 1].view_as(off["cams"]))  # M_p = Eq. 1 on F_v
@@ -2465,7 +2807,7 @@ def test_part_one_calls_part_two_only_through_the_seams():
     assert split <= 2300, f"Part I is {split} lines"
     for seam in seams:  # the module docstring names every seam
         assert seam in wsss.__doc__
-    assert lines.index(next(line for line in lines if line.startswith("def gradcam("))) < 960
+    assert lines.index(next(line for line in lines if line.startswith("def gradcam("))) < 1000
 
 
 # ---------------------------------------------------------------------------------------------------
