@@ -670,7 +670,7 @@ def test_diclip_preset_voc_and_coco():
                   eval_scales=(0.7, 1.0, 1.2, 1.5), eval_flip_at_1=True, crf_pos_xy=1.0, crf_pos_w=3.0,
                   crf_bi_xy=67.0, crf_bi_rgb=3.0, crf_bi_w=4.0, val_split="val", vce_layers=3, vce_weight=1.0,
                   vce_fusion="add", acr_k=9, acr_rounds=3, acr_delta=5e-4, cache_bg=20, cache_alpha=0.5,
-                  lambda_dyn=0.1, cache_images_per_class=50, cache_prompts=92)
+                  lambda_dyn=0.1, cache_images_per_class=50, cache_prompts=92, seg_one_kind="half")
     voc = dict(common, rfm_dynamic_after=9300, box_threshold=0.79, aff_self_after=16000, lr=2e-3, adapter_lr=2e-4,
                warmup_steps=50, max_steps=20000, cache_per_class=10, train_split="train_aug", superclasses=5)
     # COCO: ExCEL's COCO gating step and CAA box, DiCLIP's logged schedule; the dataset's rfm_dynamic_layers 10
@@ -2063,9 +2063,11 @@ def test_excel_ablation_switches_change_the_static_labels(synth_root, cache_dir,
         assert_close(frozens[0].cam_texts[:C], wsss.tse_text_embeddings(fg, fz.attr_centroids, 1.0), atol=1e-6)
     H = fz.clip.visual.transformer.resblocks[-1].attn.num_heads
     assert outs[1]["bias_scale"] == (1.0 if alt.svc_heads == "mean" else H)
-    if "svc_heads" in switch or "caa_attn_mix" in switch:  # CAA's maps: no head-sum scaling of the SVC blocks
+    if "caa_attn_mix" in switch:  # CAA's maps: no head-sum scaling of the SVC blocks
         assert torch.equal(wsss.caa_maps(outs[1], alt), outs[1]["attn"].float())
         assert_close(wsss.caa_maps(outs[0], cfg)[:, -2:], H * outs[0]["attn"][:, -2:])
+    if "svc_heads" in switch:  # the calibrated read-out only: CAA keeps upstream's head sums of the original path
+        assert_close(wsss.caa_maps(outs[1], alt)[:, -2:], H * outs[1]["attn"][:, -2:])
     if "caa_attn_mix" in switch:  # the refinement alone changes: same CAMs, refined with the plain mean map
         assert torch.equal(res[0]["cams"], res[1]["cams"])
         cams, img = res[1]["cams"], rows["img"]
@@ -2856,6 +2858,52 @@ def test_tsa_cache_path_changes_with_every_label_field_and_no_harness_field(tmp_
         wsss.tsa_cache_path(dataclasses.replace(cda, cda_tau=0.05))
 
 
+def test_loaded_values_are_checked_for_finiteness_and_meaning(synth_root, cache_dir, tmp_path, capsys):
+    # TSE: a K_r that keeps no attribute would make every class text NaN
+    t, A = F.normalize(torch.randn(2, 8), dim=-1), torch.randn(8, 4)
+    with pytest.raises(wsss.WSSSError, match=r"--tse-keep 1e-12 keeps none of the B = 4 attributes"):
+        wsss.tse_text_embeddings(t, A, keep_ratio=1e-12)
+    assert torch.isfinite(wsss.tse_text_embeddings(t, A, keep_ratio=0.25)).all()  # k = 3 of 4: one kept
+
+    class FakeClip:
+        text_projection = torch.zeros(64, 64)
+    bank = torch.randn(64, 4)
+    bank[3, 2] = float("nan")
+    torch.save([bank, torch.ones(6, 4)], tmp_path / "nan.pth")
+    with pytest.raises(wsss.WSSSError, match="holds NaN or infinite values"):
+        wsss.attribute_bank(FakeClip(), None, synth_cfg(synth_root, cache_dir, method="excel",
+                                                        attr_bank=str(tmp_path / "nan.pth")), CPU)
+    # a TSA cache whose keys are not finite is rebuilt (load_tsa_cache: None), with one line
+    cfg = _tsa_cfg(tmp_path)
+    expected = wsss.tsa_settings(cfg)
+    keys = torch.full((3, 4), float("inf"))
+    torch.save(dict(format=wsss.TSA_FORMAT, manifest=dict(settings=expected), keys=keys, values=torch.zeros(3, 7)),
+               tmp_path / "inf.pt")
+    capsys.readouterr()
+    assert wsss.load_tsa_cache(tmp_path / "inf.pt", expected) is None
+    assert "is inconsistent or not finite: rebuilding it" in capsys.readouterr().out
+    # a checkpoint of NaN weights (a diverged run) is one line, in eval, resume and predict alike
+    torch.save(dict(decoder={"classifier.weight": torch.tensor([1.0, float("nan")])}, config={}), tmp_path / "c.pt")
+    with pytest.raises(wsss.WSSSError, match=r"has NaN or infinite weights \(classifier.weight\)"):
+        wsss.load_checkpoint(tmp_path / "c.pt", wsss.make_config())
+
+
+def test_caches_key_local_weights_by_their_contents(tmp_path):
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"a" * 1000)
+    cfg = wsss.make_config(method="diclip", dataset="synthetic", tiny=True, cache_dir=str(tmp_path / "cache"),
+                           clip_pretrained=str(weights))
+    first, digest = wsss.tsa_cache_path(cfg), wsss.weights_digest(str(weights), cfg.cache_dir)
+    assert digest and wsss.tsa_settings(cfg)["clip_pretrained_sha1"] == digest
+    assert json.loads((tmp_path / "cache" / "hashes.json").read_text())[str(weights.resolve())][1] == digest
+    assert wsss.tsa_cache_path(cfg) == first  # unchanged weights: the same cache (the memo answers)
+    st = weights.stat()
+    weights.write_bytes(b"b" * 1000)  # retrained in place: same path, same size
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert wsss.weights_digest(str(weights), cfg.cache_dir) != digest and wsss.tsa_cache_path(cfg) != first
+    assert wsss.weights_digest("openai", cfg.cache_dir) == "" and wsss.weights_digest("random", cfg.cache_dir) == ""
+
+
 def test_checkpoint_and_resume_keys_derive_from_the_field_tags(tmp_path):
     every = {f.name for f in dataclasses.fields(wsss.Config)}
     tagged = {f.name: f.metadata["affects"] for f in dataclasses.fields(wsss.Config) if f.metadata.get("affects")}
@@ -3262,7 +3310,7 @@ def test_tse_bank_built_cached_and_corrupt_cache_rebuilt(synth_root, cache_dir, 
     path.write_bytes(path.read_bytes()[:100])  # truncated: rebuilt with one line, same bank
     capsys.readouterr()
     again = wsss.Frozen(cfg, CPU)
-    assert "unreadable or foreign; rebuilding" in capsys.readouterr().out
+    assert "unreadable, foreign or not finite; rebuilding" in capsys.readouterr().out
     assert_close(again.attr_centroids, A)
     off = wsss.Frozen(dataclasses.replace(cfg, tse="off"), CPU)  # the "Global" ablation: template texts only
     assert_close(off.cam_texts[:6], frozen.texts[:6])
