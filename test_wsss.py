@@ -2888,6 +2888,30 @@ def test_loaded_values_are_checked_for_finiteness_and_meaning(synth_root, cache_
         wsss.load_checkpoint(tmp_path / "c.pt", wsss.make_config())
 
 
+def test_a_full_disk_is_one_line_on_every_image_and_log_write(tmp_path, monkeypatch):
+    import errno
+    from PIL import Image as PILImage
+
+    def full(self, fp, *a, **k):  # half an image reaches the disk, then it is full
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(PILImage.Image, "save", full)
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    writers = {"cache image": lambda p: wsss._atomic_png(rgb, p), "pseudo-label / prediction PNG":
+               lambda p: wsss.save_label_png(np.zeros((4, 4), np.uint8), p), "synthetic image":
+               lambda p: wsss.save_image(rgb, p, quality=95),
+               "overlay": lambda p: wsss.save_overlay(p, rgb, np.zeros((4, 4)), *[np.zeros((4, 4), np.uint8)] * 3)}
+    for what, write in writers.items():
+        path = tmp_path / what.replace(" ", "_") / "x.png"
+        with pytest.raises(wsss.WSSSError, match=r"cannot write .*x.png: No space left on device"):
+            write(path)
+        assert list(path.parent.iterdir()) == [], what  # nothing half-written is left behind
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EACCES, "Permission "
+                                                                                        "denied")))
+    with pytest.raises(wsss.WSSSError, match="cannot write .*metrics.jsonl: Permission denied"):
+        wsss.append_line("{}", tmp_path / "metrics.jsonl")
+
+
 def test_caches_key_local_weights_by_their_contents(tmp_path):
     weights = tmp_path / "clip.pt"
     weights.write_bytes(b"a" * 1000)

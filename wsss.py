@@ -2388,7 +2388,8 @@ CHOICES = dict(refine=REFINE_MODES, sbe_gate=("ge2", "eq1", "all", "off"), norm=
                relation=("dot", "cos"), lvc_mean=("batch", "image"), eval_resize=("long", "square"),
                tsa=("off", "static", "dynamic"), demo_model=("toy", "planted"), acr_variant=ACR_VARIANTS,
                vce_fusion=VCE_FUSIONS, cache_source=("sd", "synthetic"), tse_drop=("exact", "upstream"),
-               adapter_feats=("clean", "upstream"), layout=("voc", "custom"), seg_one_kind=("mean", "half"), cache_scheduler=("model", "ddim"))
+               adapter_feats=("clean", "upstream"), layout=("voc", "custom"), seg_one_kind=("mean", "half"),
+               cache_scheduler=("model", "ddim"))
 _RULES = [(name, lambda v, lo=lo: v >= lo, f">= {lo}") for name, lo in (
     ("batch_size", 1), ("crop_size", 1), ("max_steps", 1), ("attn_layers", 1), ("rfm_dynamic_layers", 1),
     ("rfm_dynamic_after", 0), ("par_iters", 0), ("power", 0), ("aff_radius", 0), ("dec_dim", 1),
@@ -2555,6 +2556,23 @@ def atomic_save(obj, path):
 
 def atomic_write_text(text: str, path):
     _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_image(array: np.ndarray, path, mode: str = None, **options):
+    """An image file (format from the suffix: PNG, JPEG), written atomically: a full disk or a read-only folder
+    is one line and leaves no half-written image."""
+    from PIL import Image
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(Path(path).suffix.lower(), "PNG")
+    _atomic(path, lambda tmp: Image.fromarray(array, mode=mode).save(tmp, format=fmt, **options))
+
+
+def append_line(line: str, path):
+    """One line appended to a log file (metrics.jsonl); a full disk is one line, not a traceback."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise WSSSError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _atomic(path, write):
@@ -3593,10 +3611,7 @@ def _valid_image(path: Path) -> bool:
 
 
 def _atomic_png(rgb: np.ndarray, path: Path):
-    from PIL import Image
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_image(rgb, path)
 
 
 def sd_image_maker(sd: SDParts, cfg: Config):
@@ -3977,8 +3992,7 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
             print0(f"step {done:05d}/{cfg.max_steps} | loss {last['loss']:.3f} | seg {last['seg']:.3f}{extra} | "
                    f"pseudo-label mIoU {pm} | lr {lr:.1e} | {ms:.0f} ms")
             if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                append_line(json.dumps(last), metrics_path)
         if cfg.eval_every and scored and done % cfg.eval_every == 0 and done < cfg.max_steps:
             res = evaluate(decoder, frozen, val_set, cfg, device, dropout=cfg.upstream)  # upstream: Dropout2d on
             best = max(best, res["decoder"]["miou"]) if not math.isnan(best) else res["decoder"]["miou"]
@@ -4012,8 +4026,8 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     if cfg.save_vis:
         print0(f"overlays (image | CAM | pseudo-label | prediction | truth): {cfg.save_vis}/")
     if rank == 0:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(dict(step=cfg.max_steps, val={k: v["miou"] for k, v in results.items()})) + "\n")
+        append_line(json.dumps(dict(step=cfg.max_steps, val={k: v["miou"] for k, v in results.items()})),
+                    metrics_path)
     if world > 1:  # verify what DDP promises: every rank ends with the same decoder
         flat = torch.cat([p.detach().flatten() for p in decoder.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
@@ -4141,12 +4155,11 @@ def save_label_png(labels, path):
 
 def save_overlay(path, rgb, cam, pseudo, pred, gt):
     """One PNG: image | CAM heat-map | pseudo-label | prediction | ground truth (labels blended on the image)."""
-    from PIL import Image
     pal = palette(256)
     heat = np.stack([cam, 1 - np.abs(2 * cam - 1), 1 - cam], -1) * 255  # blue -> green -> red
     panels = [rgb, (0.5 * rgb + 0.5 * heat)]
     panels += [np.where((lab == 0)[..., None], rgb * 0.6, 0.4 * rgb + 0.6 * pal[lab]) for lab in (pseudo, pred, gt)]
-    Image.fromarray(np.concatenate([np.asarray(p).astype(np.uint8) for p in panels], 1)).save(path)
+    save_image(np.concatenate([np.asarray(p).astype(np.uint8) for p in panels], 1), path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -4270,7 +4283,6 @@ def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, se
     ImageSets/Segmentation/{train,val}.txt (val holds num_images // 4 further images). Deterministic in seed.
     layout "custom": the your-own-data format instead (classes.txt, superclasses.txt, images/, train.csv and
     val.csv with the image-level labels, masks/ for the val images only: training reads no mask)."""
-    from PIL import Image
     root = Path(root)
     if layout == "custom":
         return _synthetic_custom(root, num_images, image_size, seed)
@@ -4282,8 +4294,8 @@ def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, se
         for i in ids:
             image, mask, _, _ = draw_toy_scene(np.random.default_rng([seed, i]), image_size)
             name = f"synth_{i:05d}"
-            Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
-            Image.fromarray(mask, mode="L").save(root / "SegmentationClass" / f"{name}.png")
+            save_image(image, root / "JPEGImages" / f"{name}.jpg", quality=95)
+            save_image(mask, root / "SegmentationClass" / f"{name}.png", mode="L")
             names.append(name)
         atomic_write_text("\n".join(names) + "\n", root / "ImageSets" / "Segmentation" / f"{split}.txt")
     return root
@@ -4291,7 +4303,6 @@ def make_synthetic_dataset(root, num_images: int = 200, image_size: int = 64, se
 
 def _synthetic_custom(root: Path, num_images: int, image_size: int, seed: int) -> Path:
     """The synthetic world in the custom layout (the same images and val masks as the VOC layout's)."""
-    from PIL import Image
     for sub in ("images", "masks"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     names = SYNTH_CLASSES[1:]
@@ -4305,9 +4316,9 @@ def _synthetic_custom(root: Path, num_images: int, image_size: int, seed: int) -
         for i in ids:
             image, mask, _, _ = draw_toy_scene(np.random.default_rng([seed, i]), image_size)
             name = f"synth_{i:05d}"
-            Image.fromarray(image).save(root / "images" / f"{name}.jpg", quality=95)
+            save_image(image, root / "images" / f"{name}.jpg", quality=95)
             if split == "val":
-                Image.fromarray(mask, mode="L").save(root / "masks" / f"{name}.png")
+                save_image(mask, root / "masks" / f"{name}.png", mode="L")
             rows.append(f"{name}.jpg," + ";".join(names[c - 1] for c in np.unique(mask) if 0 < c < len(names) + 1))
         atomic_write_text("\n".join(rows) + "\n", root / f"{split}.csv")
     return root
