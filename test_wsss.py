@@ -3797,3 +3797,19 @@ def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys, monkeypa
     capsys.readouterr()
     assert wsss.main(["eval", *flags, "--max-steps", "2", "--out-dir", str(tmp_path / "diclip")]) == 0
     assert "decoder" in capsys.readouterr().out
+    # compare again: the finished weclip run with the same settings is reused (no training); a method that fails
+    # (here: its folder already holds another run) gets a row saying why, after the table of what finished
+    (tmp_path / "excel").mkdir()
+    (tmp_path / "excel" / "metrics.jsonl").write_text("{}\n")
+    again = ["compare", *DEMO_FLAGS, *small, "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path),
+             "--max-steps", "2", "--compare-methods", "weclip,excel"]
+    assert wsss.main(again) == 2
+    captured = capsys.readouterr()
+    assert f"compare: weclip finished before with the same settings ({tmp_path}/weclip): reusing" in captured.out
+    table = captured.out[captured.out.index("compare on"):].splitlines()
+    want = read_metrics(tmp_path / "weclip" / "metrics.jsonl")[-1]["val"]
+    assert table[2].startswith("weclip") and f"{100 * want['decoder']:12.1f}" in table[2]
+    assert table[3].startswith("excel     failed: --out-dir") and "already holds a run" in table[3]
+    assert captured.err == "error: compare: 1 of 2 methods failed (excel); see above\n"
+    with pytest.raises(wsss.WSSSError, match="names no method"):
+        wsss.COMMANDS["compare"](dataclasses.replace(wsss.make_config(), compare_methods=" , "))

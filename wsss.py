@@ -5028,6 +5028,8 @@ def cmd_compare(cfg: Config, argv=()):
     per training step and the peak memory (the process's max RSS, or CUDA's peak)."""
     import subprocess
     methods = [m.strip() for m in cfg.compare_methods.split(",") if m.strip()]
+    if not methods:
+        raise WSSSError(f"--compare-methods names no method; give a comma list of {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise WSSSError(f"--compare-methods has unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -5041,32 +5043,58 @@ def cmd_compare(cfg: Config, argv=()):
             continue
         flags.append(a)
     base = Path(cfg.out_dir).parent / "compare" if "out_dir" not in getattr(cfg, "_given", ()) else Path(cfg.out_dir)
-    rows = {}
+    rows, failed = {}, {}
     for m in methods:
         out = base / m
-        cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--method", m, "--out-dir", str(out),
-               "--eval-cams", "--seed", str(cfg.seed), "--max-steps", str(cfg.max_steps), *flags]
+        args = ["train", "--method", m, "--out-dir", str(out), "--eval-cams", "--seed", str(cfg.seed),
+                "--max-steps", str(cfg.max_steps), *flags]
+        done = out / "compare.json"  # written when the method's run finished: its command and its costs
+        try:
+            before = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict) and before.get("args") == args and (out / "metrics.jsonl").is_file():
+            print0(f"compare: {m} finished before with the same settings ({out}): reusing its results")
+            rows[m] = dict(_final_val(out), **before["cost"])
+            continue
         print0(f"compare: {m} ...")
         t0 = time.time()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
         err = proc.stderr.read()
         _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise WSSSError(f"compare: {m} failed: {_one_line(Exception(err or 'no message'))}")
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            why = f"killed by {signal.Signals(-code).name}" if code < 0 else \
+                re.sub(r"^error: ", "", _one_line(Exception(err))) if err.strip() else f"exit status {code}, no message"
+            failed[m] = why
+            print0(f"compare: {m} failed: {why}")
+            continue
         lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        val = lines[-1]["val"]
         ms = [ln["ms_per_step"] for ln in lines if "ms_per_step" in ln]
-        rows[m] = dict(val, ms=float(np.mean(ms)) if ms else float("nan"), peak=usage.ru_maxrss / 1024,
-                       wall=time.time() - t0)
+        cost = dict(ms=float(np.mean(ms)) if ms else float("nan"), peak=usage.ru_maxrss / 1024, wall=time.time() - t0)
+        atomic_write_text(json.dumps(dict(args=args, cost=cost)), done)
+        rows[m] = dict(_final_val(out), **cost)
     cols = ("cam", "refined", "refined+PAR", "decoder", "oracle+PAR")
     lines = [f"{'method':<8}" + "".join(f"{c:>12}" for c in cols) + f"{'ms/step':>10}{'peak MiB':>10}{'wall s':>8}"]
-    for m, r in rows.items():
-        lines.append(f"{m:<8}" + "".join(f"{100 * r[c]:12.1f}" if c in r else f"{'-':>12}" for c in cols)
-                     + f"{r['ms']:10.0f}{r['peak']:10.0f}{r['wall']:8.0f}")
+    for m in methods:
+        r = rows.get(m)
+        lines.append(f"{m:<8}" + (f"  failed: {failed[m]}" if r is None else
+                                  "".join(f"{100 * r[c]:12.1f}" if c in r else f"{'-':>12}" for c in cols)
+                                  + f"{r['ms']:10.0f}{r['peak']:10.0f}{r['wall']:8.0f}"))
     print0(f"compare on {cfg.dataset} {cfg.val_split} (mIoU %; pseudo-labels from the image labels, decoder "
            f"multi-scale; same data, seed and schedule; oracle+PAR: the raw CAMs propagated by the perfect "
            f"affinity from the true masks, a diagnostic ceiling of the refinement):\n" + "\n".join(lines))
+    if failed:  # after the table of what finished
+        raise WSSSError(f"compare: {len(failed)} of {len(methods)} methods failed ({', '.join(failed)}); see above")
     return rows
+
+
+def _final_val(out: Path) -> dict:
+    """The final evaluation of a finished training run: the last "val" line of its metrics.jsonl."""
+    vals = [json.loads(ln)["val"] for ln in (out / "metrics.jsonl").read_text().splitlines()
+            if ln.strip() and '"val"' in ln]
+    return vals[-1] if vals else {}
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cams": cmd_cams, "predict": cmd_predict, "cache": cmd_cache,
