@@ -623,9 +623,8 @@ def test_excel_preset_and_bad_inputs(synth_root, cache_dir, tmp_path):
     with pytest.raises(wsss.WSSSError, match=r"has centroids \(7, 4\).*need \(64, B\)"):
         wsss.attribute_bank(FakeClip(), None, c, CPU)
     (tmp_path / "junk.pth").write_bytes(b"\x00junk")
-    c = synth_cfg(synth_root, cache_dir, **base, attr_bank=str(tmp_path / "junk.pth"))
-    with pytest.raises(wsss.WSSSError, match="is not an attribute bank"):
-        wsss.attribute_bank(FakeClip(), None, c, CPU)
+    with pytest.raises(wsss.WSSSError, match="is not an attribute bank"):  # read with the other flags, up front
+        synth_cfg(synth_root, cache_dir, **base, attr_bank=str(tmp_path / "junk.pth"))
     with pytest.raises(wsss.WSSSError, match="needs --descriptions"):
         wsss.description_sentences(wsss.make_config(method="excel", dataset="coco", clip_pretrained="random"))
     with pytest.raises(wsss.WSSSError, match="at least B = 40"):
@@ -2870,9 +2869,11 @@ def test_loaded_values_are_checked_for_finiteness_and_meaning(synth_root, cache_
     bank = torch.randn(64, 4)
     bank[3, 2] = float("nan")
     torch.save([bank, torch.ones(6, 4)], tmp_path / "nan.pth")
+    with pytest.raises(wsss.WSSSError, match="holds NaN or infinite values"):  # refused with the flags
+        synth_cfg(synth_root, cache_dir, method="excel", attr_bank=str(tmp_path / "nan.pth"))
+    c = synth_cfg(synth_root, cache_dir, method="excel")  # ... and where a bank file is read later too
     with pytest.raises(wsss.WSSSError, match="holds NaN or infinite values"):
-        wsss.attribute_bank(FakeClip(), None, synth_cfg(synth_root, cache_dir, method="excel",
-                                                        attr_bank=str(tmp_path / "nan.pth")), CPU)
+        wsss.attribute_bank(FakeClip(), None, dataclasses.replace(c, attr_bank=str(tmp_path / "nan.pth")), CPU)
     # a TSA cache whose keys are not finite is rebuilt (load_tsa_cache: None), with one line
     cfg = _tsa_cfg(tmp_path)
     expected = wsss.tsa_settings(cfg)

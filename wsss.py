@@ -2469,6 +2469,16 @@ def validate_config(cfg: Config):
         if cfg.tse == "builtin" and given:
             raise WSSSError("--tse builtin uses wsss.py's own sentences: drop --attr-bank/--descriptions, or use "
                             "--tse on to use them")
+        if cfg.descriptions:  # parsed now (cheap), not after the data scan and the CLIP build
+            description_sentences(cfg)
+        if cfg.attr_bank:
+            bank = _read_bank(cfg.attr_bank, f"--attr-bank {cfg.attr_bank}")
+            if bank is None:
+                raise WSSSError(f"--attr-bank {cfg.attr_bank} is not an attribute bank (expected a .pth list "
+                                f"[centroids (E x B), flags (C x B)])")
+            if not all(bool(torch.isfinite(t).all()) for t in bank):
+                raise WSSSError(f"--attr-bank {cfg.attr_bank} holds NaN or infinite values: it is damaged "
+                                f"(re-download ExCEL's bank, or use --descriptions FILE)")
         if cfg.tse == "builtin" and cfg.dataset not in BUILTIN_DESCRIPTIONS:
             raise WSSSError(f"--tse builtin: wsss.py has no sentences for {cfg.dataset}; give ExCEL's --attr-bank "
                             f"FILE or --descriptions FILE (see data.md)")
