@@ -3604,6 +3604,22 @@ def test_custom_layout_reads_the_same_world_without_training_masks(custom_root, 
     assert custom_cfg(custom_root, cache_dir, method="excel").descriptions == str(custom_root / "descriptions.json")
 
 
+def test_custom_without_superclasses_or_descriptions_turns_sbe_and_tse_off(custom_root, tmp_path, capsys):
+    root = tmp_path / "bare"
+    shutil.copytree(custom_root, root, ignore=shutil.ignore_patterns("superclasses.txt", "descriptions.json"))
+    capsys.readouterr()
+    cd = custom_cfg(root, tmp_path / "c", method="cdclip")
+    assert (cd.lambda_b, cd.superclasses) == (0.0, 0) and wsss.dataset_info(cd)["superclasses"] == {0: {}}
+    assert "no superclasses.txt, so CD-CLIP's super-class boundary loss (SBE, L_b) is off" in capsys.readouterr().out
+    ex = custom_cfg(root, tmp_path / "c", method="excel")
+    assert (ex.tse, ex.descriptions) == ("off", "")
+    assert "no descriptions.json, so ExCEL's TSE is off (template-only class texts)" in capsys.readouterr().out
+    with pytest.raises(wsss.WSSSError, match="TSE on your own classes needs their descriptions"):
+        custom_cfg(root, tmp_path / "c", method="excel", tse="on")
+    frozen = wsss.Frozen(cd, CPU)  # CDA's texts are the class texts alone: no super-class rows
+    assert frozen.num_super == 0 and frozen.texts.shape[0] == 6 + len(wsss.VOC_BG)
+
+
 def test_custom_training_for_each_method_and_predict(custom_root, cache_dir, tmp_path, capsys):
     small = dict(max_steps=2, batch_size=2, eval_every=0, log_every=1, dec_dim=32, dec_layers=1, dec_heads=2,
                  dec_mlp=64, cache_images_per_class=2, cache_per_class=1, cache_bg=2, cache_image_size=64,

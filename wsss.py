@@ -984,12 +984,13 @@ def first_row_of_image(img, B: int):
 
 
 def super_class_of(cfg: Config):
-    """CD-CLIP's super-class map of the chosen table: class id (1..C) -> super-class id (1..Ns), 0 -> 0. (C+1,)"""
+    """CD-CLIP's super-class map of the chosen table: class id (1..C) -> super-class id (1..Ns), 0 -> 0. (C+1,)
+    Without a table (your own data without superclasses.txt: SBE off) every class maps to 0."""
     info = dataset_info(cfg)
     supers = info["superclasses"][cfg.superclasses]
     index = {name: i + 1 for i, name in enumerate(supers)}
     owner = {c: index[s] for s, members in supers.items() for c in members}
-    return torch.tensor([0] + [owner[c] for c in info["classes"][1:]])
+    return torch.tensor([0] + [owner.get(c, 0) for c in info["classes"][1:]])
 
 
 # --- ExCEL TSE: class texts enriched by clustered attribute sentences ---
