@@ -3281,8 +3281,61 @@ def test_cli_eval_checkpoint(demo_run, cache_dir, tmp_path):
                 "--save-vis", tmp_path / "vis", "--num-vis", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(step 4)" in r.stdout and "mIoU" in r.stdout and len(list((tmp_path / "vis").glob("*.png"))) == 2
+    assert f"overlays (image | CAM | pseudo-label | prediction | truth): {tmp_path / 'vis'}/" in r.stdout
+    assert all(Image.open(p).size[0] == 8 + 5 * (256 + 8) for p in (tmp_path / "vis").glob("*.png"))  # 5 panels
     r = run_cli("eval", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", tmp_path / "no.pt")
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_overlays_have_titled_large_panels_a_legend_and_the_synthetic_colours(tmp_path):
+    cfg = wsss.make_config(dataset="synthetic", tiny=True)
+    rgb = wsss.draw_toy_scene(np.random.default_rng(9), 64)[0]
+    pseudo, pred, gt = (np.zeros((64, 64), np.uint8) for _ in range(3))
+    pseudo[8:30, 8:30], pred[40:60, 40:60], gt[8:30, 8:30], gt[31] = 2, 4, 2, 255
+    cam = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    kept = pseudo.copy()
+    full = wsss.overlay_figure(rgb, cam, pseudo, pred, gt, cfg)  # eval: image | CAM | pseudo | prediction | truth
+    cams = wsss.overlay_figure(rgb, cam, pseudo, None, gt, cfg)  # cams: no decoder, no prediction panel
+    two = wsss.overlay_figure(rgb, None, None, pred, None, cfg)  # predict: image | prediction
+    assert np.array_equal(pseudo, kept)  # drawing only
+    pad, cell = 8, 256  # 64 px shown x4 (nearest: the image's own pixels), 8 px apart
+    assert [f.shape[1] for f in (full, cams, two)] == [pad + n * (cell + pad) for n in (5, 4, 2)]
+    big = rgb.repeat(4, 0).repeat(4, 1)
+    assert any(np.array_equal(full[y:y + cell, pad:pad + cell], big) for y in range(60)), "a 256 px image panel"
+    assert full.shape[0] > cell + 40 and two.shape[0] < cams.shape[0]  # titles above, colour bar + legend below
+    # colours that say the class names (the VOC map painted the blue square green); other datasets keep VOC's
+    colours = wsss.class_colours(cfg)
+    dominant = {"red": lambda r, g, b: r > 2 * max(g, b), "blue": lambda r, g, b: b > 2 * max(r, g),
+                "green": lambda r, g, b: g > 2 * max(r, b), "yellow": lambda r, g, b: min(r, g) > 3 * b,
+                "purple": lambda r, g, b: min(r, b) > 2 * g, "orange": lambda r, g, b: r > g > 2 * b}
+    for k, name in enumerate(wsss.SYNTH_CLASSES[1:], 1):
+        assert dominant[name.split()[0]](*map(int, colours[k])), (name, colours[k])
+    assert colours[0].tolist() == [0, 0, 0] and colours[255].tolist() == [255, 255, 255]
+    for dataset in ("voc", "coco"):
+        assert np.array_equal(wsss.class_colours(wsss.make_config(dataset=dataset)), wsss.palette(256))
+    assert wsss.palette(256)[1].tolist() == [128, 0, 0]  # index PNGs' VOC palette unchanged
+    # the legend lists exactly the classes present in the label panels drawn, swatches in their colours
+    names = [n for n, _ in wsss.legend_entries([pseudo, pred, gt], wsss.SYNTH_CLASSES, colours)]
+    assert names == ["background", "blue square", "yellow star", "ignore"]
+    assert [n for n, _ in wsss.legend_entries([pseudo, None, gt], wsss.SYNTH_CLASSES, colours)] == \
+        ["background", "blue square", "ignore"]
+    assert [n for n, _ in wsss.legend_entries([np.array([[0, 9]])], ["bg"], colours)] == ["bg", "class 9"]
+    assert (cams == colours[2]).all(-1).sum() >= 100 and not (cams == colours[4]).all(-1).any()  # no yellow swatch
+    # a large photo is shrunk to a 512 px long side; the PNG is written through save_image (atomic)
+    wide = wsss.overlay_figure(np.zeros((700, 1000, 3), np.uint8), None, None, np.zeros((700, 1000)), None)
+    assert wide.shape[1] == pad + 2 * (512 + pad)
+    wsss.save_overlay(tmp_path / "o.png", rgb, cam, pseudo, None, gt, cfg)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), cams)
+
+
+def test_cams_save_vis_draws_four_panels_and_prints_the_folder(synth_root, cache_dir, tmp_path, capsys):
+    vis = tmp_path / "vis"
+    assert wsss.main(["cams", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny", "--cache-dir",
+                      str(cache_dir), "--cam-split", "val", "--num-workers", "0", "--max-images", "1",
+                      "--save-vis", str(vis)]) == 0
+    assert f"overlays (image | CAM | pseudo-label | truth): {vis}/" in capsys.readouterr().out
+    (png,) = vis.glob("*.png")
+    assert Image.open(png).size[0] == 8 + 4 * (256 + 8)  # no empty prediction panel
 
 
 def test_cli_resume_continues_exactly(demo_run, cache_dir, tmp_path):
@@ -3641,8 +3694,10 @@ def test_custom_training_for_each_method_and_predict(custom_root, cache_dir, tmp
     (pics / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     capsys.readouterr()
     assert wsss.main(["predict", "--ckpt", str(ckpts["cdclip"]), "--images", str(pics), "--out",
-                      str(tmp_path / "pred")]) == 0
+                      str(tmp_path / "pred"), "--save-vis", str(tmp_path / "vis")]) == 0
     out = capsys.readouterr().out
+    assert f"overlays (image | prediction): {tmp_path / 'vis'}/" in out  # readable: 2 titled panels >= 256 px
+    assert Image.open(tmp_path / "vis" / "sub" / "wide.png").size[0] == 8 + 2 * (round(80 * 256 / 50) + 8)
     assert "predicted 2 image(s)" in out and "skipped 1 non-image file(s)" in out and "1 unreadable" in out
     wide = Image.open(tmp_path / "pred" / "sub" / "wide.png")
     assert wide.mode == "P" and wide.size == (80, 50)

@@ -4094,12 +4094,13 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
             if pseudo_dir is not None:  # what training would use: the refined pseudo-label after PAR
                 save_label_png((pl["refined+PAR"][0] if has_fg else torch.zeros_like(gt)).cpu().numpy(),
                                pseudo_dir / f"{item['name']}.png")
-            if want_vis:
+            if want_vis:  # the panels with content: no prediction without a decoder, no truth without a mask
                 cam = pl["cam_map"][0].cpu().numpy() if has_fg else np.zeros(gt.shape)
                 pseudo = pl["refined+PAR"][0] if has_fg else torch.zeros_like(gt)
-                planes = [t.cpu().numpy().astype(np.uint8) for t in (pseudo, pred, gt)]
+                planes = [t.cpu().numpy().astype(np.uint8) if keep else None for t, keep in
+                          ((pseudo, True), (pred, decoder is not None), (gt, bool((gt != IGNORE).any())))]
                 save_overlay(vis_dir / f"{item['name'].replace('/', '_')}.png",
-                             denormalize_image(item["image"], cfg.norm), cam, *planes)
+                             denormalize_image(item["image"], cfg.norm), cam, *planes, cfg=cfg)
     if decoder is not None:
         decoder.train()
     agree(failure)
@@ -4164,13 +4165,108 @@ def save_label_png(labels, path):
     _atomic(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
-def save_overlay(path, rgb, cam, pseudo, pred, gt):
-    """One PNG: image | CAM heat-map | pseudo-label | prediction | ground truth (labels blended on the image)."""
+OVERLAY_SHORT, OVERLAY_LONG = 256, 512  # panel: small images enlarged to 256 px short side, large shrunk
+OVERLAY_TITLES = {"image": "image ({w}x{h} px, shown x{s})", "cam": "CAM (refined; max over classes)",
+                  "pseudo": "pseudo-label (refined+PAR)", "pred": "prediction (decoder)", "gt": "truth"}
+
+
+def class_colours(cfg=None) -> np.ndarray:
+    """The overlays' class colours, (256, 3) uint8: the synthetic world's classes in the colours their names say
+    (the badges' TOY_RGB: "blue square" blue), background black, 255 (ignore) white; VOC, COCO and custom data the
+    VOC colour map. Overlays only: index PNGs keep palette(), the format of VOC's masks."""
     pal = palette(256)
-    heat = np.stack([cam, 1 - np.abs(2 * cam - 1), 1 - cam], -1) * 255  # blue -> green -> red
-    panels = [rgb, (0.5 * rgb + 0.5 * heat)]
-    panels += [np.where((lab == 0)[..., None], rgb * 0.6, 0.4 * rgb + 0.6 * pal[lab]) for lab in (pseudo, pred, gt)]
-    save_image(np.concatenate([np.asarray(p).astype(np.uint8) for p in panels], 1), path)
+    if cfg is not None and cfg.dataset == "synthetic":
+        for k, (colour, _) in enumerate(TOY_SHAPES, 1):
+            pal[k] = TOY_RGB[colour]
+    return pal
+
+
+def legend_entries(planes, names, colours) -> list:
+    """An overlay's legend: (name, (r, g, b)) of every class id present in the label planes (None skipped), in id
+    order; 255 is "ignore", an id beyond the class table "class K"."""
+    ids = sorted(set().union(*(np.unique(np.asarray(p, np.int64)).tolist() for p in planes if p is not None)))
+    return [("ignore" if k == IGNORE else names[k] if k < len(names) else f"class {k}",
+             tuple(int(v) for v in colours[k])) for k in ids]
+
+
+def heat_colours(cam) -> np.ndarray:
+    """A CAM in [0, 1] as colours, float (..., 3) in [0, 255]: blue (low) -> green -> red (high)."""
+    cam = np.clip(np.asarray(cam, np.float32), 0, 1)
+    return np.stack([cam, 1 - np.abs(2 * cam - 1), 1 - cam], -1) * 255
+
+
+def overlay_figure(rgb, cam, pseudo, pred, gt, cfg=None) -> np.ndarray:
+    """The overlay of one image as a uint8 (H, W, 3) picture a person can read: a titled panel per input that is
+    not None (image | CAM heat-map | pseudo-label | prediction | truth; labels blended on the dimmed image in
+    class_colours), each enlarged to >= 256 px on its short side (nearest: the model's own pixels) or shrunk to a
+    512 px long side; under them the CAM's colour bar (low..high) and a legend of the classes present."""
+    from PIL import Image, ImageDraw, ImageFont
+    rgb = np.asarray(rgb, np.uint8)
+    h, w = rgb.shape[:2]
+    s = min(max(1.0, OVERLAY_SHORT / min(h, w)), OVERLAY_LONG / max(h, w))
+    size = (max(1, round(w * s)), max(1, round(h * s)))  # PIL order (W, H)
+
+    def resized(a, nearest):
+        return np.asarray(Image.fromarray(a).resize(size, Image.NEAREST if nearest else Image.BILINEAR))
+
+    names = dataset_info(cfg)["classes"] if cfg is not None else []
+    colours = class_colours(cfg)
+    big = resized(rgb, nearest=s >= 1).astype(np.float32)  # labels always nearest, the CAM bilinear
+    panels = [("image", big)]
+    if cam is not None:
+        panels.append(("cam", 0.5 * big + 0.5 * heat_colours(resized(np.asarray(cam, np.float32), nearest=False))))
+    planes = {k: np.asarray(v, np.uint8) for k, v in (("pseudo", pseudo), ("pred", pred), ("gt", gt)) if v is not None}
+    for key, lab in planes.items():
+        lab = resized(lab, nearest=True)
+        panels.append((key, np.where((lab == 0)[..., None], 0.6 * big, 0.4 * big + 0.6 * colours[lab])))
+    legend = legend_entries(planes.values(), names, colours)
+
+    try:  # Pillow's embedded default font (no font file), at a readable size where FreeType is built in
+        font = ImageFont.load_default(size=13)
+    except (ImportError, OSError, TypeError):
+        font = ImageFont.load_default()  # the bitmap font
+    text_w = lambda t: int(math.ceil(font.getlength(t)))  # noqa: E731
+    line, pad, box = font.getbbox("Ag")[3] + 4, 8, 12
+    titles = [OVERLAY_TITLES[k].format(w=w, h=h, s=f"{s:.3g}") for k, _ in panels]
+    cells = [max(size[0], text_w(t) + 4) for t in titles]
+    items = [box + 4 + text_w(name) + 2 * pad for name, _ in legend]
+    width = max(pad + sum(c + pad for c in cells), max(items, default=0) + 2 * pad, 200)
+    rows, x = [[]], pad
+    for item, entry in zip(items, legend):  # the legend wraps at the figure's width
+        if x + item > width - pad and rows[-1]:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, entry))
+        x += item
+    bar_h = 10 + line if cam is not None else 0
+    top = pad + line
+    height = top + size[1] + pad + bar_h + (pad if bar_h else 0) + len(rows) * (box + 6) + pad
+    fig = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(fig)
+    x = pad
+    for (key, panel), title, cell in zip(panels, titles, cells):
+        draw.text((x + (cell - text_w(title)) // 2, pad), title, fill="black", font=font)
+        fig.paste(Image.fromarray(np.clip(np.rint(panel), 0, 255).astype(np.uint8)), (x + (cell - size[0]) // 2, top))
+        if key == "cam":  # the colour bar under the CAM panel: the heat-map's colours from low to high
+            y = top + size[1] + pad
+            ramp = heat_colours(np.linspace(0, 1, cell))[None].repeat(10, 0)
+            fig.paste(Image.fromarray(ramp.astype(np.uint8)), (x, y))
+            draw.text((x, y + 12), "low", fill="black", font=font)
+            draw.text((x + cell - text_w("high"), y + 12), "high", fill="black", font=font)
+        x += cell + pad
+    y = top + size[1] + pad + bar_h + (pad if bar_h else 0)
+    for row in rows:
+        for x, (name, colour) in row:
+            draw.rectangle([x, y, x + box - 1, y + box - 1], fill=colour, outline="black")
+            draw.text((x + box + 4, y), name, fill="black", font=font)
+        y += box + 6
+    return np.asarray(fig)
+
+
+def save_overlay(path, rgb, cam, pseudo, pred, gt, cfg=None):
+    """One readable overlay PNG (overlay_figure: image | CAM heat-map | pseudo-label | prediction | truth, the
+    panels given, titles, colour bar, legend), written atomically. Drawing only: no pseudo-label changes."""
+    save_image(overlay_figure(rgb, cam, pseudo, pred, gt, cfg), path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -4907,6 +5003,8 @@ def cmd_cams(cfg: Config):
     if cfg.save_pseudo:
         print0(f"pseudo-labels of {min(len(dataset), cfg.max_images or len(dataset))} {cfg.cam_split} images "
                f"(refined + PAR, index PNGs, VOC palette) -> {cfg.save_pseudo}/")
+    if cfg.save_vis:  # no decoder here: no prediction panel
+        print0(f"overlays (image | CAM | pseudo-label{' | truth' if dataset.masks else ''}): {cfg.save_vis}/")
     if not dataset.masks:
         return res
     print0(format_table(res, dataset_info(cfg)["classes"], title=f"pseudo-labels of {cfg.method} "
@@ -4955,8 +5053,8 @@ def image_files(spec: str) -> tuple:
 def cmd_predict(cfg: Config):
     """Segment new images with a trained checkpoint, no ground truth needed: one index PNG per image (class ids,
     VOC palette, the image's own size) under --out, named after the image (sub-folders kept); --save-vis also
-    writes an overlay (image | prediction) per image. Multi-scale + flip and --crf as `eval`. Files that are not
-    images (by suffix) or cannot be read are skipped with a count."""
+    writes a readable overlay (image | prediction, titles, legend) per image. Multi-scale + flip and --crf as
+    `eval`. Files that are not images (by suffix) or cannot be read are skipped with a count."""
     if not cfg.images or not cfg.out:
         raise WSSSError("predict needs --ckpt CKPT --images DIR|FILE|GLOB --out DIR")
     ckpt, cfg = checkpoint_config(cfg.ckpt, cfg)
@@ -4987,17 +5085,17 @@ def cmd_predict(cfg: Config):
         pred = crf_refine(rgb, logits[0].softmax(0).cpu().numpy(), cfg) if cfg.crf else \
             logits[0].argmax(0).cpu().numpy()
         save_label_png(pred, out_dir / f"{name}.png")
-        if vis_dir is not None:
-            pal = palette(256)
-            over = np.where((pred == 0)[..., None], rgb * 0.6, 0.4 * rgb + 0.6 * pal[pred]).astype(np.uint8)
-            _atomic_png(np.concatenate([rgb, over], 1), make_dir(vis_dir / name.parent, "--save-vis") /
-                        f"{name.name}.png")
+        if vis_dir is not None:  # the overlays' style of `eval`, the two panels predict has
+            save_overlay(make_dir(vis_dir / name.parent, "--save-vis") / f"{name.name}.png", rgb, None, None,
+                         pred, None, cfg=cfg)
         done += 1
     skipped = f"; skipped {other} non-image file(s)" if other else ""
     skipped += f"; skipped {len(bad)} unreadable image(s), first: {bad[0]}" if bad else ""
     classes = ", ".join(f"{k} {n}" for k, n in enumerate(dataset_info(cfg)["classes"][:8]))
     print0(f"predicted {done} image(s) with {cfg.method} (step {ckpt.get('step')}) -> {out_dir}/ (index PNGs: "
            f"{classes}{', ...' if len(dataset_info(cfg)['classes']) > 8 else ''}){skipped}")
+    if vis_dir is not None and done:
+        print0(f"overlays (image | prediction): {vis_dir}/")
     if not done:
         raise WSSSError(f"no image of --images {cfg.images} could be read ({bad[0] if bad else ''})")
     return done
