@@ -2838,19 +2838,38 @@ def _ignore_sigint(_worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _progress(it, disable=False):
-    """tqdm when available and on a terminal; a silent iterator with the same interface otherwise."""
+def _progress(it, disable=False, what: str = None):
+    """tqdm when available and on a terminal; off a terminal (a log file, a scheduler) and given `what`, a line
+    on stderr at each quarter with the elapsed time; else a silent iterator with the same interface."""
+    tty = sys.stderr.isatty()
     try:
         from tqdm import tqdm
-        return tqdm(it, disable=disable or not sys.stderr.isatty(), dynamic_ncols=True)
+        if tty or disable:
+            return tqdm(it, disable=disable or not tty, dynamic_ncols=True, desc=what)
     except ImportError:
-        class Plain:
-            def __init__(self, it): self.it = it
-            def __iter__(self): return iter(self.it)
-            def set_postfix(self, **kw): pass
-            def update(self, n=1): pass
-            def close(self): pass
-        return Plain(it)
+        pass
+
+    class Plain:
+        def __init__(self, it):
+            self.it = it
+
+        def __iter__(self):
+            n, t0 = (len(self.it) if hasattr(self.it, "__len__") else 0), time.time()
+            marks = {max(1, round(n * q / 4)) for q in (1, 2, 3, 4)} if what and n and not disable else set()
+            for i, x in enumerate(self.it, 1):
+                yield x
+                if i in marks:
+                    print(f"{what}: {i}/{n} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+        def set_postfix(self, **kw):
+            pass
+
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+    return Plain(it)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3661,7 +3680,7 @@ def generate_cache_images(image_dir, classes, n_per_class: int, make_image, log=
     todo = [it for it in items if not _valid_image(it[3])]
     if todo:
         log(f"TSA cache: generating {len(todo)} of {len(items)} single-class images into {image_dir}")
-        bar = _progress(todo)
+        bar = _progress(todo, what="TSA cache images")
         for c, name, i, path in bar:
             _atomic_png(make_image(c, name, 1000 * c + i), path)
         bar.close()
@@ -3689,7 +3708,7 @@ def build_tsa_cache(cfg: Config, make_image, feature_fn, pseudo_mask_fn, texts_f
     items = generate_cache_images(tsa_image_dir(cfg), classes, cfg.cache_images_per_class, make_image, log)
     fg_by_class, bg, used, hashes = {}, [], {}, {}
     S = cfg.crop_size
-    for start in range(0, len(items), batch_size):
+    for start in _progress(range(0, len(items), batch_size), what="TSA cache features and pseudo masks"):
         chunk = items[start:start + batch_size]
         rgbs = [np.asarray(Image.fromarray(load_rgb(p)).resize((S, S), Image.BILINEAR)) for _, p in chunk]
         images = torch.stack([normalize_image(r, cfg.norm) for r in rgbs])
@@ -3959,7 +3978,7 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str), out_dir / "config.json")
     n_params = sum(p.numel() for p in decoder.parameters())
-    print0(f"config: {json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()}, default=str)}")
+    print0(f"config: {out_dir / 'config.json'} (every setting of this run)")
     weights = cfg.clip_pretrained if not cfg.tiny or _is_path(cfg.clip_pretrained) else "random"
     print0(f"device {device} | amp {amp_dtype} | world {world} | train {len(train_set)} | val {len(val_set)} | "
            f"CLIP {cfg.clip_model if not cfg.tiny else 'toy'} ({weights}) blocks {frozen.num_blocks} | "
@@ -4034,6 +4053,7 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     names = dataset_info(cfg)["classes"]
     print0(format_table(results, names, title=f"{cfg.method} (refine {cfg.refine}) on {cfg.dataset} {cfg.val_split} "
                                               f"({min(len(val_set), cfg.max_images or len(val_set))} images)"))
+    print0(table_legend(results, cfg, steps=cfg.max_steps))
     if cfg.save_vis:
         print0(f"overlays (image | CAM | pseudo-label | prediction | truth): {cfg.save_vis}/")
     if rank == 0:
@@ -4065,7 +4085,9 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
     vis_dir = make_dir(cfg.save_vis, "--save-vis") if cfg.save_vis else None
     pseudo_dir = make_dir(cfg.save_pseudo, "--save-pseudo") if cams and cfg.save_pseudo else None
     failure = None
-    for i in shard(min(len(dataset), cfg.max_images or len(dataset))):
+    rank = dist_info()[0]
+    for i in _progress(shard(min(len(dataset), cfg.max_images or len(dataset))), disable=rank != 0,
+                       what="evaluating" if not cams else "pseudo-labels"):
         try:
             item = dataset[i]
         except Exception as e:  # a bad image on one DDP rank: that rank reports it, the others stop (agree)
@@ -4121,6 +4143,44 @@ def format_table(results: dict, class_names, title: str = "") -> str:
     for key, label, scale, digits in (("miou", "mIoU", 100, 1), ("pixel_acc", "pixel acc", 100, 1),
                                       ("fp_tp", "FP/TP", 1, 2)):
         lines.append(label.ljust(width) + "".join(f"{scale * results[n][key]:12.{digits}f}" for n in names))
+    return "\n".join(lines)
+
+
+COLUMN_MEANINGS = {
+    "cam": "the raw CAM's pseudo-labels (from the image-level labels)",
+    "refined": "after the method's refinement ({refine})",
+    "refined+PAR": "after PAR: the pseudo-labels training uses",
+    "decoder": "the trained decoder's prediction (multi-scale{crf}): what the method outputs",
+    "oracle": "the raw CAMs propagated by the PERFECT affinity built from the true masks (reads the ground truth: "
+              "the ceiling of any refinement)",
+    "oracle+PAR": "the same, after PAR",
+    "random CLIP": "the pseudo-labels of a random-weight CLIP (a floor)",
+    "all-bg": "background everywhere (a floor)",
+}
+
+
+def table_legend(results: dict, cfg: Config, steps: int = None) -> str:
+    """The lines under a results table: what each column is, that every column is scored against the masks
+    (and which columns use them as input), what FP/TP means, and one sentence that reads the result."""
+    lines = ["columns: " + "; ".join(f"{n} = " + COLUMN_MEANINGS[n].format(refine=cfg.refine,
+                                                                         crf=", DenseCRF" if cfg.crf else "")
+                                     for n in results if n in COLUMN_MEANINGS),
+             "every column is scored against the true masks (IoU per class, mIoU their mean); only the oracle "
+             "columns also read them as input. FP/TP: false-positive pixels per true-positive pixel (mean over "
+             "classes; lower is better)."]
+    m = {n: 100 * r["miou"] for n, r in results.items()}
+    said = []
+    if "cam" in m and "refined" in m:
+        said.append(f"the refinement moves the raw CAM's mIoU by {m['refined'] - m['cam']:+.1f} "
+                    f"({m['cam']:.1f} -> {m['refined']:.1f})")
+    if "refined" in m and "refined+PAR" in m:
+        said.append(f"PAR by {m['refined+PAR'] - m['refined']:+.1f}")
+    if "oracle+PAR" in m:
+        said.append(f"a perfect affinity would reach {m['oracle+PAR']:.1f}")
+    if "decoder" in m:
+        said.append(f"the decoder reaches {m['decoder']:.1f}" + (f" after {steps} steps" if steps else ""))
+    if said:
+        lines.append("reading: " + "; ".join(said) + ".")
     return "\n".join(lines)
 
 
@@ -4974,6 +5034,7 @@ def cmd_eval(cfg: Config):
     title = (f"{cfg.ckpt} (step {ckpt['step']}) on {cfg.dataset} {cfg.val_split}, scales {cfg.eval_scales}, "
              f"flip {cfg.eval_flip}, crf {cfg.crf}")
     print0(format_table(res, dataset_info(cfg)["classes"], title=title))
+    print0(table_legend(res, cfg, steps=ckpt.get("step")))
     if cfg.save_vis:
         print0(f"overlays (image | CAM | pseudo-label | prediction | truth): {cfg.save_vis}/")
     return res
@@ -5009,6 +5070,7 @@ def cmd_cams(cfg: Config):
         return res
     print0(format_table(res, dataset_info(cfg)["classes"], title=f"pseudo-labels of {cfg.method} "
                         f"(cam {cfg.cam}, refine {cfg.refine}, {mode}) on {cfg.dataset} {cfg.cam_split}"))
+    print0(table_legend(res, cfg))
     return res
 
 
@@ -5184,6 +5246,7 @@ def cmd_compare(cfg: Config, argv=()):
         cost = dict(ms=float(np.mean(ms)) if ms else float("nan"), peak=usage.ru_maxrss / 1024, wall=time.time() - t0)
         atomic_write_text(json.dumps(dict(args=args, cost=cost)), done)
         rows[m] = dict(_final_val(out), **cost)
+        print0(f"compare: {m} done in {cost['wall']:.0f} s")
     cols = ("cam", "refined", "refined+PAR", "decoder", "oracle+PAR")
     lines = [f"{'method':<8}" + "".join(f"{c:>12}" for c in cols) + f"{'ms/step':>10}{'peak MiB':>10}{'wall s':>8}"]
     for m in methods:
