@@ -229,7 +229,8 @@ def planted_val(synth_root, cache_dir):
                                  labels=stack("label"), masks=stack("mask"), all_bg=all_bg["miou"])
 
 
-DEMO_FLAGS = ["--demo", "--demo-images", "24", "--toy-steps", "6", "--toy-batch", "32", "--batch-size", "4"]
+DEMO_FLAGS = ["--demo", "--demo-model", "toy", "--demo-images", "24", "--toy-steps", "6", "--toy-batch", "32",
+              "--batch-size", "4"]
 
 
 @pytest.fixture(scope="session")

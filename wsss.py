@@ -2326,6 +2326,7 @@ def make_config(**given) -> Config:
     values.update(METHODS[method].get(dataset, {}))  # a method's per-dataset values (e.g. ExCEL on COCO)
     if given.get("demo"):
         values.update(DEMO)
+        values.update(DEMO_ROUTES.get(given.get("demo_model", DEMO["demo_model"]), {}))
     if given.get("upstream"):  # the official code's numerics (UPSTREAM), under the explicit flags
         values.update({k: v for k, v in UPSTREAM[method].items() if k not in DATASETS})
         values.update(UPSTREAM[method].get(dataset, {}))
@@ -2840,7 +2841,7 @@ def _ignore_sigint(_worker_id):
 
 def _progress(it, disable=False, what: str = None):
     """tqdm when available and on a terminal; off a terminal (a log file, a scheduler) and given `what`, a line
-    on stderr at each quarter with the elapsed time; else a silent iterator with the same interface."""
+    on stdout at each quarter with the elapsed time; else a silent iterator with the same interface."""
     tty = sys.stderr.isatty()
     try:
         from tqdm import tqdm
@@ -2859,7 +2860,7 @@ def _progress(it, disable=False, what: str = None):
             for i, x in enumerate(self.it, 1):
                 yield x
                 if i in marks:
-                    print(f"{what}: {i}/{n} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+                    print(f"{what}: {i}/{n} ({time.time() - t0:.0f} s)", flush=True)
 
         def set_postfix(self, **kw):
             pass
@@ -4045,7 +4046,10 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
     if not scored:
         print0(f"trained {cfg.max_steps} steps -> {cfg.ckpt} (no {cfg.val_split} masks: not scored)")
         return dict(results={}, last=last)
-    results = evaluate(decoder, frozen, val_set, cfg, device, cams=labelled, oracle=labelled)
+    # the pseudo-label columns show the labels of the trained state: the dynamic path (the decoder's affinity) if
+    # training reached it, else the static one it trained on
+    results = evaluate(decoder, frozen, val_set, cfg, device, cams=labelled, oracle=labelled,
+                       label_dynamic=cfg.max_steps > cfg.rfm_dynamic_after)
     if labelled:  # raw CAM | refined | +PAR | decoder, then the perfect-affinity ceiling (a diagnostic)
         results = {k: results[k] for k in ("cam", "refined", "refined+PAR", "decoder", "oracle", "oracle+PAR")}
     if cfg.demo:  # and the two baselines, side by side
@@ -4070,12 +4074,13 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
 
 
 def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, cams: bool = False,
-             label_decoder=None, oracle: bool = False, dropout: bool = False) -> dict:
+             label_decoder=None, oracle: bool = False, dropout: bool = False, label_dynamic: bool = True) -> dict:
     """mIoU of the decoder's multi-scale+flip prediction on a split (optionally DenseCRF; skipped when decoder
     is None), and with `cams` of the label-driven pseudo-labels of the same images (raw CAM, refined, after
     PAR: the papers' "M" column; with a decoder, RFM runs dynamic, as upstream's val mode). Also writes
     overlays with --save-vis. Shards over DDP ranks and sums the confusion matrices. `dropout` keeps the decoder in
-    training mode, as upstream's in-training validation did (--upstream)."""
+    training mode, as upstream's in-training validation did (--upstream). `label_dynamic` False: the pseudo-labels
+    take the static path even with a decoder (a run that ended before its dynamic phase)."""
     K = len(dataset_info(cfg)["classes"])
     names = (["decoder"] if decoder is not None else []) + (["cam", "refined", "refined+PAR"] if cams else []) \
         + (["oracle", "oracle+PAR"] if cams and oracle else [])
@@ -4108,8 +4113,8 @@ def evaluate(decoder, frozen: Frozen, dataset: SegDataset, cfg: Config, device, 
         if cams or want_vis:
             has_fg = bool(item["label"].any())  # no foreground: the pseudo-label is all background
             pl = label_variants(frozen, image, item["label"][None].to(device), cfg,
-                                decoder if decoder is not None else label_decoder, gt=gt if oracle else None,
-                                lvc_cam=decoder is None) if has_fg else {}
+                                (decoder if decoder is not None else label_decoder) if label_dynamic else None,
+                                gt=gt if oracle else None, lvc_cam=decoder is None) if has_fg else {}
             for name in names:
                 if name != "decoder":
                     conf[name] += confusion_matrix(pl[name][0] if has_fg else torch.zeros_like(gt), gt, K)
@@ -4781,11 +4786,20 @@ def planted_dino(patch: int = 4, image_size: int = 64, grey: float = 0.1):
 # II.12 The demo: presets, assets, baselines
 # ----------------------------------------------------------------------------------------------------
 
-# --demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule.
-DEMO = dict(dataset="synthetic", tiny=True, max_steps=300, batch_size=8, eval_every=0, log_every=50,
-            warmup_steps=20, rfm_dynamic_after=150, num_workers=0, demo_images=240, eval_long_side=64,
-            cam_logit_scale=0.0,  # the toy CLIP's learned temperature (~15), not OpenAI CLIP's 100
+# --demo: the synthetic world, a short schedule, and one of two CLIPs (README "What --demo shows"): the PLANTED one
+# (default: hand-set weights whose attention is semantic, so each refinement visibly completes the objects; fast,
+# no pre-training) or --demo-model toy (pre-trained on first use; its attention is too diffuse to help).
+DEMO = dict(dataset="synthetic", tiny=True, demo_model="planted", batch_size=8, eval_every=0, num_workers=0,
+            demo_images=240, eval_long_side=64, warmup_steps=20,
+            cam_logit_scale=0.0,  # the demo CLIPs' own temperature, not OpenAI CLIP's 100
             cam_contrast_floor=0.05)  # the toy's diffuse attention leaves flat refined CAMs: guard them (README)
+DEMO_ROUTES = {
+    # planted: 100 steps on the static label path (the dynamic switch is after the run) and a smaller decoder,
+    # so that the first command finishes in about two minutes on 2 CPU cores [I: chosen on the train split's
+    # loss and time, not on the val images]
+    "planted": dict(max_steps=100, log_every=25, rfm_dynamic_after=1000, dec_dim=128, dec_mlp=512, lr=4e-3),
+    "toy": dict(max_steps=300, log_every=50, rfm_dynamic_after=150),
+}
 
 
 def prepare_demo(cfg: Config):
