@@ -933,6 +933,32 @@ def test_offline_real_checkpoints_fail_with_one_clear_message(capsys):
         wsss.build_clip(wsss.make_config(tiny=True, clip_pretrained="/nonexistent/toy.pt"), CPU)
 
 
+def test_unreachable_hub_switches_to_offline_at_once(monkeypatch, capsys):
+    # no network and HF_HUB_OFFLINE unset: one probe (3 s at most), then the hub libraries run offline, so a model
+    # missing from the cache is our one line instead of ~50 s of retries and their warnings
+    import socket
+    probes = []
+
+    def unreachable(address, timeout=None):
+        probes.append((address, timeout))
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(wsss, "_HUB", {})
+    assert wsss.hub_offline_unless_reachable() is False and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert probes == [(("huggingface.co", 443), 3.0)]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert wsss.hub_offline_unless_reachable() is False and len(probes) == 1  # probed once per process
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    try:
+        wsss.build_dino(wsss.make_config(dataset="voc"), CPU)
+    except wsss.WSSSError as e:
+        assert re.search(r"could not load DINOv2 'facebook/dinov2-base'.*--dino-model PATH", str(e)), str(e)
+    else:  # a laptop whose hub cache holds DINOv2 loads it offline: nothing to test there
+        pytest.skip("DINOv2 is in this machine's model-hub cache")
+    assert capsys.readouterr().err == ""  # no retry warnings
+
+
 def test_attn_blocks_needed():
     cases = [("none", 8, 6, 12, 0), ("rfm", 8, 6, 12, 7), ("rfm", 8, 10, 12, 9), ("caa", 8, 10, 12, 7),
              ("cda", 8, 10, 12, 7), ("cda+rfm", 2, 3, 12, 2), ("rfm", 2, 1, 12, 1), ("rfm", 8, 6, 3, 2)]

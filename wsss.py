@@ -3209,6 +3209,32 @@ def _is_path(s: str) -> bool:
     return "/" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(s).exists()
 
 
+_HUB = {}
+
+
+def hub_offline_unless_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Before a model-hub load: if the hub cannot be reached within `timeout` seconds, switch the hub libraries
+    to offline mode for this process (HF_HUB_OFFLINE), so a model missing from the local cache fails at once with
+    our one line instead of ~50 s of retries and their warnings; a cached model still loads. -> reachable."""
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    if host not in _HUB:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _HUB[host] = True
+        except OSError:
+            _HUB[host] = False
+    if not _HUB[host]:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:  # the flag is read when huggingface_hub is imported: set the imported copy too
+            import huggingface_hub.constants as hub_constants
+            hub_constants.HF_HUB_OFFLINE = True
+        except (ImportError, AttributeError):
+            pass
+    return _HUB[host]
+
+
 def build_clip(cfg: Config, device):
     """Frozen open_clip CLIP and its tokenizer. --tiny: the toy architecture (random weights unless
     --clip-pretrained is a checkpoint path); otherwise `--clip-model` with `--clip-pretrained` (an open_clip
@@ -3237,9 +3263,17 @@ def build_clip(cfg: Config, device):
             # OpenAI's weights were trained with QuickGELU; open_clip only warns on a mismatch, so ask for it
             tag = open_clip.get_pretrained_cfg(cfg.clip_model, pretrained) if pretrained and not _is_path(pretrained) \
                 else {}
+            if pretrained and not _is_path(pretrained):
+                hub_offline_unless_reachable()
             try:
-                model = open_clip.create_model(cfg.clip_model, pretrained=pretrained,
-                                               force_quick_gelu=bool(tag.get("quick_gelu")))
+                import logging
+                level = logging.getLogger().level  # open_clip logs its download failure at ERROR: our line says it
+                logging.getLogger().setLevel(logging.CRITICAL)
+                try:
+                    model = open_clip.create_model(cfg.clip_model, pretrained=pretrained,
+                                                   force_quick_gelu=bool(tag.get("quick_gelu")))
+                finally:
+                    logging.getLogger().setLevel(level)
             except Exception as e:  # open_clip raises RuntimeError offline; unknown names raise others
                 raise WSSSError(f"could not load CLIP {cfg.clip_model!r} weights {cfg.clip_pretrained!r} "
                                 f"({type(e).__name__}; no network or model hub?): pass a local checkpoint with "
@@ -3261,7 +3295,8 @@ def build_dino(cfg: Config, device):
             model = Dinov2Model(Dinov2Config())
         else:
             try:
-                model = Dinov2Model.from_pretrained(cfg.dino_model)
+                local = _is_path(cfg.dino_model) or not hub_offline_unless_reachable()
+                model = Dinov2Model.from_pretrained(cfg.dino_model, local_files_only=local)
             except (OSError, ValueError) as e:
                 raise WSSSError(f"could not load DINOv2 {cfg.dino_model!r} ({type(e).__name__}; no network or "
                                 f"model hub?): pass a local folder with --dino-model PATH (see data.md), "
@@ -3333,13 +3368,19 @@ def build_sd(cfg: Config, device) -> SDParts:
             if cfg.sd_model.startswith(("/", ".", "~")) and not Path(cfg.sd_model).expanduser().is_dir():
                 raise WSSSError(f"Stable Diffusion folder not found: {cfg.sd_model} (pass --sd-model PATH to a "
                                 f"diffusers folder with vae/, unet/, text_encoder/, tokenizer/, scheduler/)")
+            local = _is_path(cfg.sd_model) or not hub_offline_unless_reachable()
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers' own call, not ours
             try:
-                vae = AutoencoderKL.from_pretrained(cfg.sd_model, subfolder="vae")
-                unet = UNet2DConditionModel.from_pretrained(cfg.sd_model, subfolder="unet")
-                text_encoder = CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder")
-                tokenizer = CLIPTokenizer.from_pretrained(cfg.sd_model, subfolder="tokenizer")
-                scheduler = DDIMScheduler.from_pretrained(cfg.sd_model, subfolder="scheduler")
-                own_config = DDIMScheduler.load_config(cfg.sd_model, subfolder="scheduler")
+                # low_cpu_mem_usage=False: what diffusers does without `accelerate`, said explicitly (no warning)
+                vae = AutoencoderKL.from_pretrained(cfg.sd_model, subfolder="vae", local_files_only=local,
+                                                    low_cpu_mem_usage=False)
+                unet = UNet2DConditionModel.from_pretrained(cfg.sd_model, subfolder="unet", local_files_only=local,
+                                                            low_cpu_mem_usage=False)
+                text_encoder = CLIPTextModel.from_pretrained(cfg.sd_model, subfolder="text_encoder",
+                                                             local_files_only=local)
+                tokenizer = CLIPTokenizer.from_pretrained(cfg.sd_model, subfolder="tokenizer", local_files_only=local)
+                scheduler = DDIMScheduler.from_pretrained(cfg.sd_model, subfolder="scheduler", local_files_only=local)
+                own_config = DDIMScheduler.load_config(cfg.sd_model, subfolder="scheduler", local_files_only=local)
                 own_class = getattr(diffusers, own_config.get("_class_name", ""), None)
                 own = own_class.from_config(own_config) if own_class is not None else scheduler
                 if len(tokenizer) != 49408:  # transformers 5 offline returns a 2-token dummy instead of raising
