@@ -3279,7 +3279,8 @@ def test_edited_masks_invalidate_the_label_cache(tmp_path, capsys):
 
 
 def test_corrupt_toy_clip_cache_is_rebuilt(tmp_path, capsys):
-    cfg = wsss.make_config(demo=True, demo_images=4, toy_steps=1, toy_batch=4, cache_dir=str(tmp_path))
+    cfg = wsss.make_config(demo=True, demo_model="toy", demo_images=4, toy_steps=1, toy_batch=4,
+                           cache_dir=str(tmp_path))
     path = Path(cfg.clip_pretrained)  # the --demo cache entry, here filled with random weights (no pre-training)
     clip, _ = wsss.build_clip(dataclasses.replace(cfg, clip_pretrained="random"), CPU)
     wsss.atomic_save({"model": clip.state_dict(), "toy_clip": wsss.TOY_CLIP, "steps": 1}, path)
