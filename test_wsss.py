@@ -229,8 +229,9 @@ def planted_val(synth_root, cache_dir):
                                  labels=stack("label"), masks=stack("mask"), all_bg=all_bg["miou"])
 
 
-DEMO_FLAGS = ["--demo", "--demo-model", "toy", "--demo-images", "24", "--toy-steps", "6", "--toy-batch", "32",
-              "--batch-size", "4"]
+DEMO_WORLD = ["--demo", "--demo-model", "toy", "--demo-images", "24", "--toy-steps", "6",
+              "--toy-batch", "32"]  # train, cams, cache read these (the learned toy route: fast to pre-train)
+DEMO_FLAGS = DEMO_WORLD + ["--batch-size", "4"]  # ... and a training run its batch
 
 
 @pytest.fixture(scope="session")
@@ -510,10 +511,10 @@ def test_config_presets_and_cli_types():
     assert cfg.lr == 1e-3 and cfg.eval_scales == (1, 1.5)  # explicit flags win
     cfg = wsss.parse_config(["--method", "weclip", "--refine", "cda+rfm", "--no-eval-flip"])
     assert cfg.refine == "cda+rfm" and cfg.eval_flip is False and cfg.eval_scales == (1.0, 0.75)
-    for bad in (["--bogus", "1"], ["--lr", "fast"], ["--batch-size", "2.5"]):
-        with pytest.raises(SystemExit) as e:
+    for bad, msg in ((["--bogus", "1"], "unknown flag --bogus"), (["--lr", "fast"], "invalid float value: 'fast'"),
+                     (["--batch-size", "2.5"], "invalid int value: '2.5'")):
+        with pytest.raises(wsss.WSSSError, match=msg):  # main: one line, exit status 2
             wsss.parse_config(bad)
-        assert e.value.code == 2
     for bad, msg in ((dict(method="foo"), "unknown --method"), (dict(dataset="ade"), "unknown --dataset"),
                      (dict(refine="crf"), "--refine"), (dict(superclasses=6), "--superclasses"),
                      (dict(cda_tau=0.0), "--cda-tau")):
@@ -550,8 +551,10 @@ FLAG_ERRORS = [
 def test_every_flag_is_validated_up_front(flags, message, tmp_path):
     (tmp_path / "FILE").write_text("a regular file where a folder should be\n")
     flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
+    readers = wsss.flag_readers()  # a command that reads these flags (train, else synth's --image-size, ...)
+    command = next(c for c in wsss.COMMANDS if all(c in readers[f] for f in flags if f.startswith("--")))
     with pytest.raises(wsss.WSSSError, match=message) as e:
-        wsss.parse_config(flags)
+        wsss.parse_config(flags, command)
     assert "\n" not in str(e.value)
 
 
@@ -2591,7 +2594,7 @@ def test_extreme_aspect_ratios_at_test_time(synth_root, tmp_path, capsys):
         Image.fromarray(mask, mode="L").save(root / "SegmentationClass" / f"{name}.png")
     (root / "ImageSets/Segmentation/val.txt").write_text("wide\ntall\n")
     args = ["cams", "--dataset", "synthetic", "--data-root", str(root), "--tiny", "--cache-dir", str(tmp_path / "c"),
-            "--cam-split", "val", "--num-workers", "0", "--save-vis", str(tmp_path / "vis")]
+            "--cam-split", "val", "--save-vis", str(tmp_path / "vis")]
     assert wsss.main(args) == 0  # the label path at test size
     assert "red circle" in capsys.readouterr().out and len(list((tmp_path / "vis").glob("*.png"))) == 2
     cfg = wsss.make_config(dataset="synthetic", tiny=True, eval_scales=(1.0, 0.5), data_root=str(root))
@@ -2987,20 +2990,119 @@ def test_checkpoint_and_resume_keys_derive_from_the_field_tags(tmp_path):
 def test_cli_help_and_errors(capsys):
     r = run_cli("--help")  # the script itself; the rest in-process (each subprocess costs a torch import)
     assert r.returncode == 0 and "python wsss.py train --method cdclip --demo" in r.stdout
-    with pytest.raises(SystemExit) as e:
-        wsss.main(["train", "--bogus-flag", "1"])
-    assert e.value.code == 2 and "unrecognized arguments: --bogus-flag" in capsys.readouterr().err
+    assert all(f"  {c}" in r.stdout for c in wsss.COMMANDS)  # each command with its line
     assert wsss.main(["train", "--method", "nope"]) == 2
     assert capsys.readouterr().err.strip() == "error: unknown --method 'nope'; choose one of weclip, cdclip, excel, diclip"
-    assert wsss.main(["fly"]) == 2 and "unknown command 'fly'" in capsys.readouterr().err
+    assert wsss.main(["fly"]) == 2 and "unknown command 'fly'; choose one of train, eval" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "cams", "cache", "compare", "synth", "pretrain-toy", "bench"])
+def _help(command, *flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        wsss.main([command, *flags, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", list(wsss.COMMANDS))
 def test_every_command_help_renders(command, capsys):
     # argparse formats every field's help text with %: a bare "%" in a Config comment crashed `train --help`
-    with pytest.raises(SystemExit) as e:
-        wsss.main([command, "--help"])
-    assert e.value.code == 0 and "--demo" in capsys.readouterr().out
+    out = _help(command, capsys=capsys)
+    flags = [ln for ln in out.splitlines() if ln.startswith("  --")]
+    assert flags and out.count("(default:") == len(flags)  # every flag says its default
+    assert wsss.COMMAND_HELP[command].split()[0] in out  # what the command does comes first
+
+
+def test_cli_flags_per_command_come_from_one_table_grouped_with_defaults(capsys, monkeypatch):
+    table = [name for members in wsss.FLAG_GROUPS.values() for name in members]
+    assert sorted(table) == sorted(f.name for f in wsss.fields(wsss.Config))  # every field once
+    readers = {c for members in wsss.FLAG_GROUPS.values() for cs in members.values() for c in cs.split()}
+    assert readers == set(wsss.COMMANDS) == set(wsss.COMMAND_HELP)
+    reads = {c: {n for names in wsss.command_groups(c).values() for n in names} for c in wsss.COMMANDS}
+    assert reads["synth"] == {"data_root", "num_images", "image_size", "seed", "layout"}
+    assert reads["predict"] >= {"ckpt", "images", "out", "save_vis", "device", "crf", "crf_iters", "eval_scales",
+                                "eval_flip", "eval_long_side"} and not reads["predict"] & {"method", "max_steps"}
+    assert reads["bench"] >= {"bench_repeats", "method", "batch_size", "crop_size", "clip_pretrained", "dino_model",
+                              "refine", "lambda_b"} and not reads["bench"] & {"max_steps", "eval_scales", "resume"}
+    assert reads["pretrain-toy"] >= {"toy_steps", "toy_seed", "cache_dir"} and "method" not in reads["pretrain-toy"]
+    own = {"cam_split", "save_pseudo", "images", "out", "num_images", "image_size", "layout", "bench_repeats"}
+    assert reads["train"] == set(table) - own - {"compare_methods"} and reads["compare"] == reads["train"] | {
+        "compare_methods"}  # compare passes its flags on to `train`
+    for c in ("eval", "cams", "cache"):  # the method, data, demo, model and cache flags of a train command line
+        assert reads[c] >= {"method", "dataset", "data_root", "demo", "demo_model", "tiny", "clip_model", "refine",
+                            "cache_dir", "cache_per_class", "tse"}, c
+    assert reads["cams"] >= {"demo_images", "toy_steps", "ckpt", "cam_split", "save_pseudo", "max_images"}
+    monkeypatch.setenv("COLUMNS", "80")  # one screen per group at 80 columns
+    out = _help("train", capsys=capsys)
+    assert len(out.splitlines()) < 340  # 431 lines before the groups, in one list with the usage of every flag
+    parts = re.split(r"\n\n(?=\S[^\n]*:\n)", out)
+    titles = [p.splitlines()[0] for p in parts[1:]]
+    assert titles[0] == "options:" and titles[-1] == "examples:"
+    assert [t[:-1] for t in titles[1:-1]] == [t for t in wsss.FLAG_GROUPS if t != "own"]
+    assert all(len(p.splitlines()) <= 42 for p in parts), [len(p.splitlines()) for p in parts]
+    # the real choices and defaults, not table names; the defaults follow the presets of the flags given
+    assert "--method TEXT" in out and "[weclip | cdclip | excel | diclip] (default: weclip)" in " ".join(out.split())
+    for c in wsss.COMMANDS:
+        text = _help(c, capsys=capsys)
+        assert not re.search(r"one of METHODS|DATASETS|see DEMO|UPSTREAM|DICLIP_PROMPT", text), c
+    flat = lambda s: " ".join(s.split())  # noqa: E731
+    assert "CD-CLIP Table 3 rows) (default: cda)" in flat(_help("train", "--method", "cdclip", capsys=capsys))
+    demo = flat(_help("train", "--demo", capsys=capsys))
+    assert "raise it (default: 300)" in demo and "Defaults shown for --method weclip --dataset synthetic --demo" in demo
+    evals = flat(_help("eval", capsys=capsys))  # eval takes the run's settings from its checkpoint
+    assert "(CD-CLIP Table 3 rows) (default: the checkpoint's)" in evals and "--lambda-b" not in evals
+
+
+UNKNOWN = [
+    (["train", "--max-step", "5"], "unknown flag --max-step; did you mean --max-steps?"),
+    (["train", "--crop_size", "64"], "unknown flag --crop_size; did you mean --crop-size?"),
+    (["train", "--method-name", "cdclip"], "unknown flag --method-name; did you mean --method?"),
+    (["cams", "-demo"], "unknown flag -demo; did you mean --demo?"),
+    (["eval", "--max-step", "2"], "unknown flag --max-step; did you mean --max-steps (a flag of train, compare)?"),
+    (["eval", "--batch-size", "2"], "eval does not take --batch-size (a flag of train, compare, bench); see wsss.py "
+                                    "eval --help"),
+    (["train", "--zzz"], "unknown flag --zzz; see wsss.py train --help"),
+    (["train", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["train", "cdclip"], "unexpected argument 'cdclip': flags take the form --name VALUE (did you mean --method "
+                          "cdclip?); see wsss.py train --help"),
+    (["trian", "--demo"], "unknown command 'trian'; did you mean train?"),
+    (["--demo"], "the command comes first: wsss.py COMMAND --demo (commands: train, eval, cams, predict, cache, "
+                 "synth, pretrain-toy, bench, compare)"),
+]
+
+
+@pytest.mark.parametrize("argv,line", UNKNOWN, ids=[" ".join(a) for a, _ in UNKNOWN])
+def test_cli_a_mistyped_flag_or_command_is_one_line_with_the_closest(argv, line, capsys):
+    assert wsss.main(list(argv)) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {line}\n" and captured.out == ""  # no usage dump
+    guess = re.search(r"did you mean (.+?)\??\)?(?:;|$)", line)
+    if guess and guess.group(1) in wsss.COMMANDS:
+        assert wsss.parse_flags(argv[1:], guess.group(1))  # the command meant takes the flags
+    elif guess and "a flag of" not in line:  # the flag meant parses, in place of the typo
+        wsss.parse_flags(shlex.split(guess.group(1)) + argv[2:], argv[0])
+
+
+def _documented_commands():
+    """Each `wsss.py COMMAND flags` of the README, data.md and USAGE: its command and flags, placeholders filled."""
+    texts = [(HERE / "README.md").read_text(), (HERE / "data.md").read_text(), wsss.USAGE]
+    for m in re.finditer(r"wsss\.py ([a-z][\w-]*)([^`#\n]*)", "\n".join(texts)):
+        flags = []
+        for tok in shlex.split(re.sub(r"\[([^]]*)]", r"\1", m.group(2))):  # [--crf] -> --crf
+            if tok in ("...", "…"):  # a value left out, or "the other flags"
+                flags += ["DIR"] if flags and flags[-1].startswith("--") else []
+            else:
+                flags.append("2" if tok == "N" else tok)
+        yield m.group(1), flags, m.group(0)
+
+
+def test_cli_documented_commands_parse():
+    seen = set()
+    for command, flags, text in _documented_commands():
+        assert command in wsss.COMMANDS, text
+        if "--help" not in flags:
+            wsss.parse_flags(flags, command)  # raises on a flag the command does not take
+        seen.add(command)
+    assert seen >= {"train", "eval", "cams", "predict", "cache", "compare", "synth", "pretrain-toy", "bench"}
 
 
 def test_a_bad_flag_is_one_line_and_exit_2_before_any_work(capsys):
@@ -3186,6 +3288,10 @@ def test_signals_in_a_step_finish_it_save_and_stop(synth_root, cache_dir, tmp_pa
     assert captured.err.startswith(expect.format(out=out)) and captured.err.count("\n") == 1, captured.err
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == at + 1
     assert "pixel acc" not in captured.out and f"step 0000{at + 2}/3" not in captured.out  # no more work
+    said = shlex.split(captured.err.split(" with: ", 1)[1])  # the printed command works: it resumes or evaluates
+    assert said[0] == "python" and said[1].endswith("wsss.py") and wsss.main(said[2:]) == 0
+    done = capsys.readouterr().out
+    assert f"resumed from {out}/ckpt.pt at step 2" in done if at == 1 else f"{out}/ckpt.pt (step 3)" in done
 
 
 def test_ddp_two_processes_end_identical(synth_root, cache_dir, tmp_path, capsys):
@@ -3203,7 +3309,8 @@ def test_ddp_two_processes_end_identical(synth_root, cache_dir, tmp_path, capsys
     assert wsss.main(args) == 2  # in one process: another data order, refused
     err = capsys.readouterr().err
     assert err == f"error: checkpoint {tmp_path}/ckpt.pt was written by 2 process(es) and this run has 1: the data " \
-                  f"order depends on the number of processes, so resume it with torchrun --nproc_per_node=2 wsss.py\n"
+                  f"order depends on the number of processes, so resume it with the same command under torchrun " \
+                  f"--nproc_per_node=2 (torchrun --nproc_per_node=2 wsss.py train ...)\n"
 
 
 def test_ddp_a_bad_image_on_one_rank_is_one_line(synth_root, tmp_path):
@@ -3305,13 +3412,12 @@ def test_corrupt_toy_clip_cache_is_rebuilt(tmp_path, capsys):
 
 def test_cli_eval_checkpoint(demo_run, cache_dir, tmp_path):
     out, _ = demo_run
-    r = run_cli("eval", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", out / "ckpt.pt",
-                "--save-vis", tmp_path / "vis", "--num-vis", 2)
+    r = run_cli("eval", "--ckpt", out / "ckpt.pt", "--save-vis", tmp_path / "vis", "--num-vis", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(step 4)" in r.stdout and "mIoU" in r.stdout and len(list((tmp_path / "vis").glob("*.png"))) == 2
     assert f"overlays (image | CAM | pseudo-label | prediction | truth): {tmp_path / 'vis'}/" in r.stdout
     assert all(Image.open(p).size[0] == 8 + 5 * (256 + 8) for p in (tmp_path / "vis").glob("*.png"))  # 5 panels
-    r = run_cli("eval", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", cache_dir, "--ckpt", tmp_path / "no.pt")
+    r = run_cli("eval", "--method", "cdclip", "--demo", "--cache-dir", cache_dir, "--ckpt", tmp_path / "no.pt")
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
 
 
@@ -3364,6 +3470,54 @@ def test_cams_save_vis_draws_four_panels_and_prints_the_folder(synth_root, cache
     assert f"overlays (image | CAM | pseudo-label | truth): {vis}/" in capsys.readouterr().out
     (png,) = vis.glob("*.png")
     assert Image.open(png).size[0] == 8 + 4 * (256 + 8)  # no empty prediction panel
+
+
+
+def test_cli_eval_and_cams_take_the_runs_settings_from_the_checkpoint(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    ckpt = out / "ckpt.pt"
+    capsys.readouterr()
+    assert wsss.main(["eval", "--ckpt", str(ckpt)]) == 0  # alone: method, data, toy CLIP, test protocol from the file
+    assert f"{ckpt} (step 4) on synthetic val, scales (1.0, 1.5), flip True" in capsys.readouterr().out
+    assert wsss.main(["eval", "--ckpt", str(ckpt), "--eval-scales", "1.0", "--no-eval-flip"]) == 0  # given: on top
+    assert f"{ckpt} (step 4) on synthetic val, scales (1.0,), flip False" in capsys.readouterr().out
+    assert wsss.main(["eval", "--ckpt", str(ckpt), "--superclasses", "3"]) == 0  # checked on the run's dataset (not voc)
+    assert wsss.main(["eval", "--method", "weclip", "--ckpt", str(ckpt)]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint {ckpt} was trained with --method cdclip, not weclip: drop " \
+                                      f"--method (the settings come from the checkpoint)\n"
+    # test time drops the label path's input files, cams keeps them; a run's --max-images and device stay its own
+    state = torch.load(ckpt, weights_only=False)
+    state["config"].update(max_images=1, device="cuda:7", tse="builtin")
+    wsss.atomic_save(state, tmp_path / "ckpt.pt")
+    given = wsss.parse_config(["--ckpt", str(tmp_path / "ckpt.pt")], "eval")
+    _, test = wsss.checkpoint_config(tmp_path / "ckpt.pt", given)
+    _, labels = wsss.checkpoint_config(tmp_path / "ckpt.pt", given, label_path=True, reads_data=True)
+    assert (test.tse, labels.tse) == ("off", "builtin")
+    assert (labels.max_images, labels.device, labels.method, labels.refine, labels.tiny) == (0, "auto", "cdclip",
+                                                                                              "cda", True)
+    assert wsss.main(["cams", "--ckpt", str(ckpt), "--cam-split", "val", "--max-images", "2"]) == 0
+    assert f"pseudo-labels of cdclip (cam gradcam, refine cda, with {ckpt} (step 4)) on synthetic val" in \
+        capsys.readouterr().out
+
+
+def test_cli_every_suggested_command_works(demo_run, cache_dir, tmp_path, capsys, monkeypatch):
+    # each error that names a command or a flag to use next: that command runs (placeholders DIR filled in)
+    run = tmp_path / "run"
+    shutil.copytree(demo_run[0], run)  # a finished run of 4 steps
+    args = ["train", "--method", "cdclip", *DEMO_FLAGS, "--cache-dir", str(cache_dir), "--out-dir", str(run),
+            "--max-steps", "4", "--save-every", "2", "--log-every", "1"]
+    capsys.readouterr()
+    assert wsss.main(args) == 2  # the folder holds a run: "--resume PATH to continue it"
+    resume = re.search(r"--resume (\S+) to continue it", capsys.readouterr().err).group(1)
+    assert wsss.main(args + ["--resume", resume]) == 2  # it is finished: "evaluate it with `wsss.py eval --ckpt`"
+    said = re.search(r"`wsss\.py ([^`]*)`", capsys.readouterr().err).group(1)
+    assert said == f"eval --ckpt {run}/ckpt.pt" and wsss.main(shlex.split(said)) == 0
+    assert f"{run}/ckpt.pt (step 4)" in capsys.readouterr().out
+    monkeypatch.delenv("WSSS_DATA_ROOT", raising=False)  # your own data without a folder: synth writes an example
+    assert wsss.main(["train", "--dataset", "custom"]) == 2
+    said = re.search(r"`wsss\.py ([^`]*)`", capsys.readouterr().err).group(1)
+    assert wsss.main(shlex.split(said.replace("DIR", str(tmp_path / "mine")))) == 0
+    assert (tmp_path / "mine" / "classes.txt").is_file() and (tmp_path / "mine" / "train.csv").is_file()
 
 
 def test_cli_resume_continues_exactly(demo_run, cache_dir, tmp_path):
@@ -3435,9 +3589,9 @@ def test_cli_excel_demo_resume_eval_and_cams(excel_run, cache_dir, tmp_path, cap
     again = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "re" / "metrics.jsonl") if "loss" in m}
     assert again[3] == first[3] and again[4] == first[4]  # exact resume through the dynamic phase
     # eval and cams in-process (the same main() the CLI runs, without another interpreter start-up)
-    flags = ["--method", "excel", *DEMO_FLAGS, "--cache-dir", str(cache_dir)]
+    flags = ["--method", "excel", *DEMO_WORLD, "--cache-dir", str(cache_dir)]
     capsys.readouterr()
-    assert wsss.main(["eval", *flags, "--ckpt", str(out / "ckpt.pt")]) == 0
+    assert wsss.main(["eval", "--method", "excel", "--demo", "--ckpt", str(out / "ckpt.pt")]) == 0
     assert "(step 4)" in capsys.readouterr().out
     assert wsss.main(["cams", *flags, "--cam-split", "val"]) == 0
     got = capsys.readouterr().out
@@ -3600,7 +3754,7 @@ def test_cli_demo_planted_model(tmp_path):
         assert col in r.stdout
     assert not list(cache.glob("toy-clip-*.pt"))
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["config"]["demo_model"] == "planted"
-    r = run_cli("eval", "--method", "weclip", *flags[:-1], "toy", "--ckpt", tmp_path / "run" / "ckpt.pt")
+    r = run_cli("eval", "--ckpt", tmp_path / "run" / "ckpt.pt", "--demo-model", "toy")
     assert r.returncode == 2 and "demo_model" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("cams", "--method", "weclip", "--demo-model", "planted", "--dataset", "voc", "--data-root", tmp_path)
     assert r.returncode == 2 and "--demo-model planted" in r.stderr and "Traceback" not in r.stderr
@@ -3740,6 +3894,26 @@ def test_custom_training_for_each_method_and_predict(custom_root, cache_dir, tmp
     with torch.no_grad():
         want = wsss.predict_logits(decoder, frozen, item["image"][None], pcfg)[0].argmax(0).numpy()
     assert np.array_equal(np.asarray(Image.open(tmp_path / "pred" / "a.png")), want)
+    # eval on data without masks suggests predict: the command works (DIR: the images, then a new folder)
+    nomask = tmp_path / "nomask"
+    shutil.copytree(custom_root, nomask)
+    shutil.rmtree(nomask / "masks")
+    assert wsss.main(["eval", "--ckpt", str(ckpts["weclip"]), "--data-root", str(nomask)]) == 2
+    said = re.search(r"`wsss\.py ([^`]*)`", capsys.readouterr().err).group(1)
+    said = said.replace("DIR", str(nomask / "images"), 1).replace("DIR", str(tmp_path / "pred2"))
+    assert wsss.main(shlex.split(said)) == 0
+    assert "predicted 15 image(s) with weclip" in capsys.readouterr().out  # 12 train + 3 val
+    # a checkpoint saved before class tables were: predict reads its data root's classes.txt, else says which flag
+    old = torch.load(ckpts["weclip"], weights_only=False)
+    del old["info"]
+    wsss.atomic_save(old, tmp_path / "old.pt")
+    one = ["predict", "--ckpt", str(tmp_path / "old.pt"), "--images", str(pics / "a.jpg"), "--out",
+           str(tmp_path / "p3")]
+    assert wsss.main(one) == 0
+    old["config"]["data_root"] = str(tmp_path / "gone")
+    wsss.atomic_save(old, tmp_path / "old.pt")
+    assert wsss.main(one) == 2 and "pass --data-root DIR, the folder it was trained on" in capsys.readouterr().err
+    assert wsss.main(one + ["--data-root", str(custom_root)]) == 0
     # eval refuses a checkpoint of other classes, naming the first difference
     other = tmp_path / "other"
     shutil.copytree(custom_root, other)
@@ -3874,7 +4048,7 @@ def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys, monkeypa
     # a 6-step toy CLIP leaves every refined CAM flat: without --cam-contrast-floor 0 the demo's guard would
     # (rightly) give every cache image an empty pseudo mask, and the build stops with its one-line error
     small = ["--cache-images-per-class", "3", "--cache-per-class", "2", "--cache-bg", "3", "--cam-contrast-floor", "0"]
-    flags = ["--method", "diclip", *DEMO_FLAGS, *small, "--cache-dir", str(cache_dir)]
+    flags = ["--method", "diclip", *DEMO_WORLD, *small, "--cache-dir", str(cache_dir)]
     capsys.readouterr()
     assert wsss.main(["cache", *flags]) == 0
     assert "TSA cache ready" in capsys.readouterr().out
@@ -3895,7 +4069,7 @@ def test_cli_diclip_cache_cams_and_compare(cache_dir, tmp_path, capsys, monkeypa
     monkeypatch.setattr(wsss, "build_sd", absent)
     monkeypatch.setattr(wsss, "ensure_tsa_cache", absent)
     capsys.readouterr()
-    assert wsss.main(["eval", *flags, "--max-steps", "2", "--out-dir", str(tmp_path / "diclip")]) == 0
+    assert wsss.main(["eval", "--method", "diclip", "--demo", "--out-dir", str(tmp_path / "diclip")]) == 0
     assert "decoder" in capsys.readouterr().out
     # compare again: the finished weclip run with the same settings is reused (no training); a method that fails
     # (here: its folder already holds another run) gets a row saying why, after the table of what finished

@@ -2260,29 +2260,191 @@ TSA_KEYS = fields_affecting(LABELS | IMAGES)
 TSA_IMAGE_KEYS = fields_affecting(IMAGES)
 
 
+# Which commands read which flags, shown as the groups of `wsss.py COMMAND --help`: each command's parser holds
+# exactly the flags it reads, so a flag it would ignore is one line (see _unknown_argument), not silently dropped.
+# Every Config field appears once below, mapped to the commands that read it (space-separated names); the sets
+# name what the commands share. "own" is the group of the flags one command alone reads (titled by the command).
+_T = "train compare"          # a training run (compare passes its flags on to each method's `train`)
+_B = _T + " bench"            # one training step: its losses, lr and batch (bench times one)
+_L = _B + " cams cache eval"  # the label path: a pseudo-label, DiCLIP's cache (eval: --save-vis draws the labels)
+_M = _B + " cams eval"        # the decoder's shape (eval and cams --ckpt load a decoder)
+_E = _T + " eval predict"     # the decoder's test-time prediction
+_D = _T + " cams cache"       # --demo's assets, made on first use: the synthetic data and the toy CLIP
+FLAG_GROUPS = {
+    "own": dict(cam_split="cams", save_pseudo="cams", images="predict", out="predict", num_images="synth",
+                image_size="synth", layout="synth", bench_repeats="bench", compare_methods="compare"),
+    "method and data": dict(method=_L, dataset=_L, data_root=_L + " synth predict", train_split=_T,
+                            val_split=_T + " eval", labels_file=_T + " cams", seed=_L + " synth", upstream=_L),
+    "demo: the synthetic world and its toy CLIP": dict(
+        demo=_D + " eval", demo_images=_D, demo_model=_L, tiny=_L, **dict.fromkeys(
+            ("toy_steps", "toy_batch", "toy_lr", "toy_weight_decay", "toy_warmup", "toy_seed"), _D + " pretrain-toy")),
+    "run folder, caches, devices": dict(out_dir=_T + " eval", overwrite=_T, resume=_T, ckpt=_T + " eval cams predict",
+                                        log_every=_T, save_every=_T, cache_dir=_L + " pretrain-toy",
+                                        device=_L + " predict pretrain-toy", amp=_T, num_workers=_T),
+    "training schedule": dict(crop_size=_L, scale_min=_T, scale_max=_T, batch_size=_B, max_steps=_T, lr=_B,
+                              **dict.fromkeys(("weight_decay", "beta1", "beta2", "warmup_steps", "warmup_ratio",
+                                               "poly_power", "overfit_batch"), _T)),
+    "decoder and losses": dict(dec_dim=_M, dec_layers=_M, dec_heads=_M, dec_mlp=_M, dec_dropout=_B, seg_one_kind=_B,
+                               lambda_aff=_B, aff_radius=_B),
+    "evaluation": dict(eval_every=_T, eval_cams=_T, max_images=_T + " eval cams", save_vis=_T + " eval cams predict",
+                       num_vis=_T + " eval cams", **dict.fromkeys(
+                           ("eval_long_side", "eval_resize", "eval_scales", "eval_flip", "eval_flip_at_1", "crf",
+                            "crf_iters", "crf_pos_xy", "crf_pos_w", "crf_bi_xy", "crf_bi_rgb", "crf_bi_w"), _E)),
+    "frozen models": dict(clip_model=_L, clip_pretrained=_L + " pretrain-toy", dino_model=_B, template=_L,
+                          norm=_L + " pretrain-toy"),
+    "pseudo-labels (all methods): CAM, refinement, PAR": dict.fromkeys(
+        ("cam_logit_scale", "bg_pow", "cam_contrast_floor", "refine", "attn_layers", "rfm_dynamic_layers",
+         "rfm_dynamic_after", "power", "box_threshold", "box_exclusive_edge", "val_box_threshold", "par_iters",
+         "par_dilations", "par_w1", "par_w2"), _L),
+    "CD-CLIP: CDA, SBE": dict(cda_tau=_L, cda_minmax=_L, cda_bg_texts=_L, superclasses=_L, sbe_refine=_L,
+                              cap_threshold=_L, cp_area_floor=_B, sbe_gate=_B, lambda_b=_B),
+    "ExCEL: patch-text CAM, SVC, TSE": dict.fromkeys(
+        ("cam", "cam_sim", "svc_layers", "svc_attn", "svc_heads", "svc_norm", "caa_attn_mix", "tse", "tse_keep",
+         "tse_lambda", "tse_clusters", "tse_drop", "attr_bank", "descriptions"), _L),
+    "ExCEL: LVC, the adapter": dict(lvc=_L, relation=_L, lvc_alpha=_L, lvc_beta=_L, lvc_mean=_L, adapter_feats=_L,
+                                    aff_self_after=_B),
+    "DiCLIP: VCE (Stable Diffusion's attention, ACR)": dict.fromkeys(
+        ("vce", "sd_model", "sd_size", "sd_timestep", "sd_layers", "acr_k", "acr_delta", "acr_rounds", "acr_variant",
+         "acr_iters", "vce_layers", "vce_weight", "vce_fusion"), _L),
+    "DiCLIP: TSA cache": dict(**dict.fromkeys(
+        ("tsa", "cache_source", "cache_alpha", "cache_beta", "cache_negative", "cache_dyn_softmax", "cache_per_class",
+         "cache_bg", "cache_prompts", "cache_images_per_class", "cache_image_size", "cache_steps", "cache_guidance",
+         "cache_scheduler", "cache_prompt"), _L), lambda_dyn=_B, adapter_lr=_T),
+}
+
+
+def command_groups(command: str) -> dict:
+    """The flags `command` reads, by help group (FLAG_GROUPS, in its order; empty groups left out)."""
+    groups = {}
+    for title, members in FLAG_GROUPS.items():
+        names = [name for name, readers in members.items() if command in readers.split()]
+        if names:
+            groups[command if title == "own" else title] = names
+    return groups
+
+
+def flag_readers() -> dict:
+    """Every option string (--crop-size, and --no-X of a switch) -> the commands that read its field."""
+    readers, switches = {}, {f.name for f in fields(Config) if f.type in ("bool", bool)}
+    for members in FLAG_GROUPS.values():
+        for name, commands in members.items():
+            for option in (_flag(name), "--no-" + _flag(name)[2:]) if name in switches else (_flag(name),):
+                readers[option] = commands.split()
+    return readers
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a value of the wrong type, a missing value) are WSSSErrors: one line from main,
+    exit status 2, no usage dump."""
+
+    def error(self, message):
+        raise WSSSError(message)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Compact help: a switch is one option (--[no-]eval-flip), help text from column 30; the description's
+    paragraphs kept apart, the examples as written."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+    def _fill_text(self, text, width, indent):  # each paragraph filled on its own; the examples as written
+        import textwrap
+        return "\n\n".join(p if p.startswith("examples:") else
+                            textwrap.fill(" ".join(p.split()), width, initial_indent=indent, subsequent_indent=indent,
+                                          break_on_hyphens=False)
+                            for p in text.split("\n\n"))
+
+    def _split_lines(self, text, width):  # never inside a flag or a word: --rfm-dynamic-after stays whole
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _format_action_invocation(self, action):
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return "--[no-]" + action.option_strings[0][2:]
+        return super()._format_action_invocation(action)
+
+
+def parse_flags(argv, command: str = "train") -> dict:
+    """The flags of argv that `command` reads -> {field: value} (only those given). An unknown flag, a flag of
+    another command or an ill-typed value is a WSSSError naming it (with the closest flag for a typo)."""
+    ns, extra = build_parser(command).parse_known_args(list(argv))
+    if extra:
+        raise WSSSError(_unknown_argument(extra, command))
+    return vars(ns)
+
+
 def parse_config(argv, command: str = "train") -> Config:
-    """CLI flags generated from Config's fields. Precedence: field default < dataset preset < method preset <
-    --demo < --upstream < explicit flags. Unknown flags and ill-typed values are errors (argparse exits with
-    status 2)."""
-    parser = build_parser(command)
-    ns = parser.parse_args(argv)
-    given = {k: v for k, v in vars(ns).items() if k != "command"}
-    cfg = make_config(**given)
+    """CLI flags generated from Config's fields, those `command` reads (FLAG_GROUPS). Precedence: field default <
+    dataset preset < method preset < --demo < --upstream < explicit flags. Errors are WSSSErrors (main: one line,
+    exit status 2). --help prints the command's flags with the defaults of the presets the other flags choose
+    (`train --method cdclip --help` shows CD-CLIP's), then exits with status 0."""
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        rest = [a for a in argv if a not in ("-h", "--help")]
+        build_parser(command, _help_values(rest, command), rest).print_help()
+        raise SystemExit(0)
+    given = parse_flags(argv, command)
+    try:
+        cfg = make_config(**given)
+    except WSSSError:  # eval, predict, cams --ckpt: the flags are checked on the run's settings, if there is a run
+        cfg = _checkpoint_base(command, given)
+        if cfg is None:
+            raise
     cfg._given = frozenset(given)  # the flags set explicitly (not a field: never saved or compared)
     return cfg
 
 
-def build_parser(command: str = "train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"wsss.py {command}", argument_default=argparse.SUPPRESS)
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = _FIELD_HELP.get(f.name, "")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-        elif f.type in ("tuple", tuple):
-            parser.add_argument(flag, type=_number_list, metavar="A,B,...", help=help_)
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], help=help_)
+def _checkpoint_base(command: str, given: dict):
+    """For a command that starts from a trained run's checkpoint (eval, predict, cams --ckpt): the flags as given,
+    unvalidated, when the checkpoint they name exists; the command builds its settings from that checkpoint with
+    checkpoint_config, which validates the flags on top of the run's settings (`eval --method excel --ckpt X` needs
+    no attribute bank, as the defaults' VOC would; `--superclasses 3` is the synthetic world's). Else None."""
+    if command not in ("eval", "predict") and not (command == "cams" and "ckpt" in given):
+        return None
+    try:
+        cfg = derive_fields(Config(**preset_values(given)))
+    except WSSSError:
+        return None
+    return cfg if Path(cfg.ckpt).is_file() else None
+
+
+_PATH_FIELDS = {"data_root", "labels_file", "out_dir", "cache_dir", "resume", "ckpt", "save_vis", "save_pseudo",
+                "images", "out", "attr_bank", "descriptions"}
+
+
+def build_parser(command: str = "train", values: dict = None, given_argv=()) -> argparse.ArgumentParser:
+    """The parser of one command: its flags (command_groups) in argparse groups, each help line with the field's
+    comment, its choices and its default (`values`: the resolved settings to show, else the field defaults)."""
+    about = COMMAND_HELP.get(command, "")
+    groups = command_groups(command)
+    from_ckpt = command in ("eval", "predict")  # the run's settings come from its checkpoint (checkpoint_config)
+    if values is not None and "method" in groups.get("method and data", ()) and not from_ckpt:
+        shown = " ".join(["--method", str(values.get("method", Config.method)), "--dataset",
+                          str(values.get("dataset", Config.dataset))] + (["--demo"] if values.get("demo") else []))
+        about += (f"\n\nDefaults shown for {shown}" + (f" (from the flags given: {shlex.join(given_argv)})"
+                                                       if given_argv else "")
+                  + "; the presets of another --method, --dataset or --demo set others: put them before --help.")
+    examples = [ln.strip() for ln in USAGE.splitlines() if re.search(rf"wsss\.py {re.escape(command)}\s", ln)]
+    parser = _Parser(prog=f"wsss.py {command}", usage=f"wsss.py {command} [flags]", description=about,
+                     epilog="examples:\n  " + "\n  ".join(examples) if examples else None, allow_abbrev=False,
+                     argument_default=argparse.SUPPRESS, formatter_class=_HelpFormatter)
+    types = {f.name: f.type for f in fields(Config)}
+    for title, names in groups.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            kind = types[name]
+            default = (values or {}).get(name, getattr(Config, name))
+            taken = from_ckpt and name not in INVOCATION_FIELDS and name != "ckpt"
+            help_ = _help_text(name, default, values or {}, "the checkpoint's" if taken else None)
+            if kind in ("bool", bool):
+                group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_)
+            elif kind in ("tuple", tuple):
+                group.add_argument(_flag(name), type=_number_list, metavar="A,B,..", help=help_)
+            else:
+                metavar = "PATH" if name in _PATH_FIELDS else {"int": "N", "float": "X"}.get(kind, "TEXT")
+                group.add_argument(_flag(name), type={"int": int, "float": float, "str": str}[kind], metavar=metavar,
+                                   help=help_)
     return parser
 
 
@@ -2310,8 +2472,91 @@ def _field_help() -> dict:
 _FIELD_HELP = _field_help()
 
 
-def make_config(**given) -> Config:
-    """Resolve presets under explicit values, validate, and fill the derived fields."""
+def _help_text(name: str, default, values: dict, shown: str = None) -> str:
+    """A flag's help line: its comment (a few rewritten where the comment names a table instead of its contents),
+    without a "`command`:" prefix (each command has its own help), then the choices the comment does not list,
+    then the default (`shown` if given, else `default` as typed on the command line)."""
+    method = values.get("method", Config.method)
+    text = {
+        "method": "the method (its preset sets the defaults of many flags)",
+        "demo": "the demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule; sets "
+                + " ".join(_flag(k) + ("" if v is True else f" {v}") for k, v in DEMO.items()),
+        "upstream": "restore the official code's numerics where this file fixed a bug ([upstream bug fixed]); for "
+                    f"{method}: " + (", ".join(_flag(k) + ("" if v is True else f" {v}") for k, v in
+                                              _upstream_settings(method, values).items()) or "nothing"),
+        "ckpt": "checkpoint: train writes it, eval and predict read it, cams uses the trained model only when given "
+                "(derived: <out-dir>/ckpt.pt)",
+        "save_vis": "folder for PNG overlays (image, CAM, pseudo-label, prediction, truth)",
+    }.get(name, _FIELD_HELP.get(name, ""))
+    text = re.sub(r"^`[\w-]+`: ", "", text)
+    choices = _choices(name)
+    if choices and not all(re.search(rf"(?<![\w+-]){re.escape(c)}(?![\w+-])", text) for c in choices):
+        text += f" [{' | '.join(choices)}]"
+    if shown is None:
+        shown = ("on" if default else "off") if isinstance(default, bool) else \
+            ",".join(map(str, default)) if isinstance(default, tuple) else "none" if default == "" else \
+            shlex.quote(default) if isinstance(default, str) else default
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
+def _choices(name: str) -> tuple:
+    """The allowed values of a field: CHOICES, and the method and dataset tables."""
+    return dict(method=tuple(METHODS), dataset=(*DATASETS, "custom")).get(name, CHOICES.get(name, ()))
+
+
+def _upstream_settings(method: str, values: dict) -> dict:
+    """What --upstream sets for `method` on the dataset in `values` (the UPSTREAM table)."""
+    table = UPSTREAM.get(method, {})
+    out = {k: v for k, v in table.items() if k not in DATASETS}
+    out.update(table.get(values.get("dataset", Config.dataset), {}))
+    return out
+
+
+def _help_values(argv, command: str) -> dict:
+    """The settings --help shows as defaults: those of the flags given before --help (presets resolved, the
+    derived folders filled in), quietly; without a valid configuration, the presets alone, else nothing."""
+    given = parse_flags(argv, command)
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):  # custom data's notes (SBE/TSE off) are for a run
+        try:
+            return dataclasses.asdict(make_config(**given))
+        except WSSSError:
+            try:
+                return preset_values(given)
+            except WSSSError:
+                return dict(given)
+
+
+def _unknown_argument(extra: list, command: str) -> str:
+    """The line for what argparse left over: a flag of another command, a typo (with difflib's closest flag of
+    this command, else of any), or a stray word."""
+    import difflib
+    flags = [a for a in extra if a.startswith("-") and not re.fullmatch(r"-[\d.]+", a)]
+    if not flags:
+        word = extra[0]
+        hint = f" (did you mean --method {word}?)" if word in METHODS else \
+            f" (did you mean --dataset {word}?)" if word in DATASETS else ""
+        return f"unexpected argument {word!r}: flags take the form --name VALUE{hint}; see wsss.py {command} --help"
+    name = flags[0].split("=", 1)[0]
+    readers, own = flag_readers(), set(build_parser(command)._option_string_actions)
+    if name in readers:
+        return f"{command} does not take {name} (a flag of {', '.join(readers[name])}); see wsss.py {command} --help"
+    typed = "--" + name.lstrip("-").replace("_", "-").lower()
+    score = {flag: difflib.SequenceMatcher(None, typed, flag).ratio() for flag in sorted(own | set(readers))}
+    # the closest flag of this command, or a closer one of another command (a stricter bar: a guess across commands)
+    mine = difflib.get_close_matches(typed, sorted(own), n=1, cutoff=0.6)
+    other = difflib.get_close_matches(typed, sorted(set(readers) - own), n=1, cutoff=0.75)
+    guess = sorted(mine + other, key=lambda flag: -score[flag])[:1]
+    if not guess:
+        return f"unknown flag {name}; see wsss.py {command} --help"
+    where = "" if guess[0] in own else f" (a flag of {', '.join(readers[guess[0]])})"
+    return f"unknown flag {name}; did you mean {guess[0]}{where}?"
+
+
+def preset_values(given: dict) -> dict:
+    """Every setting before validation: the presets (dataset, method, --demo, --upstream, custom data) under the
+    explicit values `given`."""
     method, dataset = given.get("method", Config.method), given.get("dataset", Config.dataset)
     if given.get("demo"):
         dataset = given.get("dataset", DEMO["dataset"])
@@ -2334,8 +2579,19 @@ def make_config(**given) -> Config:
         values.update(custom_method_defaults(method, info, given))
     values.update(given)
     values.update(method=method, dataset=dataset)
-    cfg = Config(**values)
-    # derived at runtime
+    return values
+
+
+def make_config(**given) -> Config:
+    """Resolve presets under explicit values, validate, and fill the derived fields."""
+    cfg = derive_fields(Config(**preset_values(given)))
+    validate_config(cfg)
+    return cfg
+
+
+def derive_fields(cfg: Config) -> Config:
+    """Fill the settings left empty that follow from others: data and cache folders (environment, --demo), the run
+    folder and its checkpoint, the demo's toy CLIP."""
     if not cfg.data_root:
         cfg.data_root = os.environ.get("WSSS_DATA_ROOT", "")
     if not cfg.cache_dir:
@@ -2348,7 +2604,6 @@ def make_config(**given) -> Config:
         cfg.ckpt = str(Path(cfg.out_dir) / "ckpt.pt")
     if cfg.demo and cfg.clip_pretrained == Config.clip_pretrained:
         cfg.clip_pretrained = str(toy_clip_path(cfg))
-    validate_config(cfg)
     return cfg
 
 
@@ -3040,7 +3295,8 @@ def custom_dataset_info(root) -> dict:
     member that is no class, a class in no super-class."""
     if not root:
         raise WSSSError("--dataset custom needs --data-root DIR: a folder with classes.txt, images/ and a labels "
-                        "file per split (train.csv, val.csv); see data.md, or `wsss.py synth --layout custom`")
+                        "file per split (train.csv, val.csv); see data.md, or `wsss.py synth --layout custom "
+                        "--data-root DIR`")
     root = Path(root).expanduser()
     key = str(root.resolve())
     files = [root / n for n in ("classes.txt", "background.txt", "superclasses.txt", "descriptions.json")]
@@ -3904,8 +4160,10 @@ def check_resume(ckpt: dict, cfg: Config):
                         f"`wsss.py eval --ckpt {cfg.resume}`")
     if saved is not None and saved != world:
         raise WSSSError(f"checkpoint {cfg.resume} was written by {saved} process(es) and this run has {world}: the "
-                        f"data order depends on the number of processes, so resume it with "
-                        + ("python wsss.py" if saved == 1 else f"torchrun --nproc_per_node={saved} wsss.py"))
+                        f"data order depends on the number of processes, so resume it with the same command "
+                        + ("in one process (python wsss.py train ...)" if saved == 1 else
+                           f"under torchrun --nproc_per_node={saved} (torchrun --nproc_per_node={saved} wsss.py "
+                           f"train ...)"))
 
 
 def trim_metrics(path, step: int):
@@ -5049,8 +5307,9 @@ def bench(cfg: Config) -> dict:
 
 USAGE = """Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
   python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~3 min on 2 CPU cores
+  python wsss.py eval  --ckpt runs/cdclip-synthetic-demo/ckpt.pt   # ... its checkpoint (settings from the file)
   python wsss.py train --method cdclip --data-root VOCdevkit/VOC2012   # real VOC, real checkpoints (GPU)
-  python wsss.py eval  --method cdclip --data-root ... --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]
+  python wsss.py eval  --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]   # mIoU of the trained decoder
   python wsss.py cams  --method cdclip --data-root ... --refine cda   # training-free pseudo-label mIoU
   python wsss.py cams  --method cdclip --data-root ... --save-pseudo DIR  # ... and write them as PNGs
   python wsss.py predict --ckpt runs/cdclip-voc/ckpt.pt --images photos/ --out masks/  # segment new images
@@ -5065,13 +5324,35 @@ USAGE = """Run (CPU is fine for the demo; a CUDA GPU is used automatically when 
   torchrun --nproc_per_node=4 wsss.py train ...        # DDP (nccl on GPU, gloo on CPU)
   pytest test_wsss.py                                  # the test-suite (CPU, tiny models)"""
 
+# What each command does (`wsss.py --help`, and the first line of `wsss.py COMMAND --help`).
+COMMAND_HELP = {
+    "train": "Train the decoder on a method's pseudo-labels; the run folder gets config.json, metrics.jsonl and "
+             "checkpoints.",
+    "eval": "Score a trained checkpoint's decoder on the val split (mIoU table). Its settings (method, data, model, "
+            "demo) come from the checkpoint; a flag given overrides one.",
+    "cams": "Score a method's pseudo-labels (raw CAM, refined, +PAR), training-free; with --ckpt, the trained "
+            "model takes part and the settings come from the checkpoint.",
+    "predict": "Segment new images with a checkpoint (index PNGs at the images' size; no masks needed).",
+    "cache": "Build DiCLIP's TSA key-value cache (resumable; a re-run with the same settings does no work).",
+    "compare": "Train several methods on the same data, seed and schedule, each by `train` with these flags; one "
+               "table.",
+    "synth": "Write the synthetic dataset (the demo's world) in the VOC layout, or your-own-data layout.",
+    "pretrain-toy": "Pre-train the toy CLIP that --demo uses (cached under --cache-dir).",
+    "bench": "Time each stage of one training step against the frozen encoders' forward pass.",
+}
+
 
 def cmd_train(cfg: Config):
     train(cfg)
 
 
 def cmd_eval(cfg: Config):
-    """Checkpoint -> mIoU table of the decoder on val_split (multi-scale + flip, optional CRF, overlays)."""
+    """Checkpoint -> mIoU table of the decoder on val_split (multi-scale + flip, optional CRF, overlays). The
+    settings are the checkpoint's (checkpoint_config), so `eval --ckpt PATH` alone evaluates any run."""
+    # the run's settings from the checkpoint, the flags given on top; the label path's input files only for the
+    # overlays of --save-vis (they draw the pseudo-label); load_checkpoint refuses a given flag that changes the
+    # model's shape, and data of other classes
+    _, cfg = checkpoint_config(cfg.ckpt, cfg, label_path=bool(cfg.save_vis), reads_data=True)
     device = setup_distributed(cfg)  # under torchrun the images are sharded and the counts summed
     ckpt = load_checkpoint(cfg.ckpt, cfg)
     dataset = SegDataset(cfg, cfg.val_split, train=False)
@@ -5097,8 +5378,11 @@ def cmd_eval(cfg: Config):
 
 def cmd_cams(cfg: Config):
     """Pseudo-label quality on cam_split: raw CAM, after --refine, after PAR. Training-free by default (ExCEL's
-    and DiCLIP's training-free results); with an explicit --ckpt, the trained model's affinity takes part
-    (ExCEL's dynamic CAM and sigmoid(R)-gated CAA, WeCLIP's dynamic RFM)."""
+    and DiCLIP's training-free results); with an explicit --ckpt, the settings are the checkpoint's and the trained
+    model's affinity takes part (ExCEL's dynamic CAM and sigmoid(R)-gated CAA, WeCLIP's dynamic RFM)."""
+    trained = "ckpt" in getattr(cfg, "_given", ())
+    if trained:  # the run's settings, the flags given on top; the label path with its input files
+        _, cfg = checkpoint_config(cfg.ckpt, cfg, label_path=True, reads_data=True)
     device = setup_distributed(cfg)
     if cfg.demo:
         prepare_demo(cfg)
@@ -5108,7 +5392,7 @@ def cmd_cams(cfg: Config):
                         f"--save-pseudo DIR to write them")
     frozen = Frozen(cfg, device, need_dino=False)
     decoder, mode = None, "training-free"
-    if "ckpt" in getattr(cfg, "_given", ()):
+    if trained:
         ckpt = load_checkpoint(cfg.ckpt, cfg)
         decoder = build_decoder(cfg, frozen).to(device)
         decoder.load_state_dict(ckpt["decoder"])
@@ -5129,10 +5413,19 @@ def cmd_cams(cfg: Config):
     return res
 
 
-def checkpoint_config(path, cfg: Config):
-    """predict's settings: the checkpoint's (method, dataset, model, the class table), under the flags given on the
-    command line (test-time scales, flip, CRF, device). The label path's input files are not needed at test time
-    (CLIP + the decoder), so they are dropped. -> (ckpt, Config)."""
+# Settings of one invocation, not of the run: a checkpoint's values of these are not taken over (its --max-images
+# limited the run's validation, its device was that machine's), so they are the flag given or the default.
+INVOCATION_FIELDS = ("device", "num_workers", "max_images", "save_vis", "num_vis", "save_pseudo", "cam_split", "images",
+                     "out", "resume", "overwrite", "eval_cams", "bench_repeats", "compare_methods")
+
+
+def checkpoint_config(path, cfg: Config, label_path: bool = False, reads_data: bool = False):
+    """The settings of a trained run: the checkpoint's saved config (method, dataset, data root, model, demo, test
+    protocol; not INVOCATION_FIELDS), under the flags given on the command line (cfg._given). Without `label_path`
+    (test time is CLIP + the decoder: eval, predict) the label path's input files are dropped, so a bank or a labels
+    file left on the training machine is not needed. With `reads_data` (eval, cams) a custom dataset's class table is
+    read from its --data-root (load_checkpoint compares it with the checkpoint's); predict reads no data and uses the
+    checkpoint's table. An explicit --method other than the checkpoint's is refused. -> (ckpt, Config)."""
     if not Path(path).is_file():
         raise WSSSError(f"checkpoint not found: {path} (pass --ckpt runs/<method>-<dataset>/ckpt.pt)")
     try:
@@ -5141,16 +5434,26 @@ def checkpoint_config(path, cfg: Config):
         raise WSSSError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
     if not isinstance(ckpt, dict) or "decoder" not in ckpt or "config" not in ckpt:
         raise WSSSError(f"{path} is not a wsss.py checkpoint")
-    saved, names = ckpt["config"], {f.name for f in fields(Config)}
-    values = {k: v for k, v in saved.items() if k in names}
-    values.update(tse="off", attr_bank="", descriptions="", labels_file="", resume="", save_vis="")
-    values.update({k: getattr(cfg, k) for k in getattr(cfg, "_given", ()) if k in names})
-    values["ckpt"] = str(path)
-    if values.get("dataset") == "custom":
-        if "info" not in ckpt:
-            raise WSSSError(f"{path} has no class table (written before custom datasets): evaluate it with `eval`")
-        register_dataset_info(values.get("data_root", ""), ckpt["info"])
-    return ckpt, make_config(**values)
+    saved, names, given = ckpt["config"], {f.name for f in fields(Config)}, getattr(cfg, "_given", frozenset())
+    if "method" in given and saved.get("method") not in (None, cfg.method):
+        raise WSSSError(f"checkpoint {path} was trained with --method {saved['method']}, not {cfg.method}: drop "
+                        f"--method (the settings come from the checkpoint)")
+    values = {k: v for k, v in saved.items() if k in names and k not in INVOCATION_FIELDS}
+    if not label_path:
+        values.update(tse="off", attr_bank="", descriptions="", labels_file="")
+    values.update({k: getattr(cfg, k) for k in given if k in names})
+    values.update(ckpt=str(path), resume="")
+    if values.get("dataset") == "custom" and not reads_data:
+        root = values.get("data_root", "")
+        if "info" in ckpt:
+            register_dataset_info(root, ckpt["info"])
+        elif not (Path(root) / "classes.txt").is_file():
+            raise WSSSError(f"{path} has no class table (written before custom datasets) and its data root "
+                            f"{root or '(none)'} has no classes.txt: pass --data-root DIR, the folder it was "
+                            f"trained on")
+    cfg = make_config(**values)
+    cfg._given = given
+    return ckpt, cfg
 
 
 def image_files(spec: str) -> tuple:
@@ -5337,15 +5640,17 @@ def _one_line(e: Exception) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: wsss.py {{{','.join(COMMANDS)}}} [--flags]   (wsss.py COMMAND --help lists the flags)\n\n"
-              + USAGE)
+        import textwrap
+        pad = " " * (max(map(len, COMMANDS)) + 4)
+        print("usage: wsss.py COMMAND [flags]   (wsss.py COMMAND --help lists its flags, grouped, with defaults)\n\n"
+              "commands:\n" + "\n".join(textwrap.fill(COMMAND_HELP[c], 100, initial_indent=f"  {c:<{len(pad) - 4}}  ",
+                                                         subsequent_indent=pad) for c in COMMANDS) + "\n\n" + USAGE)
         return 0
     command = argv.pop(0)
-    if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
     rank, world, _ = dist_info()
     try:
+        if command not in COMMANDS:
+            raise WSSSError(_unknown_command(command, argv))
         cfg = parse_config(argv, command)
         COMMANDS[command](cfg, argv) if command == "compare" else COMMANDS[command](cfg)
     except RunInterrupted as e:  # Ctrl-C or SIGTERM in train: one line with the command that continues the run
@@ -5365,9 +5670,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _unknown_command(command: str, argv) -> str:
+    """The line for a command that is not one: a flag where the command goes, or a typo (difflib's closest)."""
+    import difflib
+    if command.startswith("-"):
+        return (f"the command comes first: wsss.py COMMAND {shlex.join([command, *argv])} (commands: "
+                f"{', '.join(COMMANDS)})")
+    guess = difflib.get_close_matches(command.lower(), list(COMMANDS), n=1, cutoff=0.6)
+    return f"unknown command {command!r}; " + (f"did you mean {guess[0]}?" if guess else
+                                               f"choose one of {', '.join(COMMANDS)}")
+
+
 def _interrupted_line(e: RunInterrupted, argv) -> str:
-    """What main prints after Ctrl-C in `train`: where the run stands and the exact command that goes on
-    (the same flags; --resume/--overwrite replaced)."""
+    """What main prints after Ctrl-C in `train`: where the run stands and the exact command that goes on: the
+    same flags with --resume (--resume/--overwrite replaced), or, after the last step, `eval --ckpt` (eval takes
+    every setting from the checkpoint)."""
     world = dist_info()[1]
     launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
     script = sys.argv[0] if sys.argv[0].endswith("wsss.py") else "wsss.py"
@@ -5376,7 +5693,7 @@ def _interrupted_line(e: RunInterrupted, argv) -> str:
         name = a.split("=", 1)[0]
         if skip or name in ("--overwrite", "--no-overwrite"):
             skip = False
-        elif name in ("--resume", "--ckpt") if e.finished else name == "--resume":
+        elif name == "--resume":
             skip = "=" not in a
         else:
             args.append(a)
@@ -5386,7 +5703,7 @@ def _interrupted_line(e: RunInterrupted, argv) -> str:
     what = "terminated (SIGTERM)" if e.signum == signal.SIGTERM else "interrupted"
     if e.finished:
         return (f"{what} after the last training step; the trained decoder (step {e.step}) is in {e.ckpt}; "
-                f"evaluate it with: {launcher} {script} eval {shlex.join(args + ['--ckpt', str(e.ckpt)])}")
+                f"evaluate it with: {launcher} {script} eval {shlex.join(['--ckpt', str(e.ckpt)])}")
     return (f"{what} at step {e.step}: checkpoint {e.ckpt}; continue with: {launcher} {script} train "
             f"{shlex.join(args + ['--resume', str(e.ckpt)])}")
 
