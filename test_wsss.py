@@ -3047,7 +3047,7 @@ def test_cli_flags_per_command_come_from_one_table_grouped_with_defaults(capsys,
     flat = lambda s: " ".join(s.split())  # noqa: E731
     assert "CD-CLIP Table 3 rows) (default: cda)" in flat(_help("train", "--method", "cdclip", capsys=capsys))
     demo = flat(_help("train", "--demo", capsys=capsys))
-    assert "raise it (default: 300)" in demo and "Defaults shown for --method weclip --dataset synthetic --demo" in demo
+    assert "raise it (default: 100)" in demo and "Defaults shown for --method weclip --dataset synthetic --demo" in demo
     evals = flat(_help("eval", capsys=capsys))  # eval takes the run's settings from its checkpoint
     assert "(CD-CLIP Table 3 rows) (default: the checkpoint's)" in evals and "--lambda-b" not in evals
 
@@ -3465,8 +3465,7 @@ def test_overlays_have_titled_large_panels_a_legend_and_the_synthetic_colours(tm
 def test_cams_save_vis_draws_four_panels_and_prints_the_folder(synth_root, cache_dir, tmp_path, capsys):
     vis = tmp_path / "vis"
     assert wsss.main(["cams", "--dataset", "synthetic", "--data-root", str(synth_root), "--tiny", "--cache-dir",
-                      str(cache_dir), "--cam-split", "val", "--num-workers", "0", "--max-images", "1",
-                      "--save-vis", str(vis)]) == 0
+                      str(cache_dir), "--cam-split", "val", "--max-images", "1", "--save-vis", str(vis)]) == 0
     assert f"overlays (image | CAM | pseudo-label | truth): {vis}/" in capsys.readouterr().out
     (png,) = vis.glob("*.png")
     assert Image.open(png).size[0] == 8 + 4 * (256 + 8)  # no empty prediction panel

@@ -2197,10 +2197,10 @@ class Config(MethodConfig):
     out_dir: str = ""                   # run folder; derived: runs/<method>-<dataset>
     overwrite: bool = False             # train: replace the run in --out-dir (else refuse; --resume continues it)
     cache_dir: str = ""                 # caches (labels, data, toy CLIP, banks); env WSSS_CACHE or ~/.cache/wsss
-    demo: bool = False                  # synthetic world + toy CLIP + short schedule (see DEMO)
+    demo: bool = False                  # synthetic world + a demo CLIP + short schedule (see DEMO)
     demo_images: int = 240              # images in the demo's synthetic train split (val gets a quarter)
     tiny: bool = setting(False, LABELS | IMAGES | MODEL)  # tiny models of the same library classes, random weights
-    demo_model: str = setting("toy", LABELS | MODEL)  # demo CLIP: toy (pre-trained) | planted (hand-set weights)
+    demo_model: str = setting("toy", LABELS | MODEL)  # demo CLIP: planted (hand-set; --demo's) | toy (pre-trained)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: str = "auto"                   # auto (bf16 if supported on CUDA, else fp16) | bf16 | fp16 | off; CPU: off
     num_workers: int = 2                # DataLoader workers (WeCLIP: 10)
@@ -2479,8 +2479,11 @@ def _help_text(name: str, default, values: dict, shown: str = None) -> str:
     method = values.get("method", Config.method)
     text = {
         "method": "the method (its preset sets the defaults of many flags)",
-        "demo": "the demo: the synthetic world, the toy CLIP (pre-trained on first use), a short schedule; sets "
-                + " ".join(_flag(k) + ("" if v is True else f" {v}") for k, v in DEMO.items()),
+        "demo": "the demo: the synthetic world, a demo CLIP (--demo-model planted: hand-set, the default; toy: "
+                "pre-trained on first use), a short schedule; sets "
+                + " ".join(_flag(k) + ("" if v is True else f" {v}") for k, v in DEMO.items())
+                + "".join(f"; with the {route} CLIP also " + " ".join(_flag(k) + f" {v}" for k, v in d.items())
+                          for route, d in DEMO_ROUTES.items()),
         "upstream": "restore the official code's numerics where this file fixed a bug ([upstream bug fixed]); for "
                     f"{method}: " + (", ".join(_flag(k) + ("" if v is True else f" {v}") for k, v in
                                               _upstream_settings(method, values).items()) or "nothing"),
@@ -5306,7 +5309,7 @@ def bench(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 USAGE = """Run (CPU is fine for the demo; a CUDA GPU is used automatically when present):
-  python wsss.py train --method cdclip --demo          # synthetic world, toy CLIP, ~3 min on 2 CPU cores
+  python wsss.py train --method cdclip --demo          # synthetic world, planted CLIP, ~2 min on 2 CPU cores
   python wsss.py eval  --ckpt runs/cdclip-synthetic-demo/ckpt.pt   # ... its checkpoint (settings from the file)
   python wsss.py train --method cdclip --data-root VOCdevkit/VOC2012   # real VOC, real checkpoints (GPU)
   python wsss.py eval  --ckpt runs/cdclip-voc/ckpt.pt [--crf] [--save-vis DIR]   # mIoU of the trained decoder
