@@ -2269,7 +2269,7 @@ _B = _T + " bench"            # one training step: its losses, lr and batch (ben
 _L = _B + " cams cache eval"  # the label path: a pseudo-label, DiCLIP's cache (eval: --save-vis draws the labels)
 _M = _B + " cams eval"        # the decoder's shape (eval and cams --ckpt load a decoder)
 _E = _T + " eval predict"     # the decoder's test-time prediction
-_D = _T + " cams cache"       # --demo's assets, made on first use: the synthetic data and the toy CLIP
+_D = _T + " cams cache bench"  # --demo's assets, made on first use: the synthetic data and the toy CLIP
 FLAG_GROUPS = {
     "own": dict(cam_split="cams", save_pseudo="cams", images="predict", out="predict", num_images="synth",
                 image_size="synth", layout="synth", bench_repeats="bench", compare_methods="compare"),
@@ -5096,10 +5096,10 @@ DEMO = dict(dataset="synthetic", tiny=True, demo_model="planted", batch_size=8, 
             cam_logit_scale=0.0,  # the demo CLIPs' own temperature, not OpenAI CLIP's 100
             cam_contrast_floor=0.05)  # the toy's diffuse attention leaves flat refined CAMs: guard them (README)
 DEMO_ROUTES = {
-    # planted: 100 steps on the static label path (the dynamic switch is after the run) and a smaller decoder,
+    # planted: 150 steps on the static label path (the dynamic switch is after the run) and a smaller decoder,
     # so that the first command finishes in about two minutes on 2 CPU cores [I: chosen on the train split's
     # loss and time, not on the val images]
-    "planted": dict(max_steps=100, log_every=25, rfm_dynamic_after=1000, dec_dim=128, dec_mlp=512, lr=4e-3),
+    "planted": dict(max_steps=150, log_every=25, rfm_dynamic_after=1000, dec_dim=128, dec_mlp=512, lr=4e-3),
     "toy": dict(max_steps=300, log_every=50, rfm_dynamic_after=150),
 }
 
