@@ -4039,6 +4039,60 @@ def test_bench_reports_its_stages_and_ratio(tiny, capsys):
     assert f"ratio: training step / frozen forward = {res['ratio']:.2f}" in printed
 
 
+def test_bench_diclip_times_step_and_offline_phase_without_building_the_cache(tmp_path):
+    # DiCLIP's bench with no cache anywhere: the step runs with a labelled stand-in of the real cache sizes (VOC: 20
+    # classes x 10 + 20 background keys), the offline phase is timed on one image with 2 of its 50 DDIM steps, and
+    # nothing is generated or written; a built cache of the same settings would be used instead of the stand-in
+    cache = tmp_path / "cache"
+    flags = ["--method", "diclip", "--tiny", "--bench-repeats", "1", "--batch-size", "2", "--crop-size", "64",
+             "--sd-size", "64", "--cache-image-size", "64", "--cache-dir", str(cache)]
+    r = run_cli("bench", *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "  TSA cache: stand-in cache (random keys of the real sizes): 20 classes x 10 + 20 background = 220 keys" \
+        in out
+    ms = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^  (.{58}) +([0-9.]+) ms$", out, re.M)}
+    rows = ["frozen forward (CLIP + SD UNet pass)", "SD VAE encode + UNet pass at 64 (attention capture)",
+            "of which VAE encoder", "of which UNet with the capture", "ACR (KL k-means K=9, T=3)",
+            "CLIP dual path with VCE (2 calibrated blocks, 3 attn maps)", "patch-text CAM, static",
+            "TSA static retrieval (220 keys) + M_st", "TSA adapter (220 keys + 92 prompts): Z, M_dt, L_dyn",
+            "CAA refinement (rfm)", "PAR + label assembly (Y and Y_st)", "decoder + TSA adapter forward + backward",
+            "whole training step", "SD generation, one DDIM step (UNet on 2 latents: CFG)",
+            "SD generation, the rest (prompt, VAE decode at 64x64)", "SD generation, one image of 50 steps (estimate)",
+            "pseudo mask + pooled features, one image at 64x64"]
+    assert all(ms.get(row, 0) > 0 for row in rows), (sorted(set(rows) - set(ms)), out)
+    assert "patch-text CAM, dynamic (LVC bias)" not in ms  # DiCLIP's dynamic CAM is the adapter's M_dt
+    # the SD pass's parts come from hooks during the run the row reports
+    sd_pass = ms["SD VAE encode + UNet pass at 64 (attention capture)"]
+    assert ms["of which VAE encoder"] + ms["of which UNet with the capture"] <= sd_pass + 0.1
+    ratio = float(re.search(r"ratio: training step / frozen forward = ([0-9.]+)", out).group(1))
+    assert ratio == pytest.approx(ms["whole training step"] / ms["frozen forward (CLIP + SD UNet pass)"], abs=0.02)
+    est = ms["SD generation, the rest (prompt, VAE decode at 64x64)"] + \
+        50 * ms["SD generation, one DDIM step (UNet on 2 latents: CFG)"]
+    assert ms["SD generation, one image of 50 steps (estimate)"] == pytest.approx(est, abs=0.1 * 51)
+    assert "2 of 50 DDIM steps timed" in out and "whole cache: 20 classes x 50 images = 1000 images" in out
+    assert not cache.exists() or not [p for p in cache.rglob("*") if "tsa" in str(p) or p.suffix == ".png"]
+    # the stand-in: build_kv_cache's values on random unit keys; a built cache of these settings wins
+    cfg = wsss.parse_config(flags, "bench")
+    E, g = 16, torch.Generator().manual_seed(0)
+    texts = F.normalize(torch.randn(20, E, generator=g), dim=-1)
+    frozen = types.SimpleNamespace(num_fg=20, texts=texts, cam_texts=texts, device=CPU)
+    tsa, note = wsss.bench_tsa_cache(frozen, cfg)
+    keys, values = tsa["keys"], tsa["values"]
+    assert keys.shape == (220, E) and values.shape == (220, 21) and note.startswith("stand-in cache")
+    assert_close(keys.norm(dim=-1), torch.ones(220))
+    key_class = torch.arange(1, 21).repeat_interleave(10)
+    assert_close(values[:200], F.one_hot(key_class, 21) * (keys[:200] * texts[key_class - 1]).sum(-1, keepdim=True))
+    assert torch.equal(values[200:], F.one_hot(torch.zeros(20, dtype=torch.long), 21).float())
+    built = dict(format=wsss.TSA_FORMAT, manifest=dict(settings=wsss.tsa_settings(cfg)),
+                 keys=F.normalize(torch.randn(7, E, generator=g), dim=-1), values=torch.rand(7, 21, generator=g))
+    wsss.tsa_cache_path(cfg).parent.mkdir(parents=True)
+    torch.save(built, wsss.tsa_cache_path(cfg))
+    tsa, note = wsss.bench_tsa_cache(frozen, cfg)
+    assert torch.equal(tsa["keys"], built["keys"]) and torch.equal(tsa["values"], built["values"])
+    assert note.startswith("the built cache") and "stand-in" not in note
+
+
 # ---------------------------------------------------------------------------------------------------
 # harness: compare (with DiCLIP's cache command)
 # ---------------------------------------------------------------------------------------------------

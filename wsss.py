@@ -3945,10 +3945,10 @@ def _atomic_png(rgb: np.ndarray, path: Path):
     save_image(rgb, path)
 
 
-def sd_image_maker(sd: SDParts, cfg: Config):
+def sd_image_maker(sd: SDParts, cfg: Config, steps: int = None):
     """(class id, class name, seed) -> uint8 (S, S, 3): one image from a diffusers StableDiffusionPipeline assembled
-    from the loaded parts (sampler: sd.sampler), prompt cfg.cache_prompt, cache_steps steps, guidance
-    cache_guidance, cache_image_size^2."""
+    from the loaded parts (sampler: sd.sampler), prompt cfg.cache_prompt, cache_steps steps (`steps`: fewer, for
+    bench's timing), guidance cache_guidance, cache_image_size^2."""
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
                                    scheduler=sd.sampler, safety_checker=None, feature_extractor=None,
@@ -3959,7 +3959,7 @@ def sd_image_maker(sd: SDParts, cfg: Config):
     def make(cls: int, name: str, seed: int) -> np.ndarray:
         with torch.no_grad(), fp32(sd.device):
             out = pipe(cfg.cache_prompt.format(category=PLAIN_NAMES.get(name, name)), height=S, width=S,
-                       num_inference_steps=cfg.cache_steps, guidance_scale=cfg.cache_guidance,
+                       num_inference_steps=steps or cfg.cache_steps, guidance_scale=cfg.cache_guidance,
                        generator=torch.Generator().manual_seed(seed), output_type="np").images[0]  # (S, S, 3) in [0,1]
         return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
     return make
@@ -5152,11 +5152,109 @@ def demo_baselines(cfg: Config, val_set: SegDataset, device) -> dict:
 # II.13 Benchmark: per-stage time of one training step against the frozen encoders' forward pass
 # ----------------------------------------------------------------------------------------------------
 
+BENCH_ONE_RUN_S = 5.0  # a stage whose warm-up run takes longer is reported by that run (DiCLIP's SD stages on a CPU)
+
+
+class HookTimer:
+    """Wall time of each call of `module` (forward pre/post hooks; CUDA synchronised) while inside `with`: .calls
+    (seconds)."""
+
+    def __init__(self, module, device):
+        self.module, self.calls, self._start = module, [], None
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+
+    def _now(self):
+        self.sync()
+        return time.perf_counter()
+
+    def __enter__(self):
+        self._hooks = [self.module.register_forward_pre_hook(lambda *a: setattr(self, "_start", self._now())),
+                       self.module.register_forward_hook(lambda *a: self.calls.append(self._now() - self._start))]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+
+def bench_tsa_cache(frozen, cfg: Config) -> tuple:
+    """The TSA cache DiCLIP's step is timed with (bench never builds one): the built cache of these settings if
+    there is one, else a STAND-IN of the real sizes that costs nothing to make: C x cache_per_class foreground and
+    cache_bg background random unit keys of width E (seeded), with values as build_kv_cache makes them (a foreground
+    key: one-hot at its class x cos(key, class text); a background key: e_0). Retrieval and the adapter cost the
+    same for any keys of these shapes. -> (dict(keys (Nk, E), values (Nk, C+1)) on frozen.device, a line saying
+    which cache it is)."""
+    path = tsa_cache_path(cfg)
+    cache = load_tsa_cache(path, tsa_settings(cfg))
+    if cache is not None:
+        note = f"the built cache {path} ({len(cache['keys'])} keys)"
+    else:
+        C, E = frozen.num_fg, frozen.texts.shape[1]
+        g = torch.Generator().manual_seed(cfg.seed)
+        fg = {c: torch.randn(cfg.cache_per_class, E, generator=g) for c in range(1, C + 1)}
+        bg = torch.randn(cfg.cache_bg, E, generator=g)
+        # as many features as keys: build_kv_cache keeps them as the keys (no K-means)
+        cache = build_kv_cache(fg, bg, frozen.cam_texts[:C], cfg.cache_per_class, cfg.cache_bg, log=lambda *a: None)
+        note = (f"stand-in cache (random keys of the real sizes): {C} classes x {cfg.cache_per_class} + "
+                f"{cfg.cache_bg} background = {len(cache['keys'])} keys; none built for these settings (`cache` "
+                f"builds it)")
+    tsa = dict(keys=cache["keys"].float().to(frozen.device), values=cache["values"].float().to(frozen.device))
+    return tsa, note
+
+
+def bench_offline_phase(frozen, cfg: Config, sd, timed, show, steps: int = 2) -> dict:
+    """DiCLIP's offline phase (the TSA cache build) per image, to estimate the build on this hardware. Generation:
+    one image by the real path (sd_image_maker) with `steps` of its cache_steps sampler steps, the UNet calls timed
+    by hooks; one image ~ fixed part (prompt encoding, VAE decode: the rest of the call) + cache_steps x one step
+    (an estimate from one run). Pseudo mask + pooled features of that image at crop_size (tsa_label_fns,
+    pool_cache_features, batch 1). The whole build ~ images x (both); K-means and file IO not included. Each row
+    is shown (show(name, seconds)) as it is measured. -> dict(rows {name: seconds}, images, total seconds)."""
+    from PIL import Image
+    name = DATASETS[cfg.dataset]["classes"][1]
+    rows = {}
+    if cfg.cache_source == "sd":
+        k = min(steps, cfg.cache_steps)
+        make = sd_image_maker(sd, cfg, steps=k)
+        with HookTimer(sd.unet, sd.device) as timer:  # one run: a real image's k steps take a while on a CPU
+            t = time.perf_counter()
+            rgb = make(1, name, 1000)
+            total = time.perf_counter() - t
+        unet = timer.calls
+        step, S = sum(unet) / k, cfg.cache_image_size
+        cfg_note = "2 latents: CFG" if cfg.cache_guidance > 1 else "1 latent"
+        rows[f"SD generation, one DDIM step (UNet on {cfg_note})"] = step
+        rows[f"SD generation, the rest (prompt, VAE decode at {S}x{S})"] = total - sum(unet)
+        image = rows[f"SD generation, one image of {cfg.cache_steps} steps (estimate)"] = \
+            total - sum(unet) + cfg.cache_steps * step
+    else:  # the synthetic world's stand-in renderer
+        make = synthetic_image_maker(cfg.cache_image_size)
+        rgb = make(1, name, 1000)
+        image = rows["synthetic renderer: one image (stand-in for SD)"] = timed(lambda: make(1, name, 1000))
+    for row, t in rows.items():
+        show(row, t)
+    s = cfg.crop_size
+    crop = normalize_image(np.asarray(Image.fromarray(rgb).resize((s, s), Image.BILINEAR)), cfg.norm)
+    crop, cls = crop[None].to(frozen.device), torch.tensor([1], device=frozen.device)
+    feature_fn, pseudo_mask_fn = tsa_label_fns(frozen, cfg)
+    row = f"pseudo mask + pooled features, one image at {s}x{s}"
+    mask = rows[row] = timed(lambda: pool_cache_features(crop, cls, feature_fn, pseudo_mask_fn))
+    show(row, mask)
+    n = cfg.cache_images_per_class * frozen.num_fg
+    return dict(rows=rows, images=n, total=n * (image + mask))
+
+
 def bench(cfg: Config) -> dict:
     """Time each stage of a training step on random images of crop_size (the current device, batch_size
-    images, 2 classes each), and the peak memory. ratio = whole step / frozen encoders' forward pass."""
+    images, 2 classes each), and the peak memory. ratio = whole step / frozen encoders' forward pass. DiCLIP: the
+    step runs with the built TSA cache of these settings or a stand-in of its sizes (bench_tsa_cache; nothing is
+    generated), and its offline phase is timed per image (bench_offline_phase) to estimate the cache build."""
     device = get_device(cfg)
-    frozen = Frozen(cfg, device)
+    if cfg.demo:
+        prepare_demo(cfg)  # the toy route's CLIP is pre-trained on first use
+    frozen = Frozen(cfg, device, tsa_cache=False)  # loads only what the step uses: DiCLIP's cache is supplied here
+    cache_note = None
+    if cfg.tsa != "off":
+        frozen.tsa, cache_note = bench_tsa_cache(frozen, cfg)
     decoder = build_decoder(cfg, frozen).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -5166,18 +5264,18 @@ def bench(cfg: Config) -> dict:
     for b in range(B):
         labels[b, torch.randperm(frozen.num_fg, generator=g)[:2]] = 1
 
-    def timed(fn):
-        fn()  # warm-up
-        times = []
-        for _ in range(cfg.bench_repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return float(np.median(times))
+    def run(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def timed(fn):  # the median of bench_repeats runs after a warm-up; a slow stage: its warm-up run
+        first = run(fn)
+        return first if first > BENCH_ONE_RUN_S else float(np.median([run(fn) for _ in range(cfg.bench_repeats)]))
 
     def frozen_forward():  # the plain forward of all L blocks at this size (no attention maps, no gradients)
         with torch.no_grad():
@@ -5191,7 +5289,11 @@ def bench(cfg: Config) -> dict:
 
     n_attn = attn_blocks_needed(cfg, frozen.num_blocks)
     grid = (s // frozen.patch, s // frozen.patch)
-    a_acr = vce_attention(frozen, images, cfg, grid) if cfg.vce else None  # DiCLIP: SD attention -> ACR
+    if cfg.vce:  # DiCLIP: SD attention -> ACR (vce_attention's two steps, kept apart to time them)
+        a_sd = sd_self_attention(frozen.sd, images, cfg, grid)
+        acr = lambda: acr_refine(a_sd, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.acr_variant,  # noqa: E731
+                                 cfg.acr_iters, seed=0) if cfg.acr_rounds else a_sd
+    a_acr = acr() if cfg.vce else None
     calib = calib_spec(cfg, a_acr)
     out = clip_image_forward(frozen.clip, images, n_attn, calib=calib)
     rows = cam_rows(labels, frozen, with_super=cfg.lambda_b > 0)
@@ -5219,11 +5321,12 @@ def bench(cfg: Config) -> dict:
 
     refined = refinement()
 
-    def decoder_fwd_bwd():
-        logits, S = decoder(out["feats"], out["grid"])
-        (balanced_ce_loss(logits, torch.zeros(B, s, s, dtype=torch.long, device=device)) + S.mean()).backward()
+    def decoder_fwd_bwd():  # DiCLIP: head_outputs runs the TSA adapter beside the decoder
+        logits, S, _, Z = head_outputs(decoder, out, frozen, cfg)
+        loss = balanced_ce_loss(logits, torch.zeros(B, s, s, dtype=torch.long, device=device)) + S.mean()
+        (loss if Z is None else loss + Z.float().mean()).backward()
 
-    step_at = cfg.rfm_dynamic_after if cfg.cam == "text" else 0  # ExCEL: the (costlier) dynamic phase
+    step_at = cfg.rfm_dynamic_after if cfg.cam == "text" else 0  # ExCEL, DiCLIP: the (costlier) dynamic phase
 
     def step():
         loss, _, _ = compute_losses(decoder, frozen, images, labels, cfg, step=step_at)
@@ -5233,6 +5336,7 @@ def bench(cfg: Config) -> dict:
 
     extra = " + DINOv2" if frozen.dino is not None else " + SD UNet pass" if cfg.vce else ""
     stages = {f"frozen forward (CLIP{extra})": frozen_forward}
+    sub_rows = {}  # a stage's parts, measured by hooks while it is timed: {stage: {row: () -> seconds}}
     if cfg.cam == "gradcam":
         stages.update({
             f"CLIP blocks 1..L-1, {n_attn} attention maps": lambda: clip_image_forward(frozen.clip, images, n_attn),
@@ -5243,25 +5347,45 @@ def bench(cfg: Config) -> dict:
                 for r in range(len(rows["img"]))]})
     else:
         if cfg.vce:
-            a_sd = sd_self_attention(frozen.sd, images, cfg, grid)
-            stages[f"SD self-attention (VAE, one UNet pass at {cfg.sd_size}, q/k to the CLIP grid)"] = \
-                lambda: sd_self_attention(frozen.sd, images, cfg, grid)
-            stages[f"ACR (KL k-means K={cfg.acr_k}, T={cfg.acr_rounds})"] = lambda: acr_refine(
-                a_sd, cfg.acr_k, cfg.acr_delta, cfg.acr_rounds, cfg.acr_variant, cfg.acr_iters)
-        stages[f"CLIP dual path: {out['n_calib']} calibrated blocks, {n_attn} attention maps"] = \
-            lambda: clip_image_forward(frozen.clip, images, n_attn, calib=calib)
-        if cfg.tsa != "off":
-            feats_c = cache_features(calibrated_tokens(frozen.clip.visual, out))
-            stages[f"TSA retrieval ({len(frozen.tsa['keys'])} keys) + M_st"] = lambda: static_cache_fusion(
-                cams.new_zeros(B, feats_c.shape[1], frozen.num_fg), static_cache_cam(
-                    feats_c, frozen.tsa["keys"], frozen.tsa["values"], cfg.cache_beta), cfg.cache_alpha)
-        if cfg.tse == "on":
+            vae, unet = HookTimer(frozen.sd.vae.encoder, device), HookTimer(frozen.sd.unet, device)
+
+            def sd_pass():
+                with vae, unet:
+                    sd_self_attention(frozen.sd, images, cfg, grid)
+
+            sd_row = f"SD VAE encode + UNet pass at {cfg.sd_size} (attention capture)"
+            stages[sd_row] = sd_pass
+            part = lambda t: float(np.median(t.calls[1:] or t.calls))  # noqa: E731  (as timed: no warm-up)
+            sub_rows[sd_row] = {"  of which VAE encoder": lambda: part(vae),
+                                "  of which UNet with the capture": lambda: part(unet)}
+            stages[f"ACR (KL k-means K={cfg.acr_k}, T={cfg.acr_rounds})"] = acr
+        dual = f"CLIP dual path with VCE ({out['n_calib']} calibrated blocks, {n_attn} attn maps)" if cfg.vce \
+            else f"CLIP dual path: {out['n_calib']} calibrated blocks, {n_attn} attention maps"
+        stages[dual] = lambda: clip_image_forward(frozen.clip, images, n_attn, calib=calib)
+        if cfg.tse != "off" and getattr(frozen, "attr_centroids", None) is not None:
             fg = frozen.texts[: frozen.num_fg]
             stages["TSE retrieval (once, at start-up)"] = \
                 lambda: tse_text_embeddings(fg, frozen.attr_centroids, cfg.tse_keep, cfg.tse_lambda)
         stages["patch-text CAM, static"] = text_cam
-        stages["patch-text CAM, dynamic (LVC bias)"] = lambda: text_cam(bias)
-    stages[f"refinement ({cfg.refine})"] = refinement
+        if cfg.lvc:
+            stages["patch-text CAM, dynamic (LVC bias)"] = lambda: text_cam(bias)
+        if cfg.tsa != "off":
+            feats_c = cache_features(calibrated_tokens(frozen.clip.visual, out, None, 1.0, cfg.svc_norm))
+            m_p = cams.new_zeros(B, N, frozen.num_fg)
+            stages[f"TSA static retrieval ({len(frozen.tsa['keys'])} keys) + M_st"] = lambda: static_cache_fusion(
+                m_p, static_cache_cam(feats_c, frozen.tsa["keys"], frozen.tsa["values"], cfg.cache_beta),
+                cfg.cache_alpha, cfg.cache_negative)
+        if decoder.cache_adapter is not None:
+            def adapter():  # Z, M_dt (label path), L_dyn on the upsampled Z, backward
+                Z = decoder.cache_adapter(feats_c)
+                dynamic_cam(m_p, Z, cfg.cache_alpha, cfg.cache_dyn_softmax)
+                z = F.interpolate(Z.transpose(1, 2).reshape(B, -1, h, w), size=(s, s), mode="bilinear",
+                                  align_corners=False)
+                F.cross_entropy(z, torch.zeros(B, s, s, dtype=torch.long, device=device)).backward()
+
+            nk = decoder.cache_adapter.w1.out_features - cfg.cache_prompts
+            stages[f"TSA adapter ({nk} keys + {cfg.cache_prompts} prompts): Z, M_dt, L_dyn"] = adapter
+    stages[f"{'CAA ' if cfg.cam == 'text' else ''}refinement ({cfg.refine})"] = refinement
     if cfg.refine.startswith("cda"):
         texts = frozen.texts[: frozen.num_fg + frozen.num_super]
         stages[f"  of which CDA ({out['attn'].shape[-1]} patches x {texts.shape[0]} texts, batch {B})"] = \
@@ -5273,14 +5397,30 @@ def bench(cfg: Config) -> dict:
                                          dino_features(frozen.dino, images, cfg.norm), cfg.cap_threshold)
         stages["SBE (DINOv2 features, CAP, prototype CAMs)"] = sbe
         groups.append((sbe(), rows["img"][s_rows], rows["cls"][s_rows]))
-    stages[f"PAR + label assembly ({'Y and Y_s' if len(groups) > 1 else 'Y'})"] = \
-        lambda: cams_to_labels(groups, images, cfg)
-    stages["decoder forward + backward" if cfg.cam == "gradcam" else "adapter + decoder forward + backward"] = \
-        decoder_fwd_bwd
+    if decoder.cache_adapter is not None:  # DiCLIP's dynamic phase: Y_st beside Y (the same shapes)
+        groups.append(groups[0])
+    second = " and Y_s" if frozen.dino is not None else " and Y_st" if decoder.cache_adapter is not None else ""
+    stages[f"PAR + label assembly (Y{second})"] = lambda: cams_to_labels(groups, images, cfg)
+    stages["decoder forward + backward" if cfg.cam == "gradcam" else "decoder + TSA adapter forward + backward"
+           if decoder.cache_adapter is not None else "adapter + decoder forward + backward"] = decoder_fwd_bwd
     stages["whole training step"] = step
+    weights = cfg.clip_pretrained if not cfg.tiny or _is_path(cfg.clip_pretrained) else "random"
+    print(f"bench: method {cfg.method} | refine {cfg.refine} | CLIP {'toy' if cfg.tiny else cfg.clip_model} "
+          f"({weights}) | batch {B} x {s}x{s} | device {device} | threads {torch.get_num_threads()}")
+    print(f"  (each stage: the median of {cfg.bench_repeats} run{'s' * (cfg.bench_repeats > 1)} after a warm-up; a "
+          f"stage whose warm-up takes over {BENCH_ONE_RUN_S:g} s: that one run)")
+    if cache_note:
+        print(f"  TSA cache: {cache_note}")
+    show = lambda name, t: print(f"  {name:<58} {1000 * t:9.1f} ms", flush=True)  # noqa: E731
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = {name: timed(fn) for name, fn in stages.items()}
+    times = {}
+    for name, fn in stages.items():  # printed as they come: DiCLIP's SD stages take a while on a CPU
+        times[name] = timed(fn)
+        show(name, times[name])
+        for sub, get in sub_rows.get(name, {}).items():
+            times[sub] = get()
+            show(sub, times[sub])
     ref = times[next(iter(stages))]
     ratio = times["whole training step"] / ref  # the reference line is not part of the step
     cda_400 = None
@@ -5288,20 +5428,25 @@ def bench(cfg: Config) -> dict:
         p = torch.rand(1, 400, 25, generator=g).softmax(-1).to(device)
         a = torch.rand(1, 400, 400, generator=g).to(device)
         cda_400 = timed(lambda: cda_affinity(p, a, cfg.cda_tau))
+    show("CDA, 400 patches x 25 texts, one image", cda_400)
     if device.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA)"
     else:
         import resource
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS)"
-    weights = cfg.clip_pretrained if not cfg.tiny or _is_path(cfg.clip_pretrained) else "random"
-    print(f"bench: method {cfg.method} | refine {cfg.refine} | CLIP {'toy' if cfg.tiny else cfg.clip_model} "
-          f"({weights}) | batch {B} x {s}x{s} | device {device} | threads {torch.get_num_threads()}")
-    for name, t in times.items():
-        print(f"  {name:<58} {1000 * t:9.1f} ms")
-    print(f"  {'CDA, 400 patches x 25 texts, one image':<58} {1000 * cda_400:9.1f} ms")
     print(f"  peak memory {peak}")
-    print(f"  ratio: training step / frozen forward = {ratio:.2f} (target <= 1.5)")
-    return dict(times=times, ratio=ratio, cda_400=cda_400, peak=peak)
+    print(f"  ratio: training step / frozen forward = {ratio:.2f} (target <= 1.5)", flush=True)
+    offline = None
+    if cfg.tsa != "off":  # DiCLIP's offline phase per image (SD for the generation even under --no-vce)
+        sd = frozen.sd if frozen.sd is not None or cfg.cache_source != "sd" else build_sd(cfg, device)
+        k = min(2, cfg.cache_steps)
+        timed_steps = f", {k} of {cfg.cache_steps} sampler steps timed" if cfg.cache_source == "sd" else ""
+        print(f"offline phase per cache image (the TSA cache build of `wsss.py cache`{timed_steps}):", flush=True)
+        offline = bench_offline_phase(frozen, cfg, sd, timed, show, steps=k)
+        print(f"  whole cache: {frozen.num_fg} classes x {cfg.cache_images_per_class} images = {offline['images']} "
+              f"images, about {offline['total'] / 3600:.2f} h here\n"
+              f"  (estimate: images x (one image + its pseudo mask); K-means and file IO not included)")
+    return dict(times=times, ratio=ratio, cda_400=cda_400, peak=peak, cache=cache_note, offline=offline)
 
 
 # ----------------------------------------------------------------------------------------------------
