@@ -4070,7 +4070,7 @@ def test_bench_diclip_times_step_and_offline_phase_without_building_the_cache(tm
     est = ms["SD generation, the rest (prompt, VAE decode at 64x64)"] + \
         50 * ms["SD generation, one DDIM step (UNet on 2 latents: CFG)"]
     assert ms["SD generation, one image of 50 steps (estimate)"] == pytest.approx(est, abs=0.1 * 51)
-    assert "2 of 50 DDIM steps timed" in out and "whole cache: 20 classes x 50 images = 1000 images" in out
+    assert "2 of 50 sampler steps timed" in out and "whole cache: 20 classes x 50 images = 1000 images" in out
     assert not cache.exists() or not [p for p in cache.rglob("*") if "tsa" in str(p) or p.suffix == ".png"]
     # the stand-in: build_kv_cache's values on random unit keys; a built cache of these settings wins
     cfg = wsss.parse_config(flags, "bench")

@@ -3091,10 +3091,10 @@ class GracefulStop:
 
 
 def _ignore_sigint(_worker_id):
-    """DataLoader workers: Ctrl-C (and a scheduler's SIGTERM) reach the whole process group; the main process alone
-    decides (GracefulStop) and ends its workers."""
+    """DataLoader workers: Ctrl-C reaches the whole process group; the main process alone decides (GracefulStop).
+    SIGTERM keeps its default (PyTorch ends its workers with it): a scheduler's SIGTERM to the group ends them, and
+    the main process, which got it too, stops as for Ctrl-C (batches() reads the dead loader as the stop)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _progress(it, disable=False, what: str = None):
@@ -4299,7 +4299,7 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
             try:
                 batch = next(data)
             except Exception as e:  # e.g. a bad image met by one rank's loader: that rank reports it (agree)
-                failure = e
+                failure = e if not stop.requested else None  # a SIGTERM to the group also ended the workers
             if agree(failure, stop.requested):  # Ctrl-C on any rank: every rank stops before this step
                 bar.close()
                 if step > start and (stop.saved is None or stop.saved[0] != step):
