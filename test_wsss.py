@@ -3047,7 +3047,7 @@ def test_cli_flags_per_command_come_from_one_table_grouped_with_defaults(capsys,
     flat = lambda s: " ".join(s.split())  # noqa: E731
     assert "CD-CLIP Table 3 rows) (default: cda)" in flat(_help("train", "--method", "cdclip", capsys=capsys))
     demo = flat(_help("train", "--demo", capsys=capsys))
-    assert "raise it (default: 150)" in demo and "Defaults shown for --method weclip --dataset synthetic --demo" in demo
+    assert "raise it (default: 400)" in demo and "Defaults shown for --method weclip --dataset synthetic --demo" in demo
     evals = flat(_help("eval", capsys=capsys))  # eval takes the run's settings from its checkpoint
     assert "(CD-CLIP Table 3 rows) (default: the checkpoint's)" in evals and "--lambda-b" not in evals
 

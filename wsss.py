@@ -5096,10 +5096,10 @@ DEMO = dict(dataset="synthetic", tiny=True, demo_model="planted", batch_size=8, 
             cam_logit_scale=0.0,  # the demo CLIPs' own temperature, not OpenAI CLIP's 100
             cam_contrast_floor=0.05)  # the toy's diffuse attention leaves flat refined CAMs: guard them (README)
 DEMO_ROUTES = {
-    # planted: 150 steps on the static label path (the dynamic switch is after the run) and a smaller decoder,
+    # planted: 400 steps on the static label path (the dynamic switch is after the run) and a smaller decoder,
     # so that the first command finishes in about two minutes on 2 CPU cores [I: chosen on the train split's
     # loss and time, not on the val images]
-    "planted": dict(max_steps=150, log_every=25, rfm_dynamic_after=1000, dec_dim=128, dec_mlp=512, lr=4e-3),
+    "planted": dict(max_steps=400, log_every=100, rfm_dynamic_after=1000, dec_dim=128, dec_mlp=512, lr=4e-3),
     "toy": dict(max_steps=300, log_every=50, rfm_dynamic_after=150),
 }
 
