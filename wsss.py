@@ -3464,6 +3464,14 @@ def read_toy_clip(path):
     return state if ok else None
 
 
+def clip_description(cfg: Config) -> str:
+    """Which CLIP a run uses, for its log line: the planted demo model, the toy one, or the named checkpoint."""
+    if cfg.demo_model == "planted":
+        return "planted (hand-set weights)"
+    weights = cfg.clip_pretrained if not cfg.tiny or _is_path(cfg.clip_pretrained) else "random"
+    return f"{cfg.clip_model if not cfg.tiny else 'toy'} ({weights})"
+
+
 def _is_path(s: str) -> bool:
     return "/" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(s).exists()
 
@@ -4282,9 +4290,8 @@ def _train(cfg: Config, frozen: Frozen, stop: GracefulStop) -> dict:
         atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str), out_dir / "config.json")
     n_params = sum(p.numel() for p in decoder.parameters())
     print0(f"config: {out_dir / 'config.json'} (every setting of this run)")
-    weights = cfg.clip_pretrained if not cfg.tiny or _is_path(cfg.clip_pretrained) else "random"
     print0(f"device {device} | amp {amp_dtype} | world {world} | train {len(train_set)} | val {len(val_set)} | "
-           f"CLIP {cfg.clip_model if not cfg.tiny else 'toy'} ({weights}) blocks {frozen.num_blocks} | "
+           f"CLIP {clip_description(cfg)} blocks {frozen.num_blocks} | "
            f"DINOv2 {'on' if frozen.dino is not None else 'off'} | trainable params {n_params:,}")
     metrics_path = out_dir / "metrics.jsonl"
     pl_conf = torch.zeros(len(dataset_info(cfg)["classes"]), len(dataset_info(cfg)["classes"]),
@@ -5404,9 +5411,8 @@ def bench(cfg: Config) -> dict:
     stages["decoder forward + backward" if cfg.cam == "gradcam" else "decoder + TSA adapter forward + backward"
            if decoder.cache_adapter is not None else "adapter + decoder forward + backward"] = decoder_fwd_bwd
     stages["whole training step"] = step
-    weights = cfg.clip_pretrained if not cfg.tiny or _is_path(cfg.clip_pretrained) else "random"
-    print(f"bench: method {cfg.method} | refine {cfg.refine} | CLIP {'toy' if cfg.tiny else cfg.clip_model} "
-          f"({weights}) | batch {B} x {s}x{s} | device {device} | threads {torch.get_num_threads()}")
+    print(f"bench: method {cfg.method} | refine {cfg.refine} | CLIP {clip_description(cfg)} "
+          f"| batch {B} x {s}x{s} | device {device} | threads {torch.get_num_threads()}")
     print(f"  (each stage: the median of {cfg.bench_repeats} run{'s' * (cfg.bench_repeats > 1)} after a warm-up; a "
           f"stage whose warm-up takes over {BENCH_ONE_RUN_S:g} s: that one run)")
     if cache_note:
