@@ -4124,16 +4124,22 @@ def save_checkpoint(path, decoder, optimizer, scaler, step: int, cfg: Config, be
                      best_miou=best, rng=rng_state(), world_size=dist_info()[1], version=1), path)
 
 
-def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
-    """Load a checkpoint and refuse one whose config differs in `keys` (MODEL_KEYS or RESUME_KEYS)."""
+def read_checkpoint(path, hint: str = "") -> dict:
+    """A checkpoint file of this program, or one line: missing (with `hint`), unreadable, foreign."""
     if not Path(path).is_file():
-        raise WSSSError(f"checkpoint not found: {path}")
+        raise WSSSError(f"checkpoint not found: {path}{hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise WSSSError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
-    if not isinstance(ckpt, dict) or "decoder" not in ckpt:
+    if not isinstance(ckpt, dict) or "decoder" not in ckpt or not isinstance(ckpt.get("config", {}), dict):
         raise WSSSError(f"{path} is not a wsss.py checkpoint")
+    return ckpt
+
+
+def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
+    """Load a checkpoint and refuse one whose config differs in `keys` (MODEL_KEYS or RESUME_KEYS)."""
+    ckpt = read_checkpoint(path)
     check_finite_state(ckpt["decoder"], path)
     saved = ckpt.get("config", {})
     was = {k: saved.get(k, getattr(Config, k)) for k in keys}  # keys added later: the old default
@@ -5580,14 +5586,9 @@ def checkpoint_config(path, cfg: Config, label_path: bool = False, reads_data: b
     file left on the training machine is not needed. With `reads_data` (eval, cams) a custom dataset's class table is
     read from its --data-root (load_checkpoint compares it with the checkpoint's); predict reads no data and uses the
     checkpoint's table. An explicit --method other than the checkpoint's is refused. -> (ckpt, Config)."""
-    if not Path(path).is_file():
-        raise WSSSError(f"checkpoint not found: {path} (pass --ckpt runs/<method>-<dataset>/ckpt.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise WSSSError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
-    if not isinstance(ckpt, dict) or "decoder" not in ckpt or "config" not in ckpt:
-        raise WSSSError(f"{path} is not a wsss.py checkpoint")
+    ckpt = read_checkpoint(path, " (pass --ckpt runs/<method>-<dataset>/ckpt.pt)")
+    if "config" not in ckpt:
+        raise WSSSError(f"{path} is not a wsss.py checkpoint (it has no config)")
     saved, names, given = ckpt["config"], {f.name for f in fields(Config)}, getattr(cfg, "_given", frozenset())
     if "method" in given and saved.get("method") not in (None, cfg.method):
         raise WSSSError(f"checkpoint {path} was trained with --method {saved['method']}, not {cfg.method}: drop "
