@@ -3234,7 +3234,10 @@ def test_run_folder_overwrite_policy_lock_and_stale_temps(demo_run, synth_root, 
                                       f"folder\n"
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(synth_root, cache_dir, tmp_path, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm to the group"])
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(synth_root, cache_dir, tmp_path, capsys, sig):
+    # to the whole process group, as a terminal's Ctrl-C or a scheduler's SIGTERM: the loader worker dies of the
+    # SIGTERM (PyTorch's own way to end it), and the run still stops like Ctrl-C
     out = tmp_path / "run"
     args = ["train", "--method", "weclip", "--refine", "none", "--dataset", "synthetic", "--data-root",
             str(synth_root), "--tiny", "--cache-dir", str(cache_dir), "--out-dir", str(out), "--max-steps", "200",
@@ -3245,15 +3248,18 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(synth_root, cac
                              text=True, cwd=HERE, env=dict(os.environ, HF_HUB_OFFLINE="1"), start_new_session=True)
         for line in p.stdout:
             if line.startswith("step 00001/200"):
-                os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the process and its loader worker
+                os.killpg(p.pid, sig)  # the process and its loader worker
                 break
         p.stdout.read()
-        assert p.wait(timeout=120) == 130
+        assert p.wait(timeout=120) == 128 + sig
     err = err_path.read_text()
     step = torch.load(out / "ckpt.pt", weights_only=False)["step"]
     assert 1 <= step < 200 and err.count("\n") == 1 and "Traceback" not in err, err
-    prefix = f"interrupted at step {step}: checkpoint {out}/ckpt.pt; continue with: python {HERE}/wsss.py "
+    what = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    prefix = f"{what} at step {step}: checkpoint {out}/ckpt.pt; continue with: python {HERE}/wsss.py "
     assert err.startswith(prefix) and err.rstrip().endswith(f"--resume {out}/ckpt.pt"), err
+    if sig == signal.SIGTERM:
+        return
     resume = shlex.split(err.strip()[err.index("continue with: ") + len("continue with: "):])
     assert resume[2:] == args + ["--resume", f"{out}/ckpt.pt"]
     assert wsss.main(resume[2:] + ["--max-steps", str(step + 2)]) == 0  # the printed command, 2 more steps
