@@ -665,7 +665,7 @@ def clip_image_forward(clip, images, n_attn: int = 0, full: bool = False, calib:
             else:
                 x, attn = run_block(blk, x, need_attn=i >= len(blocks) - n_attn)
             # (B, N, D): the original path's tokens, clean [upstream bug fixed]; calib["feats"] "upstream"
-            # reproduces ExCEL's aliasing (Supp. code: entry s-1 the calibrated stream, s..L-2 pre-MLP residuals)
+            # reproduces ExCEL's code's aliasing (entry s-1 the calibrated stream, s..L-2 pre-MLP residuals)
             feats.append(x[:, 1:])
             if i >= len(blocks) - n_attn:
                 attns.append(attn[:, 1:, 1:])  # (B, N, N): CLS row and column dropped
