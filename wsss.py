@@ -2732,13 +2732,7 @@ def validate_config(cfg: Config):
         if cfg.descriptions:  # parsed now (cheap), not after the data scan and the CLIP build
             description_sentences(cfg)
         if cfg.attr_bank:
-            bank = _read_bank(cfg.attr_bank, f"--attr-bank {cfg.attr_bank}")
-            if bank is None:
-                raise WSSSError(f"--attr-bank {cfg.attr_bank} is not an attribute bank (expected a .pth list "
-                                f"[centroids (E x B), flags (C x B)])")
-            if not all(bool(torch.isfinite(t).all()) for t in bank):
-                raise WSSSError(f"--attr-bank {cfg.attr_bank} holds NaN or infinite values: it is damaged "
-                                f"(re-download ExCEL's bank, or use --descriptions FILE)")
+            read_attr_bank(cfg.attr_bank)
         if cfg.tse == "builtin" and cfg.dataset not in BUILTIN_DESCRIPTIONS:
             raise WSSSError(f"--tse builtin: wsss.py has no sentences for {cfg.dataset}; give ExCEL's --attr-bank "
                             f"FILE or --descriptions FILE (see data.md)")
@@ -3801,14 +3795,7 @@ def attribute_bank(clip, tokenizer, cfg: Config, device):
     E = clip.text_projection.shape[-1] if clip.text_projection is not None else clip.token_embedding.weight.shape[1]
     C = len(dataset_info(cfg)["classes"]) - 1
     if cfg.attr_bank:
-        bank = _read_bank(cfg.attr_bank, f"--attr-bank {cfg.attr_bank}")
-        if bank is None:
-            raise WSSSError(f"--attr-bank {cfg.attr_bank} is not an attribute bank (expected a .pth list "
-                            f"[centroids (E x B), flags (C x B)])")
-        A, flags = bank
-        if not (torch.isfinite(A).all() and torch.isfinite(flags).all()):
-            raise WSSSError(f"--attr-bank {cfg.attr_bank} holds NaN or infinite values: it is damaged (re-download "
-                            f"ExCEL's bank, or use --descriptions FILE)")
+        A, flags = read_attr_bank(cfg.attr_bank)
         if A.shape[0] != E or flags.shape != (C, A.shape[1]):
             raise WSSSError(f"--attr-bank {cfg.attr_bank} has centroids {tuple(A.shape)} and flags "
                             f"{tuple(flags.shape)}; this CLIP and dataset need ({E}, B) and ({C}, B)")
@@ -3869,6 +3856,18 @@ def weights_digest(p: str, cache_dir) -> str:
     except WSSSError:
         pass  # a read-only cache folder only costs hashing again next time
     return digest
+
+
+def read_attr_bank(path):
+    """ExCEL's --attr-bank file: [centroids (E, B), flags (C, B)] of finite numbers, or one line."""
+    bank = _read_bank(path, f"--attr-bank {path}")
+    if bank is None:
+        raise WSSSError(f"--attr-bank {path} is not an attribute bank (expected a .pth list [centroids (E x B), "
+                        f"flags (C x B)])")
+    if not all(bool(torch.isfinite(t).all()) for t in bank):
+        raise WSSSError(f"--attr-bank {path} holds NaN or infinite values: it is damaged (re-download ExCEL's bank, "
+                        f"or use --descriptions FILE)")
+    return bank
 
 
 def _read_bank(path, what: str):
@@ -4139,7 +4138,12 @@ def read_checkpoint(path, hint: str = "") -> dict:
 
 def load_checkpoint(path, cfg: Config, keys=MODEL_KEYS) -> dict:
     """Load a checkpoint and refuse one whose config differs in `keys` (MODEL_KEYS or RESUME_KEYS)."""
-    ckpt = read_checkpoint(path)
+    return check_checkpoint(read_checkpoint(path), path, cfg, keys)
+
+
+def check_checkpoint(ckpt: dict, path, cfg: Config, keys=MODEL_KEYS) -> dict:
+    """Refuse a read checkpoint whose weights are not finite, whose config differs from cfg in `keys`, or whose
+    classes differ from cfg's dataset. -> ckpt."""
     check_finite_state(ckpt["decoder"], path)
     saved = ckpt.get("config", {})
     was = {k: saved.get(k, getattr(Config, k)) for k in keys}  # keys added later: the old default
@@ -5510,11 +5514,11 @@ def cmd_eval(cfg: Config):
     """Checkpoint -> mIoU table of the decoder on val_split (multi-scale + flip, optional CRF, overlays). The
     settings are the checkpoint's (checkpoint_config), so `eval --ckpt PATH` alone evaluates any run."""
     # the run's settings from the checkpoint, the flags given on top; the label path's input files only for the
-    # overlays of --save-vis (they draw the pseudo-label); load_checkpoint refuses a given flag that changes the
+    # overlays of --save-vis (they draw the pseudo-label); check_checkpoint refuses a given flag that changes the
     # model's shape, and data of other classes
-    _, cfg = checkpoint_config(cfg.ckpt, cfg, label_path=bool(cfg.save_vis), reads_data=True)
+    ckpt, cfg = checkpoint_config(cfg.ckpt, cfg, label_path=bool(cfg.save_vis), reads_data=True)
     device = setup_distributed(cfg)  # under torchrun the images are sharded and the counts summed
-    ckpt = load_checkpoint(cfg.ckpt, cfg)
+    check_checkpoint(ckpt, cfg.ckpt, cfg)
     dataset = SegDataset(cfg, cfg.val_split, train=False)
     if not dataset.masks:
         raise WSSSError(f"the {cfg.val_split} split has no masks to score against; `wsss.py predict --ckpt "
@@ -5542,7 +5546,7 @@ def cmd_cams(cfg: Config):
     model's affinity takes part (ExCEL's dynamic CAM and sigmoid(R)-gated CAA, WeCLIP's dynamic RFM)."""
     trained = "ckpt" in getattr(cfg, "_given", ())
     if trained:  # the run's settings, the flags given on top; the label path with its input files
-        _, cfg = checkpoint_config(cfg.ckpt, cfg, label_path=True, reads_data=True)
+        ckpt, cfg = checkpoint_config(cfg.ckpt, cfg, label_path=True, reads_data=True)
     device = setup_distributed(cfg)
     if cfg.demo:
         prepare_demo(cfg)
@@ -5553,7 +5557,7 @@ def cmd_cams(cfg: Config):
     frozen = Frozen(cfg, device, need_dino=False)
     decoder, mode = None, "training-free"
     if trained:
-        ckpt = load_checkpoint(cfg.ckpt, cfg)
+        check_checkpoint(ckpt, cfg.ckpt, cfg)
         decoder = build_decoder(cfg, frozen).to(device)
         decoder.load_state_dict(ckpt["decoder"])
         decoder.eval()
